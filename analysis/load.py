@@ -1,0 +1,331 @@
+"""Read results into one tidy DataFrame: a sweep's ``results.csv``, a run's ``metrics.csv``, or both.
+
+One row per trial and evaluation, with ``experiment``, ``trial_id``, one column per grid key
+(named by its dotted config key, e.g. ``data.num_classes``), ``seed``, ``step`` and the
+trainer's metric columns. Every later function (summary, verdict, plots) works on this frame,
+so a notebook user can filter it with pandas before passing it on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from icl.config import RUNTIME_KEYS, build_config, flatten, get_key, read_yaml, valid_keys
+from icl.errors import UserError
+
+CLASS_KEY = "data.num_classes"
+WD_KEY = "optim.weight_decay"
+SEED_KEY = "seed"
+CORE_KEYS = (CLASS_KEY, WD_KEY, SEED_KEY)
+
+ICL = "icl_acc"  # headline ICL: holdout classes, 2 labels in context, chance 0.5
+IWL = "iwl_acc"  # in-weights accuracy, query class absent from the context
+TRAIN_ACC = "train_acc"
+REQUIRED_METRICS = (ICL, IWL, TRAIN_ACC)
+REQUIRED_COLUMNS = ("step", *REQUIRED_METRICS)
+
+RESULTS_CSV = "results.csv"  # a sweep's tidy table, STORAGE/NAME/results.csv
+METRICS_CSV = "metrics.csv"  # a single run's evaluations, RUN/metrics.csv
+CONFIG_YAML = "config.yaml"  # a run's resolved config
+SPEC_YAML = "spec.yaml"  # a sweep's spec, with its grid
+
+# Config keys that may differ between runs without making them different cells: where the run
+# lives and bookkeeping (how often it evaluates or checkpoints, how long it was planned to run).
+_BOOKKEEPING_KEYS = frozenset(RUNTIME_KEYS) | {
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.steps",
+    "eval.batch_size",
+}
+
+
+@dataclass
+class Source:
+    """One path given by the user, classified; ``notes`` collects what a reader should know."""
+
+    path: Path
+    kind: str  # "experiment" | "csv" | "run"
+    csv: Path
+    spec: dict[str, Any] | None = None
+    config: dict[str, Any] | None = None  # flattened config.yaml of a run
+    notes: list[str] = field(default_factory=list)
+
+
+def _config_keys() -> set[str]:
+    return set(valid_keys())
+
+
+def _sources_for(path: Path) -> list[Source]:
+    """Classify a user path; a directory of run directories yields one source per run."""
+    if not path.exists():
+        raise UserError(f"{path} does not exist: give a sweep experiment dir, a run dir or a results CSV")
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise UserError(f"{path} is not a CSV file: give results.csv, metrics.csv or the directory holding it")
+        if path.name == METRICS_CSV and (path.parent / CONFIG_YAML).is_file():
+            return [_run_source(path.parent)]
+        spec_path = path.parent / SPEC_YAML
+        spec = read_yaml(spec_path, "sweep spec") if spec_path.is_file() else None
+        return [Source(path=path, kind="csv", csv=path, spec=spec)]
+    if (path / RESULTS_CSV).is_file():
+        spec_path = path / SPEC_YAML
+        spec = read_yaml(spec_path, "sweep spec") if spec_path.is_file() else None
+        return [Source(path=path, kind="experiment", csv=path / RESULTS_CSV, spec=spec)]
+    if (path / METRICS_CSV).is_file():
+        return [_run_source(path)]
+    runs = sorted(p for p in path.iterdir() if p.is_dir() and (p / METRICS_CSV).is_file())
+    if runs:
+        return [_run_source(p) for p in runs]
+    raise UserError(
+        f"no results in {path}: expected {RESULTS_CSV} (a sweep's STORAGE/NAME dir), {METRICS_CSV} "
+        f"(a run dir) or run dirs inside it; wait for the first evaluation or check the path"
+    )
+
+
+def _run_source(run: Path) -> Source:
+    src = Source(path=run, kind="run", csv=run / METRICS_CSV)
+    cfg_path = run / CONFIG_YAML
+    if cfg_path.is_file():
+        src.config = flatten(read_yaml(cfg_path, "run config"))
+    else:
+        src.notes.append(f"{run} has no {CONFIG_YAML}: its grid keys are unknown (shown as missing)")
+    return src
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path} is empty: no evaluations recorded yet; wait for the first evaluation") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a readable CSV ({str(e).splitlines()[0]}); check the file") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if df.empty:
+        raise UserError(f"{path} has a header but no rows: no evaluations recorded yet")
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(
+            f"{path} lacks required column(s) {', '.join(missing)}; expected the trainer's metric columns "
+            f"({', '.join(REQUIRED_COLUMNS)}, ...)"
+        )
+    for col in df.columns:
+        if col in REQUIRED_COLUMNS or col.startswith("attn_") or col == SEED_KEY:
+            if not pd.api.types.is_numeric_dtype(df[col]):
+                converted = pd.to_numeric(df[col], errors="coerce")
+                bad = df[col].notna() & converted.isna()
+                if bad.any():
+                    raise UserError(
+                        f"{path}: column {col} has non-numeric values (e.g. {df[col][bad].iloc[0]!r}); fix the file"
+                    )
+                df[col] = converted
+    return df
+
+
+def _spec_grid(spec: dict[str, Any] | None) -> dict[str, list[Any]]:
+    """The spec's ``grid:`` mapping, every value as a list (a scalar is a one-value grid)."""
+    if not spec:
+        return {}
+    grid = spec.get("grid")
+    if not isinstance(grid, dict):
+        return {}
+    return {str(k): (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in grid.items()}
+
+
+def _spec_value(spec: dict[str, Any] | None, key: str) -> Any:
+    """A key's fixed value in a sweep spec: its overrides on top of its base config or preset.
+
+    The spec format is the sweep's; accept the likely spellings and give up quietly (``None``).
+    """
+    if not spec:
+        return None
+    overrides: dict[str, Any] = {}
+    for name in ("overrides", "set", "config_overrides"):
+        block = spec.get(name)
+        if isinstance(block, dict):
+            overrides.update(flatten(block))
+    if key in overrides:
+        return overrides[key]
+    base = next((spec[n] for n in ("base", "preset", "config") if isinstance(spec.get(n), (str, dict))), None)
+    if base is None:
+        return None
+    try:
+        cfg = build_config(base, {k: v for k, v in overrides.items() if k in _config_keys()})
+    except (UserError, TypeError):
+        return None
+    return get_key(cfg, key)
+
+
+def _configs_below(root: Path, max_depth: int = 3) -> list[dict[str, Any]]:
+    """Flattened ``config.yaml`` files of trial directories under an experiment dir (shallow walk)."""
+    found: list[dict[str, Any]] = []
+    root_depth = len(root.parts)
+    for dirpath, dirnames, filenames in os.walk(root):
+        depth = len(Path(dirpath).parts) - root_depth
+        if depth >= max_depth:
+            dirnames[:] = []
+        if depth > 0 and CONFIG_YAML in filenames:
+            try:
+                found.append(flatten(read_yaml(Path(dirpath) / CONFIG_YAML)))
+            except UserError:
+                continue
+    return found
+
+
+def _resolve_constant(src: Source, key: str) -> Any:
+    """The value a key had for every trial of a source that has no column for it, or None."""
+    if src.config is not None:
+        return src.config.get(key)
+    value = _spec_value(src.spec, key)
+    if value is not None:
+        src.notes.append(f"{key} = {value} for {src.path} taken from its {SPEC_YAML}")
+        return value
+    if src.kind == "experiment":
+        configs = [c.get(key) for c in _configs_below(src.path) if c.get(key) is not None]
+        if configs and len({repr(v) for v in configs}) == 1:
+            src.notes.append(f"{key} = {configs[0]} for {src.path} taken from its trials' {CONFIG_YAML}")
+            return configs[0]
+    src.notes.append(f"{key} is unknown for {src.path} (not a column, not in a spec or config): shown as missing")
+    return None
+
+
+def _experiment_names(sources: Sequence[Source]) -> list[str]:
+    """Short, unique names: the directory name, widened with parents where names collide."""
+
+    def base(src: Source) -> Path:
+        return src.path if src.path.is_dir() else src.path.parent
+
+    paths = [base(s).resolve() for s in sources]
+    depth = 1
+    while True:
+        names = ["/".join(p.parts[-depth:]) for p in paths]
+        if len(set(names)) == len(names) or depth > max(len(p.parts) for p in paths):
+            break
+        depth += 1
+    if len(set(names)) != len(names):  # the same path given twice
+        seen: dict[str, int] = {}
+        out = []
+        for n in names:
+            seen[n] = seen.get(n, 0) + 1
+            out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+        names = out
+    return names
+
+
+def _as_paths(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        return [Path(paths)]
+    out = [Path(p) for p in paths]
+    if not out:
+        raise UserError("no path given: pass a sweep experiment dir, a run dir or a results CSV")
+    return out
+
+
+def load_results(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> pd.DataFrame:
+    """Load one or several experiments/runs into one tidy frame (one row per trial and evaluation).
+
+    ``paths``: a sweep experiment dir (``STORAGE/NAME`` with ``results.csv``), a CSV file, a run
+    dir (``metrics.csv`` + ``config.yaml``), a dir of run dirs, or a list of these (combined; the
+    ``experiment`` column tells them apart). ``data.num_classes``, ``optim.weight_decay`` and
+    ``seed`` always exist as columns: a run's come from its ``config.yaml``, a sweep's from its
+    columns, else its ``spec.yaml``, else its trials' config files (missing values if none says).
+    Several run dirs also get a column for every other config key whose value differs between
+    them, so runs that differ in a knob fall in different cells.
+
+    Where a trial reports the same step twice (a resumed run), the last row wins. The frame's
+    ``attrs`` keep hints for later steps: ``grid`` (the specs' grids), ``expected_seeds``,
+    ``sources`` and ``notes``. Raises :class:`UserError` on unusable input.
+    """
+    sources = [s for p in _as_paths(paths) for s in _sources_for(p)]
+    names = _experiment_names(sources)
+    keys_known = _config_keys()
+    frames: list[pd.DataFrame] = []
+    for src, name in zip(sources, names):
+        df = _read_csv(src.csv)
+        if src.kind == "run":
+            if "trial_id" not in df.columns:
+                df["trial_id"] = src.path.name
+            for key in CORE_KEYS:
+                if key not in df.columns:
+                    df[key] = _resolve_constant(src, key)
+        else:
+            for key in CORE_KEYS:
+                if key not in df.columns:
+                    df[key] = _resolve_constant(src, key)
+        df.insert(0, "experiment", name)
+        frames.append(df)
+
+    # Several runs: every config key that differs between them is a grid dimension.
+    run_srcs = [(s, f) for s, f in zip(sources, frames) if s.kind == "run" and s.config is not None]
+    if len(run_srcs) > 1:
+        all_keys = sorted(set().union(*(s.config.keys() for s, _ in run_srcs)) - _BOOKKEEPING_KEYS)
+        for key in all_keys:
+            vals = {repr(s.config.get(key)) for s, _ in run_srcs}
+            if len(vals) > 1:
+                for s, f in run_srcs:
+                    if key not in f.columns:
+                        f[key] = s.config.get(key)
+
+    df = pd.concat(frames, ignore_index=True, sort=False)
+    # A grid key one experiment has as a column and another lacks: fill it from the other's spec/config.
+    grid_cols = [c for c in df.columns if c in keys_known]
+    for src, name, frame in zip(sources, names, frames):
+        for key in grid_cols:
+            if key not in frame.columns:
+                value = _resolve_constant(src, key)
+                df.loc[df["experiment"] == name, key] = value
+
+    if "trial_id" not in df.columns:
+        df["trial_id"] = pd.NA
+    missing_id = df["trial_id"].isna()
+    if missing_id.any():
+        id_cols = [c for c in grid_cols if c in df.columns]
+        df.loc[missing_id, "trial_id"] = df.loc[missing_id, id_cols].astype(str).agg("_".join, axis=1)
+    df["trial_id"] = df["trial_id"].astype(str)
+    for key in (CLASS_KEY, WD_KEY, SEED_KEY):
+        df[key] = pd.to_numeric(df[key], errors="coerce")
+
+    for metric in REQUIRED_METRICS:
+        if df[metric].notna().sum() == 0:
+            where = ", ".join(str(s.csv) for s in sources)
+            raise UserError(f"metric {metric} is empty (all values missing) in {where}: nothing to analyse")
+    if df["step"].isna().any():
+        raise UserError(f"column step has missing values in {', '.join(str(s.csv) for s in sources)}; fix the file")
+
+    df = df.drop_duplicates(subset=["experiment", "trial_id", "step"], keep="last")
+    ordered = ["experiment", "trial_id"] + order_keys([c for c in grid_cols if c != SEED_KEY]) + [SEED_KEY, "step"]
+    rest = [c for c in df.columns if c not in ordered]
+    df = df[ordered + rest].sort_values(["experiment", "trial_id", "step"], kind="stable").reset_index(drop=True)
+
+    grid: dict[str, list[Any]] = {}
+    for src in sources:
+        for key, values in _spec_grid(src.spec).items():
+            merged = grid.setdefault(key, [])
+            merged.extend(v for v in values if v not in merged)
+    df.attrs["grid"] = grid
+    df.attrs["expected_seeds"] = sorted(grid[SEED_KEY]) if SEED_KEY in grid else None
+    df.attrs["sources"] = [str(s.path) for s in sources]
+    df.attrs["notes"] = [n for s in sources for n in s.notes]
+    return df
+
+
+def order_keys(keys: Iterable[str]) -> list[str]:
+    """Grid keys in a stable, readable order: classes, weight decay, then the rest alphabetically."""
+    keys = list(dict.fromkeys(keys))
+    head = [k for k in (CLASS_KEY, WD_KEY) if k in keys]
+    return head + sorted(k for k in keys if k not in head)
+
+
+def is_missing(value: Any) -> bool:
+    """True for None/NaN/NA (pandas' missing markers), False for anything else."""
+    if value is None or value is pd.NA:
+        return True
+    return isinstance(value, float) and math.isnan(value)

@@ -1,0 +1,69 @@
+"""Data for the study: Omniglot images, the class split, sequences, fixed evaluation sets.
+
+``load_data(cfg, device)`` is the one entry point the trainer and the CLI use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from icl.config import Config, cache_dir, data_root
+from icl.data.evalsets import EvalSets, build_eval_sets
+from icl.data.images import ImageBank
+from icl.data.omniglot import Source, load_images
+from icl.data.sequences import Sequences, sample_training, step_generator, zipf_weights
+from icl.data.split import Split, split_for
+from icl.errors import UserError
+
+__all__ = ["StudyData", "load_data", "Sequences", "EvalSets", "Split", "ImageBank"]
+
+
+@dataclass
+class StudyData:
+    cfg: Config
+    source: Source
+    split: Split
+    bank: ImageBank
+
+    @property
+    def device(self) -> torch.device:
+        return self.bank.images.device
+
+    @cached_property
+    def train_classes(self) -> torch.Tensor:
+        return torch.as_tensor(self.split.train_classes, device=self.device)
+
+    @cached_property
+    def weights(self) -> torch.Tensor:
+        return zipf_weights(self.split.num_classes, self.cfg.data.zipf_exponent, self.device)
+
+    def train_batch(self, step: int, batch_size: int | None = None) -> Sequences:
+        """The training batch of ``step``: a pure function of (config, seed, step)."""
+        g = step_generator(self.cfg.seed, step, self.device)
+        n = batch_size or self.cfg.train.batch_size
+        return sample_training(n, self.train_classes, self.weights, self.cfg.data.p_bursty, g)
+
+    @cached_property
+    def eval_sets(self) -> EvalSets:
+        e = self.cfg.eval
+        sets = build_eval_sets(self.split, e.n_sequences, e.seed, self.cfg.data.zipf_exponent)
+        return sets.to(self.device)
+
+
+def load_data(cfg: Config, device: torch.device | str = "cpu") -> StudyData:
+    images, source = load_images(data_root(cfg), cache_dir(cfg), cfg.data.image_size)
+    n_chars = images.shape[0]
+    d = cfg.data
+    if d.n_holdout + 4 > n_chars:
+        raise UserError(f"data.n_holdout={d.n_holdout} leaves too few of the {n_chars} characters for training")
+    available = (n_chars - d.n_holdout) * (8 if d.augment else 1)
+    if d.num_classes > available:
+        raise UserError(
+            f"data.num_classes={d.num_classes} exceeds the {available} training classes available "
+            f"from {source.describe()} after {d.n_holdout} holdout characters"
+        )
+    bank = ImageBank(images, d.augment, device)
+    return StudyData(cfg, source, split_for(cfg, n_chars), bank)

@@ -1,0 +1,166 @@
+"""``icl-data``: inspect the data, build the cache, and look at what the model sees.
+
+    icl-data info    [--config CFG] [--set k=v ...]
+    icl-data prepare [--config CFG] [--set k=v ...]
+    icl-data sample  --config CFG [--set k=v ...] --split train|icl|iwl -n N --out F.npz [--png F.png]
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from icl.config import Config, cache_dir, data_root, load_config
+from icl.data import load_data
+from icl.data.omniglot import cache_paths, download, find_source
+from icl.errors import ArgumentParser, UserError, cli_entry
+
+
+def _add_config_args(p: ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--config", default=None if required else "paper", required=required,
+                   help="preset name (tiny, demo, paper) or YAML path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set data.num_classes=100 (repeatable)")
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="icl-data", description="Omniglot data for the ICL/IWL study.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_config_args(sub.add_parser("info", help="show source, classes, split sizes and cache location"))
+    _add_config_args(sub.add_parser("prepare", help="download or import Omniglot and build the cache"))
+    s = sub.add_parser("sample", help="write sequences (and optionally a PNG of them)")
+    _add_config_args(s, required=True)
+    s.add_argument("--split", choices=("train", "icl", "iwl"), required=True,
+                   help="train: training batch at step --step; icl/iwl: the fixed evaluation sets")
+    s.add_argument("-n", type=int, required=True, help="number of sequences")
+    s.add_argument("--step", type=int, default=0, help="training step whose batch to draw (train split)")
+    s.add_argument("--out", type=Path, required=True, help="output .npz")
+    s.add_argument("--png", type=Path, default=None, help="also draw the first sequences to this PNG")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "info":
+        return info(cfg)
+    if args.command == "prepare":
+        return prepare(cfg)
+    return sample(cfg, args.split, args.n, args.step, args.out, args.png)
+
+
+def info(cfg: Config) -> int:
+    root = data_root(cfg)
+    data = load_data(cfg)
+    s = data.split
+    npy, _ = cache_paths(cache_dir(cfg), data.source, cfg.data.image_size)
+    per = 8 if cfg.data.augment else 1
+    print(f"source:            {data.source.describe()}")
+    print(f"data root:         {root}")
+    print(f"characters:        {data.bank.n_chars} x 20 drawers")
+    print(f"classes:           {data.bank.n_classes} ({'x8 augmentation' if per > 1 else 'no augmentation'})")
+    print(f"holdout:           {len(s.holdout_classes)} classes ({cfg.data.n_holdout} characters, split seed {cfg.data.split_seed})")
+    print(f"training:          {s.num_classes} of {(data.bank.n_chars - cfg.data.n_holdout) * per} available")
+    print(f"image size:        {cfg.data.image_size} px")
+    print(f"cache:             {npy}")
+    return 0
+
+
+def prepare(cfg: Config) -> int:
+    root = data_root(cfg)
+    try:
+        source = find_source(root)
+        print(f"found {source.describe()}")
+    except UserError:
+        print(f"no Omniglot under {root}; downloading with torchvision ...")
+        source = download(root)
+    data = load_data(cfg)
+    npy, _ = cache_paths(cache_dir(cfg), source, cfg.data.image_size)
+    print(f"cache ready: {npy} ({tuple(data.bank.images.shape)} uint8)")
+    return 0
+
+
+def sample(cfg: Config, split: str, n: int, step: int, out: Path, png: Path | None) -> int:
+    if n < 1:
+        raise UserError(f"-n must be >= 1, got {n}")
+    if step < 0:
+        raise UserError(f"--step must be >= 0, got {step}")
+    for path in (out, png):
+        if path is not None and not path.parent.exists():
+            raise UserError(f"output folder {path.parent} does not exist: create it first")
+    data = load_data(cfg)
+    if split == "train":
+        seqs = data.train_batch(step, n)
+    else:
+        if n > cfg.eval.n_sequences:
+            raise UserError(f"-n {n} exceeds the {cfg.eval.n_sequences} sequences of the fixed evaluation "
+                            f"set; raise eval.n_sequences")
+        seqs = getattr(data.eval_sets, split)[:n]
+    arrays = {
+        "classes": seqs.classes.numpy(),
+        "labels": seqs.labels.numpy(),
+        "exemplars": seqs.exemplars.numpy(),
+        "train_classes": data.split.train_classes,
+        "holdout_classes": data.split.holdout_classes,
+    }
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write(out, buf.getvalue())
+    print(f"wrote {n} {split} sequences to {out}")
+    if png is not None:
+        atomic_write(png, draw_sequences(data, seqs, split, cfg))
+        print(f"wrote {png}")
+    return 0
+
+
+def atomic_write(path: Path, payload: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def draw_sequences(data, seqs, split: str, cfg: Config, rows: int = 6) -> bytes:
+    """A labelled grid of the first sequences: one row per sequence, query last."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = min(rows, len(seqs))
+    images = data.bank.render(seqs.classes[:rows], seqs.exemplars[:rows]).cpu().numpy()
+    fig, axes = plt.subplots(rows, 9, figsize=(9 * 1.25, rows * 1.45 + 0.6), squeeze=False)
+    for r in range(rows):
+        for c in range(9):
+            ax = axes[r, c]
+            ax.imshow(images[r, c], cmap="gray_r", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            cls, lab = int(seqs.classes[r, c]), int(seqs.labels[r, c])
+            if c == 8:
+                ax.set_title(f"query\ncls {cls} → y={lab}?", fontsize=8, color="tab:red")
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("tab:red")
+                    spine.set_linewidth(2)
+            else:
+                ax.set_title(f"cls {cls}\ny={lab}", fontsize=8)
+    titles = {
+        "train": f"training sequences (p_bursty={cfg.data.p_bursty}, {cfg.data.num_classes} classes)",
+        "icl": "ICL holdout evaluation: 2-way 4-shot, labels 0/1 per sequence",
+        "iwl": "IWL evaluation: query class never in context, fixed labels",
+    }
+    fig.suptitle(f"{titles[split]} — 8 context (image, label) pairs, then the query", fontsize=11)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
