@@ -306,6 +306,11 @@ def validate(cfg: Config) -> None:
     _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     _require(t.eval_every >= 1, f"train.eval_every must be >= 1, got {t.eval_every}")
     _require(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
+    _require(
+        t.checkpoint_every % t.eval_every == 0,
+        f"train.checkpoint_every ({t.checkpoint_every}) must be a multiple of train.eval_every ({t.eval_every}): "
+        "a checkpoint is saved with the evaluation of its step",
+    )
     _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     _require(
         t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),

@@ -1,0 +1,126 @@
+"""Evaluation on the fixed sets: accuracies, calibration, and attention diagnostics.
+
+Metric names (the columns of ``metrics.csv``):
+- ``icl_acc``: ICL on holdout classes, argmax over the two labels in context (0 and 1),
+  chance 0.5 — the headline. ``icl_acc_all``: argmax over every label.
+- ``icl_train_acc``: the same 2-way 4-shot task on training classes relabelled 0/1,
+  restricted to the two labels.
+- ``iwl_acc``: no-support sequences, argmax over every label (chance 1/num_classes).
+- ``ece``: expected calibration error on the ICL holdout set, from the probabilities
+  renormalised over the two in-context labels, ``eval.ece_bins`` equal-width bins.
+- ``attn_L{l}_{match_img,match_lbl,other,induction,prev_tok}``: see :func:`attention_scores`;
+  per layer, the maximum over heads. The full per-head array is returned too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from einops import reduce
+from torch import Tensor
+
+from icl.config import CONTEXT_LEN, Config
+from icl.data import StudyData
+from icl.data.sequences import Sequences
+from icl.model.transformer import QUERY_POS, SequenceModel
+
+ATTN_STATS = ("match_img", "match_lbl", "other", "induction", "prev_tok")
+
+
+def attention_masks(classes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Token masks ``[B, 17]`` for the query's matching images, their labels, and the labels
+    of non-matching images (context image ``j`` is token ``2j``, its label ``2j + 1``)."""
+    b = classes.shape[0]
+    match = classes[:, :CONTEXT_LEN] == classes[:, CONTEXT_LEN:]  # [B, 8]
+    img = torch.zeros(b, 2 * CONTEXT_LEN + 1, dtype=torch.bool, device=classes.device)
+    lbl, other_lbl = img.clone(), img.clone()
+    img[:, 0 : 2 * CONTEXT_LEN : 2] = match
+    lbl[:, 1 : 2 * CONTEXT_LEN : 2] = match
+    other_lbl[:, 1 : 2 * CONTEXT_LEN : 2] = ~match
+    return img, lbl, other_lbl
+
+
+def attention_scores(patterns: Tensor, classes: Tensor) -> Tensor:
+    """Per-head diagnostics ``[L, H, 5]`` (mean over sequences), columns ``ATTN_STATS``:
+
+    - ``match_img``: query's attention to context images of its own class,
+    - ``match_lbl``: to the label tokens that follow those images,
+    - ``other``: to everything else (1 - the two above),
+    - ``induction``: ``match_lbl`` minus attention to labels of non-matching images,
+    - ``prev_tok``: each label token's attention to the image just before it (mean over the 8).
+
+    ``patterns`` is ``[B, L, H, T, T]`` as returned by the model.
+    """
+    img, lbl, other_lbl = (m[:, None, None, :].to(patterns.dtype) for m in attention_masks(classes))
+    query = patterns[..., QUERY_POS, :]  # [B, L, H, T]
+    match_img = (query * img).sum(-1)
+    match_lbl = (query * lbl).sum(-1)
+    other = 1.0 - match_img - match_lbl
+    induction = match_lbl - (query * other_lbl).sum(-1)
+    label_rows = torch.arange(1, 2 * CONTEXT_LEN, 2, device=patterns.device)
+    prev_tok = patterns[..., label_rows, label_rows - 1].mean(-1)  # [B, L, H]
+    stats = torch.stack([match_img, match_lbl, other, induction, prev_tok], dim=-1)  # [B, L, H, 5]
+    return reduce(stats.float(), "b l h s -> l h s", "mean")
+
+
+def expected_calibration_error(probs: Tensor, targets: Tensor, bins: int) -> float:
+    """Equal-width-bin ECE of the argmax prediction: sum_b n_b/N |acc_b - conf_b|."""
+    conf, pred = probs.max(dim=-1)
+    correct = (pred == targets).float()
+    idx = (conf * bins).long().clamp(max=bins - 1)
+    n = torch.zeros(bins, device=probs.device).index_add_(0, idx, torch.ones_like(conf))
+    acc = torch.zeros(bins, device=probs.device).index_add_(0, idx, correct)
+    cf = torch.zeros(bins, device=probs.device).index_add_(0, idx, conf)
+    return float(((acc - cf).abs().sum()) / max(len(targets), 1))
+
+
+@torch.no_grad()
+def _run(model: SequenceModel, data: StudyData, seqs: Sequences, cfg: Config, attention: bool):
+    """Logits for a whole set (in chunks of ``eval.batch_size``) and, if asked, the summed
+    attention diagnostics."""
+    logits, scores = [], None
+    for start in range(0, len(seqs), cfg.eval.batch_size):
+        chunk = seqs[start : start + cfg.eval.batch_size]
+        images = data.bank.render(chunk.classes, chunk.exemplars)
+        with autocast(cfg, images.device):
+            out = model(images, chunk.labels, return_attention=attention)
+        if attention:
+            out, patterns = out
+            s = attention_scores(patterns.float(), chunk.classes) * len(chunk)
+            scores = s if scores is None else scores + s
+        logits.append(out.float())
+    result = torch.cat(logits)
+    return result, (scores / len(seqs) if attention else None)
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast on CUDA when ``train.precision`` is bf16; fp32 (a no-op) otherwise."""
+    enabled = cfg.train.precision == "bf16" and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def evaluate(model: SequenceModel, data: StudyData, cfg: Config) -> tuple[dict[str, float], np.ndarray]:
+    """All evaluation metrics, and the per-head attention array ``[L, H, 5]``."""
+    was_training = model.training
+    model.eval()
+    sets = data.eval_sets
+    metrics: dict[str, float] = {}
+    try:
+        logits, heads = _run(model, data, sets.icl, cfg, attention=True)
+        t = sets.icl.targets
+        two = logits[:, :2]
+        metrics["icl_acc"] = float((two.argmax(-1) == t).float().mean())
+        metrics["icl_acc_all"] = float((logits.argmax(-1) == t).float().mean())
+        metrics["ece"] = expected_calibration_error(two.softmax(-1), t, cfg.eval.ece_bins)
+        logits, _ = _run(model, data, sets.icl_train, cfg, attention=False)
+        metrics["icl_train_acc"] = float((logits[:, :2].argmax(-1) == sets.icl_train.targets).float().mean())
+        logits, _ = _run(model, data, sets.iwl, cfg, attention=False)
+        metrics["iwl_acc"] = float((logits.argmax(-1) == sets.iwl.targets).float().mean())
+    finally:
+        model.train(was_training)
+    assert heads is not None
+    per_layer = heads.max(dim=1).values  # max over heads: [L, 5]
+    for layer in range(per_layer.shape[0]):
+        for s, name in enumerate(ATTN_STATS):
+            metrics[f"attn_L{layer}_{name}"] = float(per_layer[layer, s])
+    return metrics, heads.cpu().numpy()

@@ -1,0 +1,72 @@
+"""Attention diagnostics and calibration on hand-built inputs with known answers."""
+
+import torch
+
+from icl.model import N_TOKENS, QUERY_POS
+from icl.train.evaluate import ATTN_STATS, attention_masks, attention_scores, expected_calibration_error
+
+# One sequence: context classes 7 7 3 7 3 5 3 7, query class 7 -> matching context items 0, 1, 3, 7.
+CLASSES = torch.tensor([[7, 7, 3, 7, 3, 5, 3, 7, 7]])
+MATCH = [0, 1, 3, 7]
+OTHER = [2, 4, 5, 6]
+
+
+def pattern(rows: dict[int, dict[int, float]]) -> torch.Tensor:
+    """A causal pattern [T, T]: given rows get the given weights; others attend to themselves."""
+    p = torch.eye(N_TOKENS)
+    for row, weights in rows.items():
+        p[row] = 0
+        for col, w in weights.items():
+            p[row, col] = w
+    return p
+
+
+def test_masks_mark_matching_images_and_their_labels():
+    img, lbl, other_lbl = attention_masks(CLASSES)
+    assert img[0].nonzero().flatten().tolist() == [2 * j for j in MATCH]
+    assert lbl[0].nonzero().flatten().tolist() == [2 * j + 1 for j in MATCH]
+    assert other_lbl[0].nonzero().flatten().tolist() == [2 * j + 1 for j in OTHER]
+
+
+def test_scores_on_a_hand_built_pattern():
+    heads = [
+        # head 0: an induction head: query spreads all attention over matching labels
+        pattern({QUERY_POS: {2 * j + 1: 0.25 for j in MATCH}}),
+        # head 1: query looks at matching images (0.5) and at itself (0.5)
+        pattern({QUERY_POS: {**{2 * j: 0.125 for j in MATCH}, QUERY_POS: 0.5}}),
+        # head 2: query looks at non-matching labels only; every label looks at its image
+        pattern({QUERY_POS: {2 * j + 1: 0.25 for j in OTHER}, **{2 * k + 1: {2 * k: 1.0} for k in range(8)}}),
+        # head 3: label tokens split attention 0.5 on their image, 0.5 on the token before it
+        pattern({2 * k + 1: {2 * k: 0.5, max(2 * k - 1, 0): 0.5} if k else {0: 1.0} for k in range(8)}),
+    ]
+    patterns = torch.stack(heads)[None, None]  # [B=1, L=1, H=4, T, T]
+    s = attention_scores(patterns, CLASSES)[0]  # [H, 5]
+    col = {name: i for i, name in enumerate(ATTN_STATS)}
+    expected = {
+        0: dict(match_img=0.0, match_lbl=1.0, other=0.0, induction=1.0),
+        1: dict(match_img=0.5, match_lbl=0.0, other=0.5, induction=0.0),
+        2: dict(match_img=0.0, match_lbl=0.0, other=1.0, induction=-1.0, prev_tok=1.0),
+        3: dict(match_img=0.0, match_lbl=0.0, other=1.0, induction=0.0, prev_tok=(1.0 + 7 * 0.5) / 8),
+    }
+    for head, values in expected.items():
+        for name, value in values.items():
+            assert abs(float(s[head, col[name]]) - value) < 1e-6, (head, name)
+    assert float(s[0, col["prev_tok"]]) == 0.0  # head 0's label tokens attend to themselves
+
+
+def test_scores_average_over_sequences():
+    a = pattern({QUERY_POS: {2 * j + 1: 0.25 for j in MATCH}})
+    b = pattern({QUERY_POS: {QUERY_POS: 1.0}})
+    patterns = torch.stack([a, b])[:, None, None]  # two sequences, one head
+    s = attention_scores(patterns, CLASSES.repeat(2, 1))
+    assert abs(float(s[0, 0, ATTN_STATS.index("match_lbl")]) - 0.5) < 1e-6
+
+
+def test_ece_is_zero_when_confidence_equals_accuracy_and_the_gap_otherwise():
+    targets = torch.tensor([0, 0, 1, 1])
+    sure_right = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert expected_calibration_error(sure_right, targets, 10) == 0.0
+    half_right = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    assert abs(expected_calibration_error(half_right, targets, 10) - 0.5) < 1e-6
+    calibrated = torch.tensor([[0.75, 0.25]] * 4)  # 75% confident, right on 3 of 4
+    assert abs(expected_calibration_error(calibrated, torch.tensor([0, 0, 0, 1]), 10)) < 1e-6
