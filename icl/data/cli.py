@@ -164,3 +164,7 @@ def draw_sequences(data, seqs, split: str, cfg: Config, rows: int = 6) -> bytes:
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return buf.getvalue()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -210,6 +210,8 @@ def _read_cache(npy: Path, meta_path: Path, source: Source, image_size: int) -> 
     problem = None
     try:
         meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict):  # valid JSON but not our sidecar: damaged
+            raise ValueError("the sidecar is not a JSON object")
         array = np.load(npy, allow_pickle=False)
         if meta.get("format") != CACHE_FORMAT or meta.get("source") != source.fingerprint:
             problem = "was made from other data"

@@ -36,3 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             f"IWL {row['iwl_acc']:.3f}, train acc {row['train_acc']:.3f}; metrics in {args.out / 'metrics.csv'}"
         )
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

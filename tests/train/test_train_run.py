@@ -1,0 +1,200 @@
+"""A run: learns, resumes exactly, refuses what it must, and never loses what is on disk."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from icl.config import load_config
+from icl.train import TIMING_COLUMNS, TrainingDiverged, train
+from icl.train import loop as train_loop
+from icl.train.cli import main as train_main
+
+
+def science(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path / "metrics.csv").drop(columns=list(TIMING_COLUMNS))
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def final_state(path: Path) -> dict:
+    return torch.load(sorted((path / "checkpoints").iterdir())[-1] / "state.pt", weights_only=False)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = train_main(args)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """One uninterrupted tiny run (200 steps, eval every 50, checkpoints at 100 and 200)."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    train(load_config("tiny"), out)
+    return out
+
+
+def test_a_few_hundred_steps_of_tiny_lower_the_loss(finished):
+    m = pd.read_csv(finished / "metrics.csv")
+    assert list(m["step"]) == [50, 100, 150, 200]
+    assert m["train_loss"].iloc[-1] < m["train_loss"].iloc[0] - 0.3
+    assert {"sequences", "lr", "icl_acc", "icl_acc_all", "iwl_acc", "ece", "steps_per_s"} <= set(m.columns)
+    assert any(c.startswith("attn_L1_") for c in m.columns)
+    with np.load(finished / "attention.npz") as z:
+        assert z["heads"].shape == (4, 2, 4, 5)  # evaluations x layers x heads x stats
+        assert list(z["step"]) == [50, 100, 150, 200]
+
+
+def test_written_config_is_fully_resolved(finished):
+    again = load_config(str(finished / "config.yaml"))
+    assert again == load_config("tiny")
+
+
+def test_resumed_run_equals_uninterrupted(finished, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def stop_after_150(row, checkpoint):
+        if row["step"] == 150:
+            raise Stop
+
+    out = tmp_path / "part"
+    with pytest.raises(Stop):
+        train(load_config("tiny"), out, on_eval=stop_after_150)
+    assert list(pd.read_csv(out / "metrics.csv")["step"]) == [50, 100, 150]
+    train(load_config("tiny"), out)  # resumes from the step-100 checkpoint
+    pd.testing.assert_frame_equal(science(out), science(finished))
+    a, b = final_state(out), final_state(finished)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    with np.load(out / "attention.npz") as x, np.load(finished / "attention.npz") as y:
+        assert np.array_equal(x["heads"], y["heads"])
+
+
+def test_a_run_killed_with_sigkill_resumes_exactly(tmp_path):
+    overrides = ["train.steps=600", "train.checkpoint_every=100"]
+    reference = tmp_path / "reference"
+    train(load_config("tiny", overrides), reference)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "icl.train.cli", "--config", "tiny", "--out", str(out)]
+    cmd += [arg for o in overrides for arg in ("--set", o)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step_000000200").exists():  # killed mid-run, after 2 checkpoints
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # it was still running: the kill interrupted it
+    assert len(pd.read_csv(out / "metrics.csv")) < 12
+    subprocess.run(cmd, check=True, capture_output=True)
+    pd.testing.assert_frame_equal(science(out), science(reference))
+
+
+def test_completed_run_is_not_retrained(finished, capsys):
+    before = snapshot(finished)
+    code, _ = run_cli(["--config", "tiny", "--out", str(finished)], capsys)
+    assert code == 0
+    assert snapshot(finished)["metrics.csv"] == before["metrics.csv"]
+    assert snapshot(finished)["checkpoints/step_000000200/state.pt"] == before["checkpoints/step_000000200/state.pt"]
+
+
+def test_a_different_config_in_the_out_dir_is_refused_untouched(finished, capsys):
+    before = snapshot(finished)
+    code, err = run_cli(["--config", "tiny", "--set", "optim.weight_decay=0.1", "--out", str(finished)], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and "optim.weight_decay" in err
+    assert snapshot(finished) == before
+
+
+def test_a_non_empty_directory_without_a_run_is_refused(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, err = run_cli(["--config", "tiny", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "holds no run" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("model.heads=5", "must divide model.d_model"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+        ("optim.lr=-1", "optim.lr must be a positive"),
+        ("train.steps=0", "train.steps must be >= 1"),
+        ("train.checkpoint_every=75", "multiple of train.eval_every"),
+        ("model.embedder=vit", "model.embedder must be one of"),
+        ("model.layers=two", "must be an integer"),
+    ],
+)
+def test_bad_model_and_optim_values_exit_2_with_one_line(tmp_path, capsys, override, words):
+    code, err = run_cli(["--config", "tiny", "--set", override, "--out", str(tmp_path / "r")], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "icl.train.cli", "--config", "tiny", "--set", "train.steps=0",
+                        "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_good_one(finished, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    state = out / "checkpoints" / "step_000000200" / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    code, err = run_cli(["--config", "tiny", "--out", str(out)], capsys)
+    assert code == 0
+    assert "step_000000200 is corrupt" in err and "fails its checksum" in err
+    pd.testing.assert_frame_equal(science(out), science(finished))  # 100 -> 200 recomputed
+
+
+def test_no_intact_checkpoint_is_an_error(finished, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    for ckpt in (out / "checkpoints").iterdir():
+        (ckpt / "state.pt").write_bytes(b"truncated")
+    before = snapshot(out)
+    code, err = run_cli(["--config", "tiny", "--out", str(out)], capsys)
+    assert code == 2 and "no intact checkpoint" in err.splitlines()[-1]
+    assert snapshot(out) == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real_step = train_loop.train_step
+
+    def diverging_step(model, optimizer, data, step, cfg):
+        if step == 130:  # the weights blow up between the checkpoint at 100 and the eval at 150
+            with torch.no_grad():
+                model.head.weight.fill_(float("nan"))
+        return real_step(model, optimizer, data, step, cfg)
+
+    monkeypatch.setattr(train_loop, "train_step", diverging_step)
+    out = tmp_path / "nan"
+    code, err = run_cli(["--config", "tiny", "--out", str(out)], capsys)
+    assert code == 2 and "non-finite between steps 100 and 150" in err and "step_000000100" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000000100"]
+    assert list(pd.read_csv(out / "metrics.csv")["step"]) == [50, 100]
+    with pytest.raises(TrainingDiverged):
+        train(load_config("tiny"), out)
