@@ -42,6 +42,8 @@ TV_DIR = "omniglot-py"
 TV_SPLITS = ("images_background", "images_evaluation")
 CACHE_FORMAT = 1
 RAW_SIZE = 105
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 _PNG_NAME = re.compile(r"^(\d{4})_(\d{2})\.png$")
 
 
@@ -193,6 +195,7 @@ def _atomic_write_bytes(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a shared cache must be readable
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,89 @@
+"""Shared test setup for the whole tree: the real Omniglot data and a per-session cache.
+
+For the whole pytest session (restored afterwards):
+- ``ICL_DATA_DIR`` -> the offline Omniglot copy, as an absolute path: the value already in
+  the environment if set (a relative one is resolved against the current directory), else
+  ``../shared/data/omniglot`` next to the project root.
+- ``ICL_CACHE_DIR`` -> a fresh session temporary folder, so the decoded-image cache is built
+  at most once per image size per session (~4 s each) and never touches the user's
+  ``~/.cache/icl``. A test that damages a cache must use its own folder
+  (``monkeypatch.setenv("ICL_CACHE_DIR", str(tmp_path))`` or ``data.cache_dir``).
+Both are plain ``os.environ`` entries, so subprocesses (``icl-data``, ``icl-train`` ...)
+inherit them.
+
+Fixtures: ``omniglot_dir`` (Path of the data), ``session_cache_dir`` (Path of the cache),
+and ``omniglot_subset(n_background, n_evaluation)``: a folder holding a small npz pair of
+real data (the first characters of each file, written once per session per size) for fast
+tests of the loaders; give it ``data.n_holdout`` < the character count.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "omniglot"
+_ENV_KEYS = ("ICL_DATA_DIR", "ICL_CACHE_DIR")
+
+@pytest.fixture(scope="session", autouse=True)
+def _icl_test_env(tmp_path_factory: pytest.TempPathFactory):
+    saved = {k: os.environ.get(k) for k in _ENV_KEYS}
+    data = Path(os.environ.get("ICL_DATA_DIR") or DEFAULT_DATA_DIR).expanduser().resolve()
+    cache = tmp_path_factory.mktemp("icl-cache")
+    os.environ["ICL_DATA_DIR"] = str(data)
+    os.environ["ICL_CACHE_DIR"] = str(cache)
+    yield {"data": data, "cache": cache}
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def omniglot_dir(_icl_test_env) -> Path:
+    """The real Omniglot data folder (npz pair + SHA256SUMS) the session uses."""
+    return _icl_test_env["data"]
+
+
+@pytest.fixture(scope="session")
+def session_cache_dir(_icl_test_env) -> Path:
+    """The session-wide cache folder (``$ICL_CACHE_DIR``); do not damage files in it."""
+    return _icl_test_env["cache"]
+
+
+def first_characters(path: Path, k: int) -> np.ndarray:
+    """The first ``k`` rows of an npz's ``images`` array, read without decompressing the rest."""
+    with zipfile.ZipFile(path) as zf, zf.open("images.npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, fortran, dtype = read_header(fh)
+        assert not fortran and k <= shape[0]
+        count = k * int(np.prod(shape[1:]))
+        return np.frombuffer(fh.read(count * dtype.itemsize), dtype=dtype).reshape(k, *shape[1:])
+
+
+@pytest.fixture(scope="session")
+def omniglot_subset(omniglot_dir, tmp_path_factory):
+    """``make(n_background, n_evaluation) -> Path``: an npz pair (no SHA256SUMS) of the first
+    characters of the real files, ids 1..n_background then 965..964+n_evaluation."""
+    made: dict[tuple[int, int], Path] = {}
+
+    def make(n_background: int, n_evaluation: int) -> Path:
+        key = (n_background, n_evaluation)
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"omniglot-{n_background}-{n_evaluation}")
+            for name, k in zip(("images_background.npz", "images_evaluation.npz"), key):
+                images = first_characters(omniglot_dir / name, k)
+                labels = np.repeat(np.arange(k), images.shape[1]).reshape(k, images.shape[1])
+                np.savez_compressed(root / name, images=images, labels=labels)
+            made[key] = root
+        return made[key]
+
+    return make
