@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from icl.config import Config, cache_dir, data_root, load_config
 from icl.data import load_data
 from icl.data.omniglot import cache_paths, download, find_source
 from icl.errors import ArgumentParser, UserError, cli_entry
+from icl.io import atomic_write
 
 
 def _add_config_args(p: ArgumentParser, required: bool = False) -> None:
@@ -116,17 +115,6 @@ def sample(cfg: Config, split: str, n: int, step: int, out: Path, png: Path | No
         atomic_write(png, draw_sequences(data, seqs, split, cfg))
         print(f"wrote {png}")
     return 0
-
-
-def atomic_write(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def draw_sequences(data, seqs, split: str, cfg: Config, rows: int = 6) -> bytes:

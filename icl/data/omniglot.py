@@ -26,7 +26,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,14 +35,13 @@ import torch.nn.functional as F
 
 from icl.config import N_DRAWERS
 from icl.errors import UserError
+from icl.io import atomic_write
 
 NPZ_FILES = ("images_background.npz", "images_evaluation.npz")
 TV_DIR = "omniglot-py"
 TV_SPLITS = ("images_background", "images_evaluation")
 CACHE_FORMAT = 1
 RAW_SIZE = 105
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 _PNG_NAME = re.compile(r"^(\d{4})_(\d{2})\.png$")
 
 
@@ -187,21 +185,6 @@ def cache_paths(cache: Path, source: Source, image_size: int) -> tuple[Path, Pat
     return cache / f"{stem}.npy", cache / f"{stem}.json"
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a shared cache must be readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
 
@@ -248,8 +231,9 @@ def load_images(root: Path, cache: Path, image_size: int) -> tuple[np.ndarray, S
         "sha256": _digest(array),
     }
     try:
-        _atomic_write_bytes(npy, lambda f: np.save(f, array, allow_pickle=False))
-        _atomic_write_bytes(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        cache.mkdir(parents=True, exist_ok=True)
+        atomic_write(npy, lambda f: np.save(f, array, allow_pickle=False))
+        atomic_write(meta_path, json.dumps(meta, indent=1))
     except OSError as e:
         raise UserError(
             f"cannot write the Omniglot cache in {cache} ({e.strerror}): set ICL_CACHE_DIR or data.cache_dir "

@@ -21,9 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ import torch.nn.functional as F
 from icl.config import Config, build_config, read_yaml, science_dict
 from icl.data import StudyData, load_data
 from icl.errors import UserError
+from icl.io import atomic_write
 from icl.model import SequenceModel, build_model
 from icl.train import checkpoint as ckpt
 from icl.train.evaluate import ATTN_STATS, autocast, evaluate
@@ -70,17 +69,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 # --------------------------------------------------------------------------- run directory
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def config_differences(a: Config, b: Config) -> list[str]:

@@ -1,0 +1,166 @@
+"""icl-analyze end to end: the report and its files; bad input is exit 2 with one ``error:`` line."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from analysis.cli import main
+from analysis.report import default_out
+from icl.errors import UserError
+
+CLASSES, WD, SEED = "data.num_classes", "optim.weight_decay", "seed"
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The installed console script; without it, its entry point run by this interpreter."""
+    exe = shutil.which("icl-analyze")
+    cmd = [exe] if exe else [sys.executable, "-c", "import sys; from analysis.cli import main; sys.exit(main())"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def experiment(tmp_path, grid_one_pass) -> Path:
+    """The one-pass grid without attention columns (fewer plots: a fast test), as a sweep writes it."""
+    df = grid_one_pass
+    df = df[[c for c in df.columns if not c.startswith("attn_")]]
+    exp = tmp_path / "storage" / "study"
+    exp.mkdir(parents=True)
+    df.to_csv(exp / "results.csv", index=False)
+    spec = {"base": "tiny", "grid": {CLASSES: [10, 100], WD: [0.0, 1.0e-3, 1.0e-2, 1.0e-1], SEED: [0, 1]}}
+    (exp / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return exp
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_report_with_default_out(experiment, capsys):
+    before = {p.name: _digest(p) for p in experiment.iterdir() if p.is_file()}
+    assert main([str(experiment), "--dpi", "30"]) == 0
+    out = experiment / "report"
+    stdout = capsys.readouterr().out
+    assert "verdict: Supported: 1 of 3" in stdout and str(out / "report.md") in stdout
+
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 8 and summary["n_seeds"].eq(2).all()
+    for stat in ("peak_icl", "peak_step", "final_icl", "icl_drop", "final_iwl", "final_train_acc", "icl_onset_step"):
+        assert {f"{stat}_mean", f"{stat}_std"} <= set(summary.columns)
+    row = summary[(summary[CLASSES] == 10) & (summary[WD] == 1e-2)].iloc[0]
+    assert row["peak_icl_mean"] == pytest.approx(0.86) and row["final_icl_mean"] == pytest.approx(0.81)
+
+    report = (out / "report.md").read_text()
+    assert "**Supported: 1 of 3 few-class cells" in report
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert {"curves.png", "curves_logx.png", "peak_final_vs_wd.png", "heatmap_icl.png"} <= set(images)
+    assert all((out / img).stat().st_size > 0 for img in images)
+    assert "| classes | weight decay | seeds | peak ICL |" in report
+    assert "All 8 cells have every seed" in report
+    assert "no `attn_L*` columns" in report and not list(out.glob("attention*"))
+    assert {p.name: _digest(p) for p in experiment.iterdir() if p.is_file()} == before  # inputs untouched
+
+
+def test_default_out(experiment):
+    assert default_out([str(experiment)]) == experiment / "report"
+    assert default_out([str(experiment / "results.csv")]) == experiment / "report"
+    with pytest.raises(UserError, match="--out"):
+        default_out(["a", "b"])
+
+
+def test_running_sweep_with_missing_seed(experiment, tmp_path, capsys):
+    df = pd.read_csv(experiment / "results.csv")
+    cut = (df[CLASSES] == 10) & (df[WD] == 1e-3) & (df[SEED] == 1)
+    behind = (df[CLASSES] == 100) & (df[WD] == 0.0) & (df[SEED] == 0) & (df["step"] > 300)
+    running = tmp_path / "running"
+    running.mkdir()
+    df[~cut & ~behind].to_csv(running / "results.csv", index=False)
+    (running / "spec.yaml").write_text((experiment / "spec.yaml").read_text())
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "report.md").write_text("an old report, replaced on refresh")
+    assert main([str(running / "results.csv"), "--out", str(tmp_path / "rep"), "--dpi", "30",
+                 "--threshold", "0.7"]) == 0
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "`icl_acc` ≥ 0.7" in report
+    assert "10 classes, wd 1e-3: 1 of 2 seeds (missing seed 1)" in report
+    assert "Trials not yet at step 500" in report and "100 classes, wd 0 (from step 300)" in report
+    assert "Provisional" in report
+    summary = pd.read_csv(tmp_path / "rep" / "summary.csv")
+    assert summary["seeds_complete"].sum() == 7 and summary["behind"].sum() == 1
+
+
+def _bad(tmp_path: Path, kind: str, df: pd.DataFrame) -> list[str]:
+    exp = tmp_path / "e"
+    exp.mkdir()
+    if kind == "no_results":
+        return [str(exp)]
+    if kind == "missing_path":
+        return [str(tmp_path / "nope")]
+    if kind == "missing_columns":
+        df.drop(columns=["icl_acc", "train_acc"]).to_csv(exp / "results.csv", index=False)
+    elif kind == "empty":
+        (exp / "results.csv").write_text("")
+    elif kind == "all_nan":
+        df.assign(iwl_acc=float("nan")).to_csv(exp / "results.csv", index=False)
+    elif kind == "out_is_input":
+        df.to_csv(exp / "results.csv", index=False)
+        return [str(exp), "--out", str(exp)]
+    elif kind == "two_paths_no_out":
+        df.to_csv(exp / "results.csv", index=False)
+        return [str(exp), str(exp / "results.csv")]
+    elif kind == "bad_flag":
+        return [str(exp), "--threshold", "high"]
+    elif kind == "bad_threshold":
+        df.to_csv(exp / "results.csv", index=False)
+        return [str(exp), "--threshold", "1.5"]
+    return [str(exp)]
+
+
+BAD = [
+    ("no_results", "no results in"),
+    ("missing_path", "does not exist"),
+    ("missing_columns", "icl_acc, train_acc"),
+    ("empty", "is empty"),
+    ("all_nan", "metric iwl_acc is empty"),
+    ("out_is_input", "holds input results"),
+    ("two_paths_no_out", "--out"),
+    ("bad_flag", "invalid float value"),
+    ("bad_threshold", "--threshold must be between 0 and 1"),
+]
+
+
+def _check_one_error_line(stderr: str, words: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert words in lines[0] and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("kind, words", [b for b in BAD if b[0] in ("missing_columns", "all_nan")])
+def test_bad_input_subprocess_exit_2(tmp_path, grid_one_pass, kind, words):
+    # a real process: exit status 2, exactly one `error:` line on stderr, no traceback
+    args = _bad(tmp_path, kind, grid_one_pass)
+    files_before = sorted(tmp_path.rglob("*"))
+    proc = _run_cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    _check_one_error_line(proc.stderr, words)
+    assert sorted(tmp_path.rglob("*")) == files_before  # nothing written, nothing removed
+
+
+@pytest.mark.parametrize("kind, words", BAD)
+def test_bad_input_in_process_exit_2(tmp_path, capsys, grid_one_pass, kind, words):
+    # the same entry point in-process (each subprocess costs a second of imports)
+    args = _bad(tmp_path, kind, grid_one_pass)
+    files_before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    _check_one_error_line(capsys.readouterr().err, words)
+    assert sorted(tmp_path.rglob("*")) == files_before

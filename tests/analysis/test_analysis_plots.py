@@ -1,0 +1,70 @@
+"""Every plot is written as a non-empty PNG; plot functions return figures without pyplot."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from analysis import summarize  # noqa: E402
+from analysis.plots import (  # noqa: E402
+    plot_attention,
+    plot_curves,
+    plot_heatmap,
+    plot_peak_final,
+    save_figure,
+    write_plots,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+DPI = 30  # small images: the test checks that files are written, not how they look
+
+
+def _small(rows, curve, attention=True, cells=((10, 0.0), (10, 1e-2), (100, 0.0), (100, 1e-2))):
+    df = pd.concat([rows(c, wd, s, curve(0.6 + 0.1 * s + (0.1 if c > 10 else 0)))
+                    for c, wd in cells for s in (0, 1)], ignore_index=True)
+    if not attention:
+        df = df[[c for c in df.columns if not c.startswith("attn_")]]
+    return df
+
+
+def _is_png(path):
+    data = path.read_bytes()
+    return len(data) > 500 and data.startswith(PNG)
+
+
+def test_write_plots_writes_every_png(tmp_path, rows, curve):
+    df = _small(rows, curve, cells=((10, 1e-2), (100, 0.0)))  # two cells: one attention page each
+    written = write_plots(df, summarize(df), tmp_path, logx=True, dpi=DPI)
+    names = {p.name for p in written.values()}
+    assert names == {"curves.png", "curves_logx.png", "peak_final_vs_wd.png", "heatmap_icl.png", "attention.png",
+                     "attention_c10_wd1e-2.png", "attention_c100_wd0.png"}
+    assert all(_is_png(p) for p in written.values())
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_plot_functions_return_titled_labelled_figures(tmp_path, rows, curve):
+    df = _small(rows, curve)
+    s = summarize(df)
+    fig = plot_curves(df, x="sequences")
+    assert isinstance(fig, Figure) and fig.get_suptitle()
+    assert any(ax.get_xlabel() == "training sequences" for ax in fig.axes)
+    assert any("chance 0.5" in ax.get_ylabel() for ax in fig.axes)
+    for f in (plot_peak_final(s), plot_heatmap(s),
+              plot_attention(df, {"data.num_classes": 100, "optim.weight_decay": 0.0})):
+        assert isinstance(f, Figure) and f.get_suptitle()
+        assert any(ax.get_xlabel() for ax in f.axes) and any(ax.get_ylabel() for ax in f.axes)
+    assert plot_attention(df, {"data.num_classes": 7}) is None  # no such cell
+    assert _is_png(save_figure(fig, tmp_path / "sub" / "c.png", DPI))
+
+
+def test_single_run_plots(tmp_path, rows, curve):
+    one = rows(100, 0.0, 0, curve(0.8))
+    one = one[[c for c in one.columns if not c.startswith("attn_L1")]]  # a one-layer model, one seed, one cell
+    s = summarize(one)
+    for name, fig in (("a", plot_attention(one, {"data.num_classes": 100, "optim.weight_decay": 0.0}, logx=True)),
+                      ("h", plot_heatmap(s))):
+        assert _is_png(save_figure(fig, tmp_path / f"{name}.png", DPI))

@@ -1,0 +1,121 @@
+"""Per-trial and per-cell numbers on curves whose answers are known by construction."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from analysis import cell_keys, missing_cells, summarize, trial_summary
+from analysis.summary import STATS
+
+CLASSES, WD, SEED = "data.num_classes", "optim.weight_decay", "seed"
+
+
+def test_trial_numbers_of_a_known_curve(rows):
+    # rises to 0.9 at step 400, fades to 0.62 at the last evaluation (step 700)
+    icl = [0.50, 0.55, 0.61, 0.90, 0.85, 0.70, 0.62]
+    iwl = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, math.nan]  # last IWL missing: final = last value present
+    train = [0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.97]
+    df = rows(100, 0.0, 0, icl, iwl=iwl, train=train)
+    t = trial_summary(df, threshold=0.6).iloc[0]
+    assert t["peak_icl"] == 0.90
+    assert t["peak_step"] == 400
+    assert t["final_icl"] == 0.62
+    assert t["icl_drop"] == pytest.approx(0.28)
+    assert t["icl_onset_step"] == 300  # first evaluation with icl >= 0.6
+    assert t["final_iwl"] == 0.6
+    assert t["final_train_acc"] == 0.97
+    assert t["last_step"] == 700 and t["n_evals"] == 7
+    # a higher threshold moves the onset; one never reached gives NaN
+    assert trial_summary(df, threshold=0.85).iloc[0]["icl_onset_step"] == 400
+    assert math.isnan(trial_summary(df, threshold=0.95).iloc[0]["icl_onset_step"])
+
+
+def test_peak_step_is_first_occurrence_and_unsorted_input(rows):
+    df = rows(100, 0.0, 0, [0.5, 0.8, 0.7, 0.8, 0.6])
+    t = trial_summary(df.iloc[::-1]).iloc[0]  # row order must not matter
+    assert t["peak_step"] == 200 and t["final_icl"] == 0.6 and t["icl_drop"] == pytest.approx(0.2)
+
+
+def test_cell_mean_and_std_over_seeds(rows, curve):
+    df = pd.concat([rows(100, 1e-3, 0, curve(0.80, 0.70)), rows(100, 1e-3, 1, curve(0.90, 0.60)),
+                    rows(100, 0.0, 0, curve(0.70)), rows(100, 0.0, 1, curve(0.70))], ignore_index=True)
+    s = summarize(df)
+    assert list(s.columns[:3]) == [CLASSES, WD, "n_seeds"]
+    for stat in STATS:
+        assert f"{stat}_mean" in s.columns and f"{stat}_std" in s.columns
+    cell = s[s[WD] == 1e-3].iloc[0]
+    assert cell["n_seeds"] == 2 and bool(cell["seeds_complete"])
+    assert cell["peak_icl_mean"] == pytest.approx(0.85)
+    assert cell["peak_icl_std"] == pytest.approx(math.sqrt(0.005))  # sample sd of 0.8, 0.9
+    assert cell["final_icl_mean"] == pytest.approx(0.65)
+    assert cell["icl_drop_mean"] == pytest.approx(0.20)
+    assert cell["icl_drop_std"] == pytest.approx(math.sqrt(0.02))  # drops 0.1 and 0.3
+    assert cell["peak_step_mean"] == 300 and cell["peak_step_std"] == 0
+    # onset 0.6: curve(0.8) = 0.5, 0.65, 0.8 -> step 200; curve(0.9) = 0.5, 0.7, 0.9 -> step 200
+    assert cell["icl_onset_step_mean"] == 200 and cell["icl_onset_n"] == 2
+    assert cell["final_iwl_mean"] == pytest.approx(0.3) and cell["final_train_acc_mean"] == pytest.approx(0.99)
+    flat = s[s[WD] == 0.0].iloc[0]
+    assert flat["peak_icl_std"] == pytest.approx(0.0) and flat["icl_drop_mean"] == pytest.approx(0.0)
+
+
+def test_missing_seeds_are_flagged_not_hidden(rows, curve):
+    frames = [rows(100, wd, seed, curve(0.8)) for wd in (0.0, 1e-3) for seed in (0, 1, 2)
+              if not (wd == 1e-3 and seed == 1)]
+    df = pd.concat(frames, ignore_index=True)
+    s = summarize(df)
+    short = s[s[WD] == 1e-3].iloc[0]
+    assert short["n_seeds"] == 2 and short["missing_seeds"] == "1" and not short["seeds_complete"]
+    assert short["seeds"] == "0,2"
+    full = s[s[WD] == 0.0].iloc[0]
+    assert full["n_seeds"] == 3 and full["seeds_complete"] and full["missing_seeds"] == ""
+    # the spec's seed list counts even when every cell lacks a seed
+    s4 = summarize(df, expected_seeds=[0, 1, 2, 3])
+    assert not s4["seeds_complete"].any()
+    assert s4[s4[WD] == 0.0].iloc[0]["missing_seeds"] == "3"
+
+
+def test_single_seed_has_no_std(rows, curve):
+    s = summarize(rows(100, 0.0, 0, curve(0.8)))
+    assert s.iloc[0]["n_seeds"] == 1 and math.isnan(s.iloc[0]["peak_icl_std"])
+
+
+def test_onset_mean_over_seeds_that_reach_it(rows, curve):
+    df = pd.concat([rows(10, 0.0, 0, curve(0.9)), rows(10, 0.0, 1, curve(0.55))], ignore_index=True)
+    cell = summarize(df).iloc[0]
+    assert cell["icl_onset_n"] == 1 and cell["icl_onset_step_mean"] == 200
+
+
+def test_rerun_seed_counts_once_and_running_trials_are_behind(rows, curve):
+    df = pd.concat([
+        rows(100, 0.0, 0, curve(0.8), trial_id="a"),
+        rows(100, 0.0, 0, curve(0.9)[:3], trial_id="a_retry_short"),  # the same seed again, not as far
+        rows(100, 0.0, 1, curve(0.7)),
+        rows(100, 1e-3, 0, curve(0.8)[:3]),  # still running: 3 of 5 evaluations
+        rows(100, 1e-3, 1, curve(0.8)),
+    ], ignore_index=True)
+    s = summarize(df)
+    base = s[s[WD] == 0.0].iloc[0]
+    assert base["n_trials"] == 3 and base["n_seeds"] == 2
+    assert base["peak_icl_mean"] == pytest.approx(0.75)  # 0.8 (furthest trial of seed 0) and 0.7
+    assert not base["behind"]
+    running = s[s[WD] == 1e-3].iloc[0]
+    assert running["behind"] and running["last_step_min"] == 300 and running["last_step_max"] == 500
+
+
+def test_experiment_is_a_cell_key_only_when_grid_points_collide(rows, curve):
+    a = rows(100, 0.0, 0, curve(0.8)).assign(experiment="a")
+    b = rows(100, 0.0, 1, curve(0.8)).assign(experiment="b")
+    assert cell_keys(pd.concat([a, b])) == [CLASSES, WD]  # two halves of one grid: pooled
+    b0 = rows(100, 0.0, 0, curve(0.6)).assign(experiment="b")
+    assert cell_keys(pd.concat([a, b0])) == [CLASSES, WD, "experiment"]
+    assert len(summarize(pd.concat([a, b0]))) == 2
+
+
+def test_missing_cells_from_the_spec_grid(rows, curve):
+    s = summarize(pd.concat([rows(100, 0.0, 0, curve(0.8)), rows(1600, 0.0, 0, curve(0.8))]))
+    grid = {CLASSES: [100, 1600], WD: ["0", "1e-3"], SEED: [0]}  # YAML may give 1e-3 as a string
+    assert missing_cells(s, grid) == [{CLASSES: 100, WD: 0.001}, {CLASSES: 1600, WD: 0.001}]
+    assert missing_cells(s, None) == []

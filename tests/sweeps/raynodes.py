@@ -1,0 +1,144 @@
+"""Real Ray nodes for the sweep tests: ``ray start --block`` in a process session of its own.
+
+Why not ``ray.init()`` in the test process: the sweep drivers under test are separate
+processes (they are killed with SIGKILL in some tests) and must join a cluster by address,
+as on a real cluster. Each node gets its own temporary directory and its own free ports, so
+several nodes (and other Ray users of this machine) coexist; ``stop()`` kills exactly the
+process group the node was started in.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+READY = "Ray runtime started"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_range(width: int = 200) -> tuple[int, int]:
+    """A run of ``width`` ports that are free right now (worker processes bind them)."""
+    for _ in range(200):
+        low = 20000 + int.from_bytes(os.urandom(2), "big") % 30000
+        ok = True
+        for port in (low, low + width // 2, low + width - 1):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return low, low + width - 1
+    raise RuntimeError("no free port range")
+
+
+class RayNode:
+    """One Ray node (head, or worker joining ``head_address``) owned by this test session."""
+
+    def __init__(self, root: Path, env: dict[str, str], *, num_cpus: int, head_address: str | None = None) -> None:
+        self.root = root
+        self.env = env
+        self.num_cpus = num_cpus
+        self.head_address = head_address
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = root / "ray-start.log"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90.0) -> "RayNode":
+        self.root.mkdir(parents=True, exist_ok=True)
+        low, high = free_port_range()
+        cmd = [
+            str(Path(sys.executable).with_name("ray")),
+            "start",
+            "--block",
+            f"--num-cpus={self.num_cpus}",
+            "--num-gpus=0",
+            f"--temp-dir={self.root / 'tmp'}",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--min-worker-port={low}",
+            f"--max-worker-port={high}",
+            "--object-store-memory=200000000",
+            "--disable-usage-stats",
+        ]
+        if self.head_address is None:
+            cmd += ["--head", f"--port={self.port}", "--include-dashboard=false"]
+        else:
+            cmd += [f"--address={self.head_address}"]
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if READY in self.log.read_text():
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        text = self.log.read_text()
+        self.stop()
+        raise RuntimeError(f"ray start failed:\n{text[-3000:]}")
+
+    def pids(self) -> list[int]:
+        """Processes of this node: every process whose command line names its directory
+        (raylet, agents and Ray workers, which run in process groups of their own)."""
+        return pids_mentioning(str(self.root))
+
+    def kill(self) -> None:
+        """SIGKILL every process of this node: a node lost without warning."""
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+        kill_pids(self.pids())
+
+    def stop(self) -> None:
+        """End the node for good (test teardown): SIGKILL its processes, found by pid."""
+        self.kill()
+        self.proc = None
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Pids of this user's processes whose command line contains ``text`` (a unique temp path)."""
+    me = os.getpid()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def kill_pids(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,210 @@
+"""End to end on real Ray: the smoke sweep, resume after Ctrl-C and SIGKILL, retries of a
+failing trial, errors found before any trial starts. Real trainer, real data, no mocks.
+
+Failing trials come from the documented testing hook ``ICL_SWEEP_FAULTS`` (read by the
+driver, carried to the trials in the trainable): ``t001@200`` makes trial t001 raise right
+after it reported step 200, once; ``x*`` makes it raise on every attempt.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from conftest import LONG, STEPS, read_results, run_cli, start_cli, wait_for, without_timing
+from raynodes import kill_pids, pids_mentioning
+
+from sweeps import results as res
+from sweeps.runner import latest_step
+from sweeps.spec import expand, load_spec
+
+SMOKE_TRIALS = expand(load_spec("smoke"))
+
+
+def attempts(exp: Path) -> dict[str, list[dict]]:
+    return {t.trial_id: res.attempts(exp / t.dirname) for t in SMOKE_TRIALS}
+
+
+def progress(exp: Path) -> dict[str, tuple[int, int]]:
+    """Per trial: (last evaluated step, newest checkpoint step) from the run directories."""
+    out = {}
+    for t in SMOKE_TRIALS:
+        header, rows = res.read_metrics(res.run_dir(exp, t) / "metrics.csv")
+        last = int(rows[-1][header.index("step")]) if rows else 0
+        out[t.trial_id] = (last, latest_step(res.run_dir(exp, t)))
+    return out
+
+
+def assert_same_results(exp: Path, reference: pd.DataFrame) -> None:
+    got = read_results(exp)
+    pd.testing.assert_frame_equal(without_timing(got), without_timing(reference))
+
+
+# --------------------------------------------------------------------------- the smoke sweep
+
+
+def test_smoke_sweep_end_to_end(smoke_run: dict) -> None:
+    proc, exp = smoke_run["proc"], smoke_run["exp"]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "4/4 trials finished, 0 failed" in proc.stdout
+    for line in ("experiment: ", "results:    ", "trials:     ", "spec:       ", "analysis:   "):
+        assert line in proc.stdout
+    df = read_results(exp)
+    grid = ["data.num_classes", "optim.weight_decay", "seed"]
+    assert list(df.columns[:5]) == ["trial_id", *grid, "step"]
+    for col in ("train_loss", "train_acc", "icl_acc", "iwl_acc", "ece", "attn_L0_induction", "steps_per_s", "wall_s"):
+        assert col in df.columns
+    assert len(df) == 4 * 4  # 4 trials x evaluations at 25, 50, 75, 100
+    assert sorted(df.trial_id.unique()) == ["t000", "t001", "t002", "t003"]
+    assert set(df.step) == {25, 50, 75, 100}
+    assert df.set_index("trial_id")[grid].drop_duplicates().shape[0] == 4
+    # every trial's rows are exactly its trainer's metrics.csv
+    for t in SMOKE_TRIALS:
+        run = pd.read_csv(res.run_dir(exp, t) / "metrics.csv")
+        mine = df[df.trial_id == t.trial_id].drop(columns=["trial_id", *grid]).reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, run[mine.columns])
+    saved = yaml.safe_load((exp / "spec.yaml").read_text())
+    assert saved["grid"]["data.num_classes"] == [16, 64] and saved["resolved"]["train"]["steps"] == 100
+    trials = pd.read_csv(exp / "trials.csv")
+    assert list(trials.status) == ["TERMINATED"] * 4 and list(trials.last_step) == [100] * 4
+    # the analysis package wrote its report into the experiment, or the sweep said why not
+    assert (exp / "report").is_dir() or "analysis:   not available" in proc.stdout
+
+
+def test_rerun_of_a_finished_sweep_reruns_nothing(smoke_run: dict, ray_head, driver_env: dict) -> None:
+    exp = smoke_run["exp"]
+    before = (exp / "results.csv").read_bytes(), attempts(exp)
+    proc = run_cli(["smoke", "--storage", str(smoke_run["storage"]), "--address", ray_head.address, "--no-analysis"], driver_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming" in proc.stdout and "4 already finished" in proc.stdout
+    assert (exp / "results.csv").read_bytes() == before[0]
+    assert attempts(exp) == before[1]  # no trial started again
+
+
+def test_existing_name_with_another_spec_is_refused(smoke_run: dict, driver_env: dict) -> None:
+    exp = smoke_run["exp"]
+    before = sorted(p.name for p in exp.iterdir())
+    proc = run_cli(["smoke", "--storage", str(smoke_run["storage"]), "--set", "train.steps=50"], driver_env)
+    assert proc.returncode == 2
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
+    assert "already exists with a different spec (train.steps: 100 -> 50)" in proc.stderr
+    assert sorted(p.name for p in exp.iterdir()) == before
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_after_ctrl_c_and_sigkill(embedded_env: dict, long_reference: pd.DataFrame, tmp_path: Path) -> None:
+    """Same command three times: interrupted by Ctrl-C, then killed with SIGKILL, then to
+    the end; the results equal those of the uninterrupted reference sweep."""
+    args = ["smoke", "--storage", str(tmp_path), "--num-cpus", "2", "--no-analysis", *LONG]
+    exp = tmp_path / "smoke"
+
+    # 1. Ctrl-C (SIGINT to the driver's whole process group, as a terminal does) once a
+    #    trial is between checkpoints
+    driver = start_cli(args, embedded_env, tmp_path / "run1.log")
+    assert wait_for(lambda: any(0 < c < STEPS and s < STEPS for s, c in progress(exp).values()), 180), (
+        tmp_path / "run1.log"
+    ).read_text()[-3000:]
+    os.killpg(driver.pid, signal.SIGINT)
+    assert driver.wait(timeout=120) == 130, (tmp_path / "run1.log").read_text()[-3000:]
+    log1 = (tmp_path / "run1.log").read_text()
+    assert "interrupted: run the same command again to resume" in log1
+    kill_pids(pids_mentioning(embedded_env["RAY_TMPDIR"]))
+    after1 = progress(exp)
+
+    # 2. the same command, killed with SIGKILL once it has made progress
+    driver = start_cli(args, embedded_env, tmp_path / "run2.log")
+    assert wait_for(lambda: sum(s for s, _ in progress(exp).values()) > sum(s for s, _ in after1.values()) + 100, 180)
+    driver.kill()
+    driver.wait(timeout=30)
+    kill_pids(pids_mentioning(embedded_env["RAY_TMPDIR"]))
+    time.sleep(0.5)
+    after2 = progress(exp)
+    finished = [k for k, (s, _) in after2.items() if s == STEPS]
+    tries_before = attempts(exp)
+
+    # 3. the same command, to the end
+    driver = start_cli(args, embedded_env, tmp_path / "run3.log")
+    assert driver.wait(timeout=240) == 0, (tmp_path / "run3.log").read_text()[-3000:]
+    assert "4/4 trials finished" in (tmp_path / "run3.log").read_text()
+
+    assert_same_results(exp, long_reference)
+    tries = attempts(exp)
+    for trial_id in finished:  # finished trials are not re-run
+        assert tries[trial_id] == tries_before[trial_id]
+    resumed = [a for trial in tries.values() for a in trial if a["resumed_from_step"] > 0]
+    assert resumed, tries  # some trial continued from its checkpoint
+    assert all(a["resumed_from_step"] % 100 == 0 for a in resumed)
+    trials = pd.read_csv(exp / "trials.csv")
+    assert list(trials.status) == ["TERMINATED"] * 4
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_failing_trials_are_retried_and_reported(ray_head, driver_env: dict, long_reference: pd.DataFrame, tmp_path: Path) -> None:
+    env = dict(driver_env, ICL_SWEEP_FAULTS="t001@200,t003@100x*")
+    proc = run_cli(["smoke", "--storage", str(tmp_path), "--address", ray_head.address, "--no-analysis", *LONG], env)
+    out = proc.stdout
+    assert proc.returncode == 1, out[-3000:] + proc.stderr[-3000:]
+    assert "3/4 trials finished, 1 failed" in out
+    assert "FAILED t003 (data.num_classes=64, optim.weight_decay=0, seed=1) after 3 attempt(s)" in out
+    assert "injected fault #3 in trial t003 at step 150" in out
+
+    exp = tmp_path / "smoke"
+    tries = attempts(exp)
+    # t001 failed once at step 200, was retried and continued from its step-200 checkpoint
+    assert [a["resumed_from_step"] for a in tries["t001"]] == [0, 200]
+    # t003 kept failing (at 100, then at 150 after each resume from the step-100 checkpoint):
+    # 1 + max_failures (2) attempts
+    assert [a["resumed_from_step"] for a in tries["t003"]] == [0, 100, 100]
+    got, ref = without_timing(read_results(exp)), without_timing(long_reference)
+    done = got.trial_id != "t003"
+    pd.testing.assert_frame_equal(got[done].reset_index(drop=True), ref[ref.trial_id != "t003"].reset_index(drop=True))
+    partial = got[~done].reset_index(drop=True)
+    assert list(partial.step) == [50, 100, 150]  # the failed trial's evaluations are kept
+    pd.testing.assert_frame_equal(partial, ref[ref.trial_id == "t003"].head(3).reset_index(drop=True))
+    trials = pd.read_csv(exp / "trials.csv").set_index("trial_id")
+    assert trials.loc["t003", "status"] == "ERROR" and "injected fault" in trials.loc["t003", "error"]
+    assert trials.loc["t001", "status"] == "TERMINATED" and trials.loc["t001", "attempts"] == 2
+
+
+# --------------------------------------------------------------------------- errors before any trial
+
+
+def test_impossible_resources_are_refused(ray_head, driver_env: dict, tmp_path: Path) -> None:
+    spec = yaml.safe_load((Path(load_spec("smoke").source)).read_text())
+    spec["resources"] = {"cpu": 1, "gpu": 1}
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = run_cli([str(path), "--storage", str(tmp_path / "s"), "--address", ray_head.address], driver_env)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
+    assert "each trial needs 1 CPU + 1 GPU" in proc.stderr
+    assert not (tmp_path / "s" / "smoke").exists()  # nothing started, nothing written
+
+
+def test_unreachable_address_exits_2_quickly(driver_env: dict, tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    proc = run_cli(["smoke", "--storage", str(tmp_path), "--address", "127.0.0.1:1"], driver_env, timeout=60)
+    assert proc.returncode == 2 and time.monotonic() - t0 < 30
+    assert proc.stderr.strip().startswith("error: cannot reach a Ray cluster at 127.0.0.1:1")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "smoke").exists()
+
+
+def test_wrong_token_is_a_clear_error(ray_head, driver_env: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "token"
+    bad.write_text("0" * 64)
+    proc = run_cli(
+        ["smoke", "--storage", str(tmp_path), "--address", ray_head.address], dict(driver_env, RAY_AUTH_TOKEN_PATH=str(bad)), timeout=120
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot join the Ray cluster"), proc.stderr
+    assert "authentication failed" in lines[0]

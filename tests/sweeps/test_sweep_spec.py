@@ -1,0 +1,217 @@
+"""The sweep spec and the CLI's input checks: no Ray is started in this module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from icl.config import presets
+from icl.errors import UserError
+from sweeps.cli import main
+from sweeps.spec import differences, expand, identity, load_spec, parse_spec, saved_yaml, shipped_specs
+
+SMOKE = {
+    "name": "t",
+    "base": "tiny",
+    "overrides": {"train.steps": 100},
+    "grid": {"data.num_classes": [16, 64], "optim.weight_decay": [0.0], "seed": [0, 1]},
+}
+
+
+def write_spec(tmp_path: Path, doc: dict, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def cli_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """Run main(argv) expecting exit 2 with exactly one `error:` line and no traceback."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- shipped specs
+
+
+@pytest.mark.parametrize("name", shipped_specs())
+def test_shipped_specs_load_and_expand(name: str) -> None:
+    spec = load_spec(name)
+    if spec.base and spec.base not in presets() and not Path(spec.base).exists():
+        pytest.skip(f"preset {spec.base} not in this checkout")
+    trials = expand(spec)
+    assert trials and spec.name == name
+
+
+def test_study_is_the_study_grid() -> None:
+    spec = load_spec("study")
+    assert spec.base == "paper"
+    assert sorted(spec.grid) == ["data.num_classes", "optim.weight_decay", "seed"]
+    trials = expand(spec)
+    assert len(trials) == 2 * 5 * 3
+    assert {t.grid["data.num_classes"] for t in trials} == {100, 1600}
+    assert {t.grid["optim.weight_decay"] for t in trials} == {0.0, 3e-4, 1e-3, 3e-3, 1e-2}
+    assert {t.grid["seed"] for t in trials} == {0, 1, 2}
+    assert all(t.config["data.p_bursty"] == 0.9 for t in trials)
+    assert spec.resources.gpu > 0
+
+
+def test_smoke_is_small() -> None:
+    trials = expand(load_spec("smoke"))
+    assert len(trials) == 4
+    assert all(t.config["train.steps"] <= 200 for t in trials)
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+def test_expand_order_ids_dirs_and_coercion(tmp_path: Path) -> None:
+    doc = dict(SMOKE, grid={"optim.weight_decay": ["1e-3", 0], "seed": [0, 1]})
+    trials = expand(parse_spec(doc))
+    assert [t.trial_id for t in trials] == ["t000", "t001", "t002", "t003"]
+    assert [(t.grid["optim.weight_decay"], t.grid["seed"]) for t in trials] == [(0.001, 0), (0.001, 1), (0.0, 0), (0.0, 1)]
+    assert trials[0].dirname == "t000_weight_decay=0.001_seed=0"
+    assert trials[0].config["optim.weight_decay"] == 0.001 and trials[0].config["train.steps"] == 100
+    assert len({t.dirname for t in trials}) == 4
+
+
+def test_set_overrides_and_cli_names(tmp_path: Path) -> None:
+    spec = parse_spec(SMOKE, storage=str(tmp_path), name="other", sets=["train.steps=7", "model.layers=1"])
+    assert spec.name == "other" and spec.exp_dir == (tmp_path / "other").resolve()
+    assert all(t.config["train.steps"] == 7 and t.config["model.layers"] == 1 for t in expand(spec))
+
+
+def test_relative_base_path_is_relative_to_the_spec(tmp_path: Path) -> None:
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "mine.yaml").write_text("train:\n  steps: 11\n")
+    path = write_spec(tmp_path, dict(SMOKE, base="cfgs/mine.yaml", overrides={}))
+    trials = expand(load_spec(str(path)))
+    assert trials[0].config["train.steps"] == 11
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"bogus": 1}, "unknown key(s) bogus"),
+        ({"grid": {"model.nope": [1, 2]}}, "grid key 'model.nope' is not a config key"),
+        ({"grid": {}}, "grid is empty"),
+        ({"grid": {"seed": 3}}, "grid.seed must be a non-empty list"),
+        ({"grid": {"seed": [0, 0]}}, "duplicate values"),
+        ({"grid": {"data.num_classes": [2]}}, "trial t000 (data.num_classes=2): data.num_classes must be in"),
+        ({"overrides": {"train.stepz": 3}}, "unknown config key 'train.stepz'"),
+        ({"overrides": {"seed": 3}}, "'seed' is both in overrides and in the grid"),
+        ({"resources": {"gpu": 1.5}}, "resources.gpu above 1 must be a whole number"),
+        ({"resources": {"cpu": 0}}, "resources.cpu must be a number > 0"),
+        ({"resources": {"tpu": 1}}, "unknown resources key(s) tpu"),
+        ({"max_failures": -1}, "max_failures"),
+        ({"max_concurrent": 0}, "max_concurrent"),
+        ({"checkpoint": {"keep": 1}}, "unknown checkpoint key(s) keep"),
+        ({"name": "../x"}, "must be a plain directory name"),
+        ({"base": "nonexistent_preset"}, "unknown config 'nonexistent_preset'"),
+        ({"base": None}, "missing `base:`"),
+        ({"overrides": {"train.device": "cuda"}}, "needs a GPU but resources.gpu is 0"),
+    ],
+)
+def test_spec_errors(change: dict, message: str) -> None:
+    doc = {**SMOKE, **change}
+    if "base" in change and change["base"] is None:
+        doc.pop("base")
+    with pytest.raises(UserError) as exc:
+        expand(parse_spec(doc))
+    assert message in str(exc.value)
+
+
+def test_set_on_a_grid_key_is_refused() -> None:
+    with pytest.raises(UserError, match="conflicts with the grid"):
+        parse_spec(SMOKE, sets=["seed=3"])
+
+
+# --------------------------------------------------------------------------- saved spec
+
+
+def test_saved_spec_reproduces_the_experiment(tmp_path: Path) -> None:
+    spec = parse_spec(SMOKE, storage=str(tmp_path), sets=["train.eval_every=20"])
+    saved = tmp_path / "spec.yaml"
+    saved.write_text(saved_yaml(spec))
+    again = load_spec(str(saved))
+    assert identity(again) == identity(spec)
+    assert [t.config for t in expand(again)] == [t.config for t in expand(spec)]
+    assert again.exp_dir == spec.exp_dir
+
+
+def test_saved_spec_survives_a_changed_preset(tmp_path: Path) -> None:
+    """`resolved` pins the base config: editing the preset later does not change it."""
+    (tmp_path / "base.yaml").write_text("train:\n  steps: 11\n")
+    spec = load_spec(str(write_spec(tmp_path, dict(SMOKE, base="base.yaml", overrides={}))))
+    (tmp_path / "saved.yaml").write_text(saved_yaml(spec))
+    (tmp_path / "base.yaml").write_text("train:\n  steps: 99\n")
+    assert expand(load_spec(str(tmp_path / "saved.yaml")))[0].config["train.steps"] == 11
+
+
+def test_differences_name_the_keys() -> None:
+    a = identity(parse_spec(SMOKE))
+    b = identity(parse_spec(SMOKE, sets=["train.steps=50"]))
+    c = identity(parse_spec({**SMOKE, "grid": {**SMOKE["grid"], "seed": [0, 1, 2]}}))
+    d = identity(parse_spec(SMOKE, sets=["train.device=cpu", "data.root=/elsewhere"]))  # runtime keys
+    assert differences(a, b) == ["train.steps: 100 -> 50"]
+    assert differences(a, c) and differences(a, c)[0].startswith("grid:")
+    assert differences(a, d) == []
+
+
+# --------------------------------------------------------------------------- CLI (no Ray)
+
+
+def test_dry_run_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["smoke", "--dry-run", "--storage", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "trial  data.num_classes  optim.weight_decay  seed  status" in out
+    assert "t003   64                0                   1     to run" in out
+    assert "4 trials (4 to run); dry run: nothing started" in out
+    assert not (tmp_path / "smoke").exists()
+
+
+def test_cli_spec_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = write_spec(tmp_path, {**SMOKE, "grid": {"optim.wd": [0, 1]}})
+    assert "grid key 'optim.wd' is not a config key" in cli_error(capsys, [str(bad), "--dry-run"])
+    assert "unknown sweep spec 'nope'" in cli_error(capsys, ["nope"])
+    assert "does not exist" in cli_error(capsys, [str(tmp_path / "missing.yaml")])
+    assert "must look like key=value" in cli_error(capsys, ["smoke", "--set", "train.steps"])
+    assert "unrecognized arguments" in cli_error(capsys, ["smoke", "--frobnicate"])
+    (tmp_path / "broken.yaml").write_text("grid: [\n")
+    assert "not valid YAML" in cli_error(capsys, [str(tmp_path / "broken.yaml")])
+
+
+def test_storage_not_writable(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "afile").write_text("")
+    line = cli_error(capsys, ["smoke", "--storage", str(tmp_path / "afile" / "sub")])
+    assert "is not writable" in line and "--storage" in line
+
+
+def test_num_cpus_with_address_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    line = cli_error(capsys, ["smoke", "--storage", str(tmp_path), "--address", "127.0.0.1:1", "--num-cpus", "2"])
+    assert "--num-cpus/--num-gpus size an embedded Ray" in line
+
+
+def test_foreign_directory_is_never_used(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "smoke").mkdir()
+    (tmp_path / "smoke" / "notes.txt").write_text("someone else's")
+    assert "holds no icl-sweep experiment" in cli_error(capsys, ["smoke", "--storage", str(tmp_path), "--dry-run"])
+
+
+def test_bad_fault_spec(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ICL_SWEEP_FAULTS", "t009@10")
+    assert "which this sweep does not have" in cli_error(capsys, ["smoke", "--storage", str(tmp_path)])
+    monkeypatch.setenv("ICL_SWEEP_FAULTS", "t001")
+    assert "must look like TRIAL@STEP" in cli_error(capsys, ["smoke", "--storage", str(tmp_path)])
+
+
+def test_missing_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ICL_DATA_DIR", str(tmp_path / "no-data"))
+    assert "data directory" in cli_error(capsys, ["smoke", "--storage", str(tmp_path)])

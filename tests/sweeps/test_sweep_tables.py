@@ -1,0 +1,89 @@
+"""results.csv / trials.csv from run directories, and the small driver helpers (no Ray)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from icl.errors import UserError
+from sweeps import results as res
+from sweeps.runner import Fault, check_reachable, checkpoint_step, latest_step, parse_faults
+from sweeps.spec import TrialSpec
+
+TRIALS = [
+    TrialSpec("t000", "t000_num_classes=16_seed=0", {"data.num_classes": 16, "seed": 0}, {}),
+    TrialSpec("t001", "t001_num_classes=16_seed=1", {"data.num_classes": 16, "seed": 1}, {}),
+    TrialSpec("t002", "t002_num_classes=64_seed=0", {"data.num_classes": 64, "seed": 0}, {}),
+]
+
+
+def write_run(exp: Path, trial: TrialSpec, text: str) -> None:
+    run = res.run_dir(exp, trial)
+    run.mkdir(parents=True)
+    (run / "metrics.csv").write_text(text)
+
+
+def test_results_table_is_long_and_verbatim(tmp_path: Path) -> None:
+    write_run(tmp_path, TRIALS[0], "step,train_loss,icl_acc,wall_s\n25,2.5,0.5,1.0\n50,2.25,0.625,2.0\n")
+    # a run being appended to: the torn last line is not a row
+    write_run(tmp_path, TRIALS[1], "step,train_loss,icl_acc,wall_s\n25,2.4000000000000004,0.5,1.5\n50,2.")
+    # TRIALS[2] has not started: no rows
+    n = res.write_results(tmp_path, TRIALS)
+    rows = list(csv.reader((tmp_path / "results.csv").open()))
+    assert rows[0] == ["trial_id", "data.num_classes", "seed", "step", "train_loss", "icl_acc", "wall_s"]
+    assert rows[1:] == [
+        ["t000", "16", "0", "25", "2.5", "0.5", "1.0"],
+        ["t000", "16", "0", "50", "2.25", "0.625", "2.0"],
+        ["t001", "16", "1", "25", "2.4000000000000004", "0.5", "1.5"],
+    ]
+    assert n == 3
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary
+
+
+def test_results_columns_union_keeps_trainer_order(tmp_path: Path) -> None:
+    write_run(tmp_path, TRIALS[0], "step,a,b\n1,1,2\n")
+    write_run(tmp_path, TRIALS[1], "step,a,c,b\n1,1,3,2\n")
+    columns, rows = res.collect(tmp_path, TRIALS)
+    assert columns == ["trial_id", "data.num_classes", "seed", "step", "a", "b", "c"]
+    assert rows[0][-1] == "" and rows[1][4:] == ["1", "2", "3"]
+
+
+def test_trials_table(tmp_path: Path) -> None:
+    write_run(tmp_path, TRIALS[0], "step,x\n25,1\n50,2\n")
+    (tmp_path / TRIALS[0].dirname / res.ATTEMPTS).write_text('{"attempt": 1}\n{"attempt": 2}\n{"attem')
+    res.write_trials(tmp_path, TRIALS, {"t000": ("TERMINATED", ""), "t001": ("ERROR", "RuntimeError: boom")})
+    rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    assert [r["status"] for r in rows] == ["TERMINATED", "ERROR", "PENDING"]
+    assert rows[0]["last_step"] == "50" and rows[0]["attempts"] == "2"
+    assert rows[1]["error"] == "RuntimeError: boom"
+    assert rows[2]["run_dir"] == "t002_num_classes=64_seed=0/run"
+
+
+def test_checkpoint_steps(tmp_path: Path) -> None:
+    root = tmp_path / "run" / "checkpoints"
+    for name in ("step_000000100", "step_000000200", ".tmp-step_000000300-12"):
+        (root / name).mkdir(parents=True)
+    assert latest_step(tmp_path / "run") == 200
+    assert latest_step(tmp_path / "nothing") == 0
+    (root / "step_000000200" / "manifest.json").write_text(json.dumps({"step": 200, "files": {}}))
+    assert checkpoint_step(root / "step_000000200") == 200
+    (root / "step_000000100" / "metrics.csv").write_text("step,x\n50,1\n100,2\n")
+    assert checkpoint_step(root / "step_000000100") == 100
+
+
+def test_parse_faults() -> None:
+    faults = parse_faults("t000@100, t002@50x*,t001@25x3", TRIALS)
+    assert faults == {"t000": Fault(100, 1), "t002": Fault(50, None), "t001": Fault(25, 3)}
+    assert parse_faults("", TRIALS) == {}
+    with pytest.raises(UserError):
+        parse_faults("t000@", TRIALS)
+
+
+def test_unreachable_address_fails_fast() -> None:
+    with pytest.raises(UserError, match="cannot reach a Ray cluster at 127.0.0.1:1"):
+        check_reachable("127.0.0.1:1", timeout=2)
+    with pytest.raises(UserError, match="must look like HOST:PORT"):
+        check_reachable("nohost")
