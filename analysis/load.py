@@ -95,8 +95,6 @@ def _run_source(run: Path) -> Source:
     cfg_path = run / CONFIG_YAML
     if cfg_path.is_file():
         src.config = flatten(read_yaml(cfg_path, "run config"))
-    else:
-        src.notes.append(f"{run} has no {CONFIG_YAML}: its grid keys are unknown (shown as missing)")
     return src
 
 
@@ -147,6 +145,11 @@ def _spec_value(spec: dict[str, Any] | None, key: str) -> Any:
     """
     if not spec:
         return None
+    resolved = spec.get("resolved")  # icl-sweep saves the fully resolved base config
+    if isinstance(resolved, dict):
+        flat = flatten(resolved)
+        if key in flat:
+            return flat[key]
     overrides: dict[str, Any] = {}
     for name in ("overrides", "set", "config_overrides"):
         block = spec.get(name)
@@ -193,7 +196,10 @@ def _resolve_constant(src: Source, key: str) -> Any:
         if configs and len({repr(v) for v in configs}) == 1:
             src.notes.append(f"{key} = {configs[0]} for {src.path} taken from its trials' {CONFIG_YAML}")
             return configs[0]
-    src.notes.append(f"{key} is unknown for {src.path} (not a column, not in a spec or config): shown as missing")
+    if key == SEED_KEY:  # a seed must exist to count seeds; one unnamed run is one seed
+        src.notes.append(f"the seed of {src.path} is unknown (no column, spec or config): taken as 0")
+        return 0
+    src.notes.append(f"{key} is unknown for {src.path} (not a column, not in a spec or {CONFIG_YAML}): shown as ?")
     return None
 
 

@@ -64,11 +64,11 @@ def attention_scores(patterns: Tensor, classes: Tensor) -> Tensor:
 
 
 def expected_calibration_error(probs: Tensor, targets: Tensor, bins: int) -> float:
-    """Equal-width-bin ECE of the argmax prediction: sum_b n_b/N |acc_b - conf_b|."""
+    """Equal-width-bin ECE of the argmax prediction: sum_b n_b/N |acc_b - conf_b|, i.e. the
+    per-bin gap between summed correctness and summed confidence, over N."""
     conf, pred = probs.max(dim=-1)
     correct = (pred == targets).float()
     idx = (conf * bins).long().clamp(max=bins - 1)
-    n = torch.zeros(bins, device=probs.device).index_add_(0, idx, torch.ones_like(conf))
     acc = torch.zeros(bins, device=probs.device).index_add_(0, idx, correct)
     cf = torch.zeros(bins, device=probs.device).index_add_(0, idx, conf)
     return float(((acc - cf).abs().sum()) / max(len(targets), 1))

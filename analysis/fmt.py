@@ -1,0 +1,99 @@
+"""Formatting shared by the report, the verdict and the plots, so a cell reads the same everywhere."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+from analysis.load import CLASS_KEY, SEED_KEY, WD_KEY, is_missing
+
+
+def fmt_number(v: Any) -> str:
+    """Compact number: ``3e-4`` rather than ``0.0003``, ``100`` rather than ``100.0``."""
+    if is_missing(v):
+        return "?"
+    if isinstance(v, (bool, str)):
+        return str(v)
+    f = float(v)
+    if f == 0:
+        return "0"
+    if f.is_integer() and abs(f) < 1e7:
+        return str(int(f))
+    exp = math.floor(math.log10(abs(f)))
+    if -1 <= exp <= 4:
+        return f"{f:.4g}"
+    mantissa, e = f"{f:.2e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(e)}"
+
+
+def short_key(key: str) -> str:
+    """Human name of a grid key for labels."""
+    return {CLASS_KEY: "classes", WD_KEY: "weight decay", SEED_KEY: "seed"}.get(key, key)
+
+
+def cell_label(cell: Mapping[str, Any]) -> str:
+    """``100 classes, wd 1e-3`` (+ ``key=value`` for any other grid key)."""
+    parts = []
+    for key, value in cell.items():
+        if key == CLASS_KEY:
+            parts.append(f"{fmt_number(value)} classes")
+        elif key == WD_KEY:
+            parts.append(f"wd {fmt_number(value)}")
+        else:
+            parts.append(f"{key}={fmt_number(value)}")
+    return ", ".join(parts)
+
+
+def cell_slug(cell: Mapping[str, Any]) -> str:
+    """A file-name-safe form of a cell: ``c100_wd1e-3``."""
+    parts = []
+    for key, value in cell.items():
+        v = fmt_number(value).replace("/", "-").replace(" ", "")
+        if key == CLASS_KEY:
+            parts.append(f"c{v}")
+        elif key == WD_KEY:
+            parts.append(f"wd{v}")
+        else:
+            parts.append(f"{key.split('.')[-1]}{v}")
+    slug = "_".join(parts) or "all"
+    return "".join(ch if ch.isalnum() or ch in "-_.+" else "-" for ch in slug)
+
+
+def mean_std(mean: Any, std: Any, digits: int = 3) -> str:
+    """``0.912 ± 0.013``; with no spread (one seed) just the mean."""
+    if is_missing(mean):
+        return "–"
+    if is_missing(std):
+        return f"{float(mean):.{digits}f}"
+    return f"{float(mean):.{digits}f} ± {float(std):.{digits}f}"
+
+
+def step_mean_std(mean: Any, std: Any) -> str:
+    """Steps as integers: ``12,000 ± 2,000``."""
+    if is_missing(mean):
+        return "–"
+    if is_missing(std):
+        return f"{float(mean):,.0f}"
+    return f"{float(mean):,.0f} ± {float(std):,.0f}"
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table of ``df`` as strings (no tabulate dependency)."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in df.itertuples(index=False):
+        cells = [str(v).replace("|", "\\|").replace("\n", " ") for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def join_words(items: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    items = list(items)
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]

@@ -1,0 +1,497 @@
+"""Plots of ICL rising and fading, cell by cell; each function returns a matplotlib Figure.
+
+Figures are built without pyplot (``matplotlib.figure.Figure``), so they work headless (Agg)
+and in notebooks alike and never pile up in pyplot's global state; seaborn supplies the theme,
+palettes and heatmaps. Curves show the mean over seeds with a band of +-1 standard deviation
+(where a step has at least two seeds). Weight decay 0 is black; larger decay is lighter/warmer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib.lines as mlines
+import numpy as np
+import pandas as pd
+
+from icl.io import atomic_write
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from analysis.fmt import cell_label, cell_slug, fmt_number
+from analysis.load import CLASS_KEY, ICL, IWL, SEED_KEY, TRAIN_ACC, WD_KEY, is_missing
+from analysis.summary import same_value, with_ids, cell_keys
+from analysis.verdict import RATIO, summary_keys
+
+CHANCE = 0.5
+DPI = 110
+ATTN_RE = re.compile(r"^attn_L(\d+)_(match_img|match_lbl|other|induction|prev_tok)$")
+ATTN_NAMES = {
+    "match_img": "matching images",
+    "match_lbl": "matching labels",
+    "other": "other tokens",
+    "induction": "induction (match − non-match labels)",
+    "prev_tok": "previous token (label → its image)",
+}
+METRIC_LABELS = {
+    ICL: "ICL acc., holdout\n(chance 0.5)",
+    "icl_acc_all": "ICL acc., all labels",
+    "icl_train_acc": "ICL acc., train classes\n(chance 0.5)",
+    IWL: "IWL accuracy\n(chance 1/classes)",
+    TRAIN_ACC: "training accuracy",
+    "train_loss": "training loss (nats)",
+    "ece": "ECE, ICL holdout",
+    "attn_max_induction": "induction score\n(max over layers)",
+    "attn_max_match_lbl": "attn. to matching labels\n(fraction, max over layers)",
+    "attn_max_match_img": "attn. to matching images\n(fraction, max over layers)",
+    "attn_max_prev_tok": "previous-token attn.\n(fraction, max over layers)",
+    "attn_max_other": "attn. to other tokens\n(fraction, max over layers)",
+}
+X_LABELS = {"step": "training step", "sequences": "training sequences"}
+_ICL_METRICS = {ICL, "icl_acc_all", "icl_train_acc"}
+
+
+def _short_number(v: float, _pos: Any = None) -> str:
+    """Tick label for steps and sequences: 20k, 1.5M."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:g}{suffix}"
+    return f"{v:g}"
+
+
+def _time_axis(ax: Any, logx: bool, xs: Any = None) -> None:
+    """Log or linear time axis with ticks reading 20k rather than 20000.
+
+    On a log axis spanning under ~2.5 decades (``xs``: the data's x values), ticks at 1, 2 and
+    5 per decade, so a short run still gets several labelled ticks.
+    """
+    if logx:
+        ax.set_xscale("log")
+        decades = 10.0
+        if xs is not None:
+            pos = np.asarray(xs, dtype=float)
+            pos = pos[np.isfinite(pos) & (pos > 0)]
+            if len(pos):
+                decades = float(np.log10(pos.max() / pos.min()))
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_formatter(FuncFormatter(_short_number))
+
+
+def _theme() -> None:
+    sns.set_theme(style="whitegrid", context="notebook", font_scale=0.95)
+
+
+def wd_palette(values: Sequence[Any]) -> dict[Any, Any]:
+    """Weight decay -> colour: 0 black, positive values along plasma (dark purple to orange)."""
+    vals = sorted({float(v) for v in values if not is_missing(v)})
+    pos = [v for v in vals if v > 0]
+    cmap = sns.color_palette("plasma", as_cmap=True)
+    colours = {v: cmap(x) for v, x in zip(pos, np.linspace(0.15, 0.8, len(pos)) if len(pos) > 1 else [0.5])}
+    if 0.0 in vals:
+        colours[0.0] = (0.1, 0.1, 0.1, 1.0)
+    return colours
+
+
+def _colour(palette: Mapping[Any, Any], wd: Any) -> Any:
+    return (0.5, 0.5, 0.5, 1.0) if is_missing(wd) else palette.get(float(wd), (0.5, 0.5, 0.5, 1.0))
+
+
+def attention_columns(df: pd.DataFrame) -> dict[str, list[str]]:
+    """Attention columns by kind, ordered by layer: ``{"induction": ["attn_L0_induction", ...]}``."""
+    found: dict[str, list[tuple[int, str]]] = {}
+    for col in df.columns:
+        m = ATTN_RE.match(str(col))
+        if m:
+            found.setdefault(m.group(2), []).append((int(m.group(1)), col))
+    return {k: [c for _, c in sorted(v)] for k, v in found.items()}
+
+
+def with_attention_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Add ``attn_max_<kind>`` columns: the maximum over layers of each per-layer (max-over-heads) score."""
+    out = df.copy()
+    for kind, cols in attention_columns(df).items():
+        out[f"attn_max_{kind}"] = df[cols].max(axis=1, skipna=True)
+    return out
+
+
+def _facets(df: pd.DataFrame, keys: list[str]) -> list[dict[str, Any]]:
+    """Panel = cell without its weight decay (classes plus any other grid key), in sorted order."""
+    fkeys = [k for k in keys if k != WD_KEY]
+    if not fkeys:
+        return [{}]
+    combos = df[fkeys].drop_duplicates()
+    combos = combos.sort_values(fkeys, na_position="last", kind="stable")
+    return [dict(zip(fkeys, row)) for row in combos.itertuples(index=False)]
+
+
+def _select(df: pd.DataFrame, where: Mapping[str, Any]) -> pd.DataFrame:
+    """Rows whose keys equal ``where`` (floats compared with a relative tolerance, NaN equals NaN)."""
+    mask = np.ones(len(df), dtype=bool)
+    for k, v in where.items():
+        col = df[k]
+        if pd.api.types.is_numeric_dtype(col) and not isinstance(v, str):
+            values = col.to_numpy(dtype=float)
+            if is_missing(v):
+                mask &= np.isnan(values)
+            else:
+                mask &= np.isclose(values, float(v), rtol=1e-9, atol=0.0)
+        else:
+            mask &= np.array([same_value(x, v) for x in col], dtype=bool)
+    return df[mask]
+
+
+def seed_curves(df: pd.DataFrame, metric: str, x: str = "step") -> pd.DataFrame:
+    """Mean, sd and seed count of ``metric`` at each ``x`` for each cell (the data behind the curves)."""
+    df = with_ids(df)
+    keys = cell_keys(df)
+    d = df[[*keys, SEED_KEY, x, metric]].dropna(subset=[x, metric])
+    g = d.groupby([*keys, x], dropna=False, sort=True)[metric]
+    return g.agg(mean="mean", sd="std", n="count").reset_index()
+
+
+def _draw_curve(ax: Any, stats: pd.DataFrame, x: str, colour: Any, style: str, logx: bool) -> None:
+    if logx:
+        stats = stats[stats[x] > 0]
+    if stats.empty:
+        return
+    xs, mean = stats[x].to_numpy(float), stats["mean"].to_numpy(float)
+    ax.plot(xs, mean, color=colour, linestyle=style, linewidth=1.8)
+    sd = stats["sd"].to_numpy(float)
+    ok = (stats["n"].to_numpy() >= 2) & np.isfinite(sd)
+    if ok.any():
+        ax.fill_between(xs, mean - np.where(ok, sd, 0), mean + np.where(ok, sd, 0), where=ok, color=colour,
+                        alpha=0.18, linewidth=0)
+
+
+def plot_curves(
+    df: pd.DataFrame,
+    metrics: Sequence[str] = (ICL, IWL, TRAIN_ACC),
+    x: str = "step",
+    logx: bool = False,
+    title: str | None = None,
+) -> Figure:
+    """Metrics over training: one row per metric, one column per number of classes, colour = weight decay.
+
+    Seed mean with a +-1 sd band. ``x`` is ``step`` or ``sequences``; ``logx`` puts it on a log
+    scale (evaluations at step 0 are dropped there), which shows early rises and late fades.
+    """
+    _theme()
+    df = with_ids(df)
+    metrics = [m for m in metrics if m in df.columns and df[m].notna().any()]
+    if not metrics:
+        raise ValueError("none of the requested metrics has values")
+    keys = cell_keys(df)
+    facets = _facets(df, keys)
+    palette = wd_palette(df[WD_KEY]) if WD_KEY in keys else {}
+    wds = sorted(palette) if palette else [None]
+    fig = Figure(figsize=(1.2 + 4.3 * len(facets), 0.6 + 2.5 * len(metrics)), layout="constrained")
+    axes = fig.subplots(len(metrics), len(facets), sharex=True, sharey="row", squeeze=False)
+    n_seeds = df.groupby(keys, dropna=False)[SEED_KEY].nunique() if keys else pd.Series([df[SEED_KEY].nunique()])
+    for r, metric in enumerate(metrics):
+        stats = seed_curves(df, metric, x)
+        for c, facet in enumerate(facets):
+            ax = axes[r][c]
+            sub = _select(stats, facet)
+            for wd in wds:
+                cell = sub if wd is None else _select(sub, {WD_KEY: wd})
+                if cell.empty:
+                    continue
+                _draw_curve(ax, cell, x, _colour(palette, wd), "-", logx)
+            if metric in _ICL_METRICS:
+                ax.axhline(CHANCE, color="0.45", linestyle="--", linewidth=1)
+                ax.set_ylim(min(0.4, float(stats["mean"].min()) - 0.02), 1.0)
+            elif metric.endswith("_acc"):
+                ax.set_ylim(-0.02, 1.02)
+            _time_axis(ax, logx, df[x])
+            if r == 0:
+                ax.set_title(cell_label(facet) or "all runs")
+            if c == 0:
+                ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+            if r == len(metrics) - 1:
+                ax.set_xlabel(X_LABELS.get(x, x) + (" (log scale)" if logx else ""))
+    handles = [mlines.Line2D([], [], color=_colour(palette, wd), linewidth=2.5, label=fmt_number(wd)) for wd in wds
+               if wd is not None]
+    if any(m in _ICL_METRICS for m in metrics):
+        handles.append(mlines.Line2D([], [], color="0.45", linestyle="--", label="chance"))
+    if handles:
+        fig.legend(handles=handles, title="weight decay", loc="outside right center", frameon=False)
+    seeds = int(n_seeds.max()) if len(n_seeds) else 0
+    fig.suptitle(title or f"Accuracy over training: mean over seeds (up to {seeds}), band = ±1 sd", fontsize=13)
+    return fig
+
+
+def plot_attention_overview(df: pd.DataFrame, x: str = "step", logx: bool = False) -> Figure | None:
+    """Holdout ICL above the attention scores (max over layers) for every cell, aligned in time.
+
+    None when the results have no attention columns.
+    """
+    kinds = attention_columns(df)
+    if not kinds:
+        return None
+    d = with_attention_summary(df)
+    metrics = [ICL] + [f"attn_max_{k}" for k in ("induction", "match_lbl", "prev_tok") if k in kinds]
+    return plot_curves(d, metrics, x=x, logx=logx,
+                       title="ICL and the attention circuit over training: mean over seeds, band = ±1 sd")
+
+
+def plot_attention(df: pd.DataFrame, cell: Mapping[str, Any], x: str = "step", logx: bool = False) -> Figure | None:
+    """One cell in detail: accuracy curves; each attention score (max over layers); induction per layer.
+
+    ``cell`` maps grid keys to values (e.g. ``{"data.num_classes": 100, "optim.weight_decay": 1e-3}``).
+    All three panels share the time axis, so the circuit can be read against the ICL curve. None
+    when there are no attention columns or no rows for the cell.
+    """
+    _theme()
+    kinds = attention_columns(df)
+    sub = _select(with_ids(df), cell)
+    if not kinds or sub.empty:
+        return None
+    sub = with_attention_summary(sub)
+    if logx:
+        sub = sub[sub[x] > 0]
+    n_seeds = sub[SEED_KEY].nunique()
+    heat_kind = "induction" if "induction" in kinds else "match_lbl" if "match_lbl" in kinds else next(iter(kinds))
+    layer_cols = kinds[heat_kind]
+    fig = Figure(figsize=(11, 8.4), layout="constrained")
+    grid_axes = fig.subplots(3, 2, gridspec_kw={"height_ratios": [1, 1, 0.35 + 0.07 * len(layer_cols)],
+                                                "width_ratios": [1, 0.32]})
+    axes, side = grid_axes[:, 0], grid_axes[:, 1]
+    for a in axes[1:]:
+        a.sharex(axes[0])
+    for a in side:
+        a.axis("off")
+    mean = sub.groupby(x, sort=True).mean(numeric_only=True)
+    sd = sub.groupby(x, sort=True).std(numeric_only=True)
+    count = sub.groupby(x, sort=True)[SEED_KEY].nunique()
+    xs = mean.index.to_numpy(float)
+
+    def line(ax: Any, col: str, colour: Any, label: str, style: str = "-") -> None:
+        m = mean[col].to_numpy(float)
+        ax.plot(xs, m, color=colour, linestyle=style, linewidth=1.8, label=label)
+        s = sd[col].to_numpy(float)
+        ok = (count.to_numpy() >= 2) & np.isfinite(s)
+        if ok.any():
+            ax.fill_between(xs, m - np.where(ok, s, 0), m + np.where(ok, s, 0), where=ok, color=colour, alpha=0.18,
+                            linewidth=0)
+
+    acc = sns.color_palette("deep")
+    ax = axes[0]
+    line(ax, ICL, acc[0], "ICL, holdout")
+    if "icl_train_acc" in sub.columns and sub["icl_train_acc"].notna().any():
+        line(ax, "icl_train_acc", acc[0], "ICL, train classes", ":")
+    line(ax, IWL, acc[3], "IWL")
+    line(ax, TRAIN_ACC, acc[2], "training accuracy", "--")
+    ax.axhline(CHANCE, color="0.45", linestyle="--", linewidth=1, label="chance (ICL)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("accuracy")
+    side[0].legend(*ax.get_legend_handles_labels(), loc="center left", frameon=False)
+    ax.set_title("accuracy (band = ±1 sd over seeds)")
+
+    ax = axes[1]
+    att = sns.color_palette("colorblind")
+    for i, kind in enumerate(k for k in ATTN_NAMES if k in kinds):
+        line(ax, f"attn_max_{kind}", att[i], ATTN_NAMES[kind], "--" if kind == "other" else "-")
+    ax.set_ylabel("score (fraction of\nattention, max over layers)")
+    side[1].legend(*ax.get_legend_handles_labels(), loc="center left", frameon=False)
+    ax.set_title("attention scores, max over heads and layers")
+
+    ax = axes[2]
+    grid = mean[layer_cols].to_numpy(float).T  # layers x steps
+    edges = _edges(xs, logx)
+    everywhere = df[layer_cols].to_numpy(dtype=float)  # one colour scale for every cell's page
+    vmax = float(np.nanmax(np.abs(everywhere))) if np.isfinite(everywhere).any() else 1.0
+    diverging = heat_kind == "induction"  # can be negative: attention to the wrong label
+    mesh = ax.pcolormesh(edges, np.arange(len(layer_cols) + 1) - 0.5, grid, cmap="vlag" if diverging else "mako_r",
+                         vmin=-vmax if diverging else 0, vmax=vmax or 1.0, shading="flat")
+    ax.grid(False)
+    ax.set_yticks(range(len(layer_cols)))
+    ax.set_yticklabels([f"L{ATTN_RE.match(c).group(1)}" for c in layer_cols])  # type: ignore[union-attr]
+    ax.set_ylabel("layer")
+    ax.set_title(f"{ATTN_NAMES[heat_kind]} per layer (max over heads)")
+    fig.colorbar(mesh, cax=side[2].inset_axes([0.0, 0.0, 0.08, 1.0]), label=heat_kind + " score")
+    ax.set_xlabel(X_LABELS.get(x, x) + (" (log scale)" if logx else ""))
+    for a in axes:
+        _time_axis(a, logx, xs)
+    for a in axes[:-1]:
+        a.tick_params(labelbottom=False)
+    axes[0].set_xlim(edges[0], edges[-1])
+    fig.suptitle(f"{cell_label(cell)}: ICL and the attention circuit, mean over {n_seeds} seed(s)", fontsize=13)
+    return fig
+
+
+def _edges(xs: np.ndarray, logx: bool) -> np.ndarray:
+    """Cell edges around evaluation points for pcolormesh (geometric midpoints on a log axis)."""
+    if len(xs) == 1:
+        return np.array([xs[0] * 0.9, xs[0] * 1.1]) if logx else np.array([xs[0] - 0.5, xs[0] + 0.5])
+    if logx:
+        lx = np.log(xs)
+        mid = (lx[1:] + lx[:-1]) / 2
+        return np.exp(np.concatenate([[lx[0] - (mid[0] - lx[0])], mid, [lx[-1] + (lx[-1] - mid[-1])]]))
+    mid = (xs[1:] + xs[:-1]) / 2
+    return np.concatenate([[xs[0] - (mid[0] - xs[0])], mid, [xs[-1] + (xs[-1] - mid[-1])]])
+
+
+def _wd_axis(ax: Any, wds: list[float]) -> None:
+    ax.set_xticks(range(len(wds)))
+    ax.set_xticklabels([fmt_number(w) for w in wds])
+    ax.set_xlim(-0.5, len(wds) - 0.5)
+
+
+def plot_peak_final(summary: pd.DataFrame, ratio: float = RATIO) -> Figure:
+    """Peak and final ICL (mean +- sd over seeds) against weight decay, one panel per number of classes.
+
+    The grey line is the many-class, weight-decay-0 baseline's peak ICL and the dashed line the
+    success bar (``ratio`` x baseline), so passing cells stand out. Weight decay is drawn on
+    evenly spaced categories (0 has no place on a log axis); ``n=`` marks cells short of seeds.
+    """
+    _theme()
+    keys = summary_keys(summary)
+    facets = _facets(summary, keys)
+    wds = sorted({float(w) for w in summary[WD_KEY] if not is_missing(w)}) if WD_KEY in keys else []
+    wds = wds or [None]  # no known weight decay: one point per panel
+    fig = Figure(figsize=(3.6 + 4.0 * len(facets), 4.4), layout="constrained")
+    axes = fig.subplots(1, len(facets), sharey=True, squeeze=False)[0]
+    pal = sns.color_palette("deep")
+    for ax, facet in zip(axes, facets):
+        base = _baseline(summary, keys, facet)
+        sub = _select(summary, facet)
+        if wds != [None]:
+            sub = sub.assign(_pos=[wds.index(float(w)) if not is_missing(w) else np.nan for w in sub[WD_KEY]])
+        else:
+            sub = sub.assign(_pos=0)
+        sub = sub.dropna(subset=["_pos"]).sort_values("_pos")
+        for stat, colour, marker, label, shift in (("peak_icl", pal[0], "o", "peak ICL", -0.06),
+                                                     ("final_icl", pal[1], "s", "final ICL (last eval.)", 0.06)):
+            ax.errorbar(sub["_pos"] + shift, sub[f"{stat}_mean"], yerr=sub[f"{stat}_std"].fillna(0), color=colour,
+                        marker=marker, markersize=7, capsize=4, linewidth=1.6, label=label)
+        for _, r in sub.iterrows():
+            if not r["seeds_complete"]:
+                ax.annotate(f"n={int(r['n_seeds'])}", (r["_pos"], r["peak_icl_mean"]), textcoords="offset points",
+                            xytext=(0, 10), ha="center", fontsize=9, color="firebrick")
+        if base is not None:
+            ax.axhline(base, color="0.35", linewidth=1.2, label="baseline peak (many classes, wd 0)")
+            ax.axhline(ratio * base, color="0.35", linestyle="--", linewidth=1.2,
+                       label=f"success bar ({ratio:.0%} of baseline)")
+        ax.axhline(CHANCE, color="0.6", linestyle=":", linewidth=1.2, label="chance")
+        if wds != [None]:
+            _wd_axis(ax, wds)
+        else:
+            ax.set_xticks([0])
+            ax.set_xticklabels(["?"])
+            ax.set_xlim(-0.5, 0.5)
+        ax.set_xlabel("AdamW weight decay")
+        ax.set_title(cell_label(facet) or "all runs")
+        low = np.nanmin(summary[["peak_icl_mean", "final_icl_mean"]].to_numpy(float))
+        ax.set_ylim(min(0.4, float(low) - 0.03), 1.0)
+    axes[0].set_ylabel("ICL accuracy, holdout (chance 0.5)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", frameon=False)
+    fig.suptitle("Peak and final ICL vs weight decay (mean ± sd over seeds)", fontsize=13)
+    return fig
+
+
+def _baseline(summary: pd.DataFrame, keys: list[str], where: Mapping[str, Any] | None = None) -> float | None:
+    """Peak ICL mean of the largest-classes, weight-decay-0 cell of the slice ``where``, or None."""
+    if CLASS_KEY not in keys or WD_KEY not in keys:
+        return None
+    known = _select(summary, {k: v for k, v in (where or {}).items() if k not in (CLASS_KEY, WD_KEY)})
+    known = known.dropna(subset=[CLASS_KEY, WD_KEY])
+    if known.empty:
+        return None
+    rows = known[(known[CLASS_KEY] == known[CLASS_KEY].max()) & (known[WD_KEY] == 0) & (known["n_seeds"] > 0)]
+    return None if rows.empty else float(rows["peak_icl_mean"].iloc[0])
+
+
+def plot_heatmap(summary: pd.DataFrame, stats: Sequence[str] = ("peak_icl", "final_icl")) -> Figure:
+    """Classes x weight decay heatmaps of peak (and final) ICL, mean over seeds, ``±sd`` annotated.
+
+    Colour runs from chance (0.5) to 1.0 on the same scale in every panel; ``*`` marks a cell
+    missing seeds. Any other grid key (e.g. ``experiment``) gets its own row of panels.
+    """
+    _theme()
+    keys = summary_keys(summary)
+    if CLASS_KEY not in keys or WD_KEY not in keys:
+        raise ValueError("the heatmap needs data.num_classes and optim.weight_decay columns")
+    d = summary.dropna(subset=[CLASS_KEY, WD_KEY])
+    slices = _facets(d, [k for k in keys if k != CLASS_KEY])  # one row per value of the other keys
+    n_wd, n_cls = d[WD_KEY].nunique(), d[CLASS_KEY].nunique()
+    fig = Figure(figsize=(1.8 + (1.0 + 0.9 * n_wd) * len(stats), 0.8 + len(slices) * (1.0 + 0.75 * n_cls)),
+                 layout="constrained")
+    axes = fig.subplots(len(slices), len(stats), squeeze=False)
+    for r, where in enumerate(slices):
+        part = _select(d, where)
+        for i, stat in enumerate(stats):
+            ax = axes[r][i]
+            mean = part.pivot_table(index=CLASS_KEY, columns=WD_KEY, values=f"{stat}_mean", aggfunc="mean",
+                                    dropna=False).sort_index(ascending=False)
+            std = part.pivot_table(index=CLASS_KEY, columns=WD_KEY, values=f"{stat}_std", aggfunc="mean",
+                                   dropna=False).reindex_like(mean)
+            complete = part.assign(_c=part["seeds_complete"].astype(float)).pivot_table(
+                index=CLASS_KEY, columns=WD_KEY, values="_c", aggfunc="min", dropna=False).reindex_like(mean)
+            annot = np.empty(mean.shape, dtype=object)
+            for a in range(mean.shape[0]):
+                for b in range(mean.shape[1]):
+                    m, s, ok = mean.iat[a, b], std.iat[a, b], complete.iat[a, b]
+                    if is_missing(m):
+                        annot[a, b] = "no data"
+                        continue
+                    txt = f"{m:.3f}" + ("" if is_missing(s) else f"\n±{s:.3f}")
+                    annot[a, b] = txt + (" *" if ok == 0 else "")
+            sns.heatmap(mean.astype(float), ax=ax, annot=annot, fmt="", cmap="viridis", vmin=0.5, vmax=1.0,
+                        linewidths=1, linecolor="white", cbar=i == len(stats) - 1,
+                        cbar_kws={"label": "ICL accuracy (chance 0.5)"}, annot_kws={"fontsize": 10})
+            ax.set_xticklabels([fmt_number(w) for w in mean.columns])
+            ax.set_yticklabels([fmt_number(c) for c in mean.index], rotation=0)
+            ax.set_xlabel("AdamW weight decay")
+            ax.set_ylabel("number of training classes")
+            title = {"peak_icl": "peak ICL", "final_icl": "final ICL (last evaluation)"}.get(stat, stat)
+            ax.set_title(f"{title}\n{cell_label(where)}" if where else title)
+    note = "  (* = missing seeds)" if not summary["seeds_complete"].all() else ""
+    fig.suptitle(f"Holdout ICL by classes and weight decay, mean ± sd over seeds{note}", fontsize=13)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = DPI) -> Path:
+    """Write ``fig`` as PNG atomically (temporary file in the same directory, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi))
+    return path
+
+
+def write_plots(
+    df: pd.DataFrame, summary: pd.DataFrame, out: str | os.PathLike[str], x: str = "step", logx: bool = False,
+    ratio: float = RATIO, dpi: int = DPI,
+) -> dict[str, Path]:
+    """Write every plot into ``out``; returns ``{name: path}`` in report order.
+
+    Curves are written on both a linear and a log step axis (the rise is early, the fade late);
+    ``logx`` chooses the axis of the attention plots.
+    """
+    out = Path(out)
+    written: dict[str, Path] = {}
+
+    def save(name: str, fig: Figure, file: str) -> None:
+        written[name] = save_figure(fig, out / file, dpi)
+
+    save("curves", plot_curves(df, x=x, logx=False), "curves.png")
+    save("curves_logx", plot_curves(df, x=x, logx=True), "curves_logx.png")
+    save("peak_final", plot_peak_final(summary, ratio), "peak_final_vs_wd.png")
+    keys = summary_keys(summary)
+    if CLASS_KEY in keys and WD_KEY in keys and summary[[CLASS_KEY, WD_KEY]].notna().all(axis=1).any():
+        save("heatmap", plot_heatmap(summary), "heatmap_icl.png")
+    overview = plot_attention_overview(df, x=x, logx=logx)
+    if overview is not None:
+        save("attention", overview, "attention.png")
+        for _, row in summary.iterrows():
+            cell = {k: row[k] for k in keys}
+            fig = plot_attention(df, cell, x=x, logx=logx)
+            if fig is not None:
+                save(f"attention:{cell_label(cell)}", fig, f"attention_{cell_slug(cell)}.png")
+    return written

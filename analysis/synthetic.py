@@ -1,0 +1,120 @@
+"""Synthetic sweep results shaped like the real ones, to try the analysis without training.
+
+The curves follow the study's story, not a model: with many classes ICL rises early and fades
+slowly (transience, Singh et al. 2023) while in-weights accuracy climbs; with few classes the
+model memorises (IWL) and ICL stays near chance unless weight decay holds memorisation back.
+The attention columns rise and fall with ICL. Used by the tests and for looking at the plots.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from analysis.load import CLASS_KEY, SEED_KEY, WD_KEY
+
+ATTN_KINDS = ("match_img", "match_lbl", "other", "induction", "prev_tok")
+
+
+def _cell_shape(classes: float, wd: float) -> dict[str, float]:
+    """Peak height, onset and decay of ICL, and the IWL/training level, for one cell."""
+    many = classes >= 1000
+    strength = 0.0 if wd <= 0 else min(1.0, math.log10(wd / 1e-4) / 2)  # 0 at 1e-4, 1 at 1e-2
+    if many:
+        peak = 0.93
+        decay = 0.35 * (1 - strength)  # how much of the peak gain is lost by the end
+        iwl = 0.55 - 0.25 * strength
+        train = 0.99 - 0.05 * strength
+        onset = 8_000
+    else:
+        peak = 0.55 + 0.33 * strength
+        decay = 0.9 * (1 - strength)
+        iwl = 0.97 - 0.3 * strength
+        train = 0.995 - 0.12 * strength
+        onset = 15_000
+    return {"peak": peak, "decay": decay, "iwl": iwl, "train": train, "onset": onset}
+
+
+def make_sweep(
+    classes: Sequence[int] = (100, 1600),
+    weight_decays: Sequence[float] = (0.0, 1e-3, 1e-2),
+    seeds: Sequence[int] = (0, 1, 2),
+    steps: Sequence[int] | None = None,
+    layers: int = 2,
+    noise: float = 0.01,
+    batch_size: int = 32,
+    rng_seed: int = 0,
+) -> pd.DataFrame:
+    """A tidy ``results.csv``-shaped frame for the grid classes x weight decay x seeds."""
+    steps = np.asarray(steps if steps is not None else np.arange(1000, 100_001, 1000), dtype=float)
+    rng = np.random.default_rng(rng_seed)
+    frames = []
+    for c in classes:
+        for wd in weight_decays:
+            shape = _cell_shape(c, wd)
+            for s in seeds:
+                jitter = 1 + 0.1 * rng.standard_normal()
+                rise = 1 / (1 + np.exp(-(np.log(steps) - math.log(shape["onset"] * jitter)) / 0.25))
+                fade = 1 - shape["decay"] * (1 - np.exp(-steps / 40_000))
+                gain = (shape["peak"] - 0.5) * rise * fade
+                icl = np.clip(0.5 + gain + noise * rng.standard_normal(len(steps)), 0, 1)
+                learn = 1 - np.exp(-steps / 12_000)
+                iwl = np.clip(shape["iwl"] * learn + noise * rng.standard_normal(len(steps)), 0, 1)
+                train = np.clip(0.5 * rise * fade + (shape["train"] - 0.5 * rise * fade) * learn
+                                + noise * rng.standard_normal(len(steps)), 0, 1)
+                circuit = np.clip(gain / 0.45, 0, 1)
+                df = pd.DataFrame({
+                    "trial_id": f"trial_c{c}_wd{wd:g}_s{s}",
+                    CLASS_KEY: c,
+                    WD_KEY: wd,
+                    SEED_KEY: s,
+                    "step": steps.astype(int),
+                    "sequences": (steps * batch_size).astype(int),
+                    "train_loss": -np.log(np.clip(train, 1e-3, 1)),
+                    "train_acc": train,
+                    "lr": 3e-4 / np.sqrt(np.maximum(steps, 4000) / 4000),
+                    "icl_acc": icl,
+                    "icl_acc_all": icl * 0.98,
+                    "icl_train_acc": np.clip(icl + 0.02, 0, 1),
+                    "iwl_acc": iwl,
+                    "ece": np.abs(0.1 - 0.05 * circuit),
+                })
+                for layer in range(layers):
+                    depth = (layer + 1) / layers
+                    df[f"attn_L{layer}_match_img"] = 0.1 + 0.2 * circuit * (1 - depth / 2)
+                    df[f"attn_L{layer}_match_lbl"] = 0.1 + 0.6 * circuit * depth
+                    df[f"attn_L{layer}_other"] = 1 - df[f"attn_L{layer}_match_img"] - df[f"attn_L{layer}_match_lbl"]
+                    df[f"attn_L{layer}_induction"] = 0.5 * circuit * depth
+                    df[f"attn_L{layer}_prev_tok"] = (0.2 + 0.7 * learn) * (1 - depth / 2)
+                df["steps_per_s"] = 900.0
+                df["sequences_per_s"] = 900.0 * batch_size
+                df["wall_s"] = steps / 900.0
+                frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def write_experiment(directory: str | Path, results: pd.DataFrame, grid: dict[str, Any] | None = None) -> Path:
+    """Write ``results.csv`` (and ``spec.yaml`` with ``grid`` if given) as a sweep would."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    results.to_csv(directory / "results.csv", index=False)
+    if grid is not None:
+        spec = {"base": "tiny", "grid": {k: list(vals) for k, vals in grid.items()}}
+        (directory / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return directory
+
+
+def write_run(directory: str | Path, metrics: pd.DataFrame, config: dict[str, Any]) -> Path:
+    """Write a run dir as the trainer would: ``metrics.csv`` and a nested ``config.yaml``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    drop = [c for c in ("trial_id", CLASS_KEY, WD_KEY, SEED_KEY) if c in metrics.columns]
+    metrics.drop(columns=drop).to_csv(directory / "metrics.csv", index=False)
+    (directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return directory
