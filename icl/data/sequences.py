@@ -17,6 +17,7 @@ are always distinct (drawn without replacement, query included), bursty or not.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
@@ -69,6 +70,13 @@ def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gen
     return g
 
 
+@cache
+def _slots(values: tuple[int, ...], device: torch.device) -> Tensor:
+    """A small constant index tensor, made once per device (a fresh ``torch.tensor`` on a GPU
+    would be a host-to-device copy, a synchronisation, in every step)."""
+    return torch.tensor(values, device=device)
+
+
 def _rand(shape: tuple[int, ...], g: torch.Generator) -> Tensor:
     return torch.rand(shape, generator=g, device=g.device)
 
@@ -105,7 +113,7 @@ def sample_training(
     # Bursty rows: 4 distinct classes (2 burst, 2 distractors); context slots 0,0,0,1,1,1,2,3
     # shuffled; the query is one of the two burst classes.
     four = torch.multinomial(weights.expand(n, k), 4, replacement=False, generator=g)
-    slots = torch.tensor([0, 0, 0, 1, 1, 1, 2, 3], device=device).expand(n, CONTEXT_LEN)
+    slots = _slots((0, 0, 0, 1, 1, 1, 2, 3), device).expand(n, CONTEXT_LEN)
     slots = slots.gather(1, _permutations(n, CONTEXT_LEN, g))
     query_slot = (_rand((n, 1), g) < 0.5).long()
     burst_idx = four.gather(1, torch.cat([slots, query_slot], dim=1))
@@ -123,7 +131,7 @@ def sample_icl(n: int, pool: Tensor, g: torch.Generator, shots: int = 4) -> Sequ
     m = pool.shape[0]
     device = pool.device
     two = torch.multinomial(torch.ones(n, m, device=device), 2, replacement=False, generator=g)
-    slots = torch.tensor([0] * shots + [1] * shots, device=device).expand(n, CONTEXT_LEN)
+    slots = _slots((0,) * shots + (1,) * shots, device).expand(n, CONTEXT_LEN)
     slots = slots.gather(1, _permutations(n, CONTEXT_LEN, g))
     slots = torch.cat([slots, (_rand((n, 1), g) < 0.5).long()], dim=1)  # query slot last
     classes = pool[two.gather(1, slots)]

@@ -1,0 +1,246 @@
+"""Packed trials: K models trained at once equal the same models trained alone, resume, and refuse
+what cannot be packed."""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from icl.config import load_config
+from icl.errors import UserError
+from icl.model import build_model
+from icl.train import TIMING_COLUMNS, train
+from icl.train.optim import decay_groups, lr_at, make_optimizer, set_lr
+from icl.train.packed import PackedAdamW, PackedModels, PackedTrainingDiverged, check_packable, train_packed
+
+RUN = ["train.steps=100", "train.eval_every=50", "train.checkpoint_every=50", "train.threads=1"]
+GRID = [(0, 0.0), (1, 0.1), (2, 0.5)]  # (seed, weight decay) of the three packed models
+RTOL = 1e-4
+
+
+def configs(grid=GRID, extra=()):
+    return [load_config("tiny", [*RUN, *extra, f"seed={s}", f"optim.weight_decay={wd}"]) for s, wd in grid]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_threads():
+    threads = torch.get_num_threads()  # train.threads=1 sets torch's global thread count
+    yield
+    torch.set_num_threads(threads)
+
+
+def science(path):
+    return pd.read_csv(path / "metrics.csv").drop(columns=list(TIMING_COLUMNS))
+
+
+def final_state(path):
+    return torch.load(sorted((path / "checkpoints").iterdir())[-1] / "state.pt", weights_only=False)
+
+
+def key_bias(name, t):
+    """The key third of a qkv bias: the softmax ignores it, so its gradient is exactly zero in
+    exact arithmetic and only rounding noise in floating point; Adam normalises that noise to
+    steps of size ~lr, so this slice wanders differently in any two implementations (and never
+    changes what the model computes)."""
+    d = t.shape[0] // 3
+    return name.endswith("attn.qkv.bias"), (slice(d, 2 * d) if t.ndim == 1 else None)
+
+
+def assert_params_close(a: dict, b: dict, cfg, names=None):
+    for name in names or a:
+        x, y = a[name].float(), b[name].float()
+        is_qkv, key = key_bias(name, x)
+        if is_qkv:
+            bound = 2 * sum(lr_at(s, cfg.optim, cfg.train.steps) for s in range(1, cfg.train.steps + 1))
+            assert (x[key] - y[key]).abs().max() <= bound, name
+            mask = torch.ones_like(x, dtype=torch.bool)
+            mask[key] = False
+            x, y = x[mask], y[mask]
+        scale = x.abs().max().clamp_min(1e-12)
+        assert (x - y).abs().max() <= RTOL * scale, f"{name}: {(x - y).abs().max() / scale:.2e} of its scale"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The three models of GRID trained packed (one call) and each alone with icl.train.train."""
+    root = tmp_path_factory.mktemp("packed")
+    cfgs = configs()
+    calls = []
+    results = train_packed(cfgs, [root / f"packed{k}" for k in range(3)],
+                           on_eval=lambda k, row, ck: calls.append((k, int(row["step"]), ck)))
+    for k, cfg in enumerate(cfgs):
+        train(cfg, root / f"alone{k}")
+    return root, cfgs, results, calls
+
+
+def test_packed_models_equal_the_same_models_trained_alone(runs):
+    root, cfgs, results, _ = runs
+    for k, cfg in enumerate(cfgs):
+        packed, alone = root / f"packed{k}", root / f"alone{k}"
+        assert (packed / "config.yaml").read_text() == (alone / "config.yaml").read_text()
+        a, p = science(alone), science(packed)
+        assert list(p.columns) == list(a.columns) and list(p["step"]) == [50, 100]
+        pd.testing.assert_frame_equal(p, a, check_exact=False, rtol=RTOL, atol=1e-6)
+        assert pd.read_csv(packed / "metrics.csv").columns.tolist() == pd.read_csv(alone / "metrics.csv").columns.tolist()
+        assert results[k]["step"] == 100 and results[k]["icl_acc"] == pytest.approx(a["icl_acc"].iloc[-1], rel=RTOL)
+        with np.load(packed / "attention.npz") as zp, np.load(alone / "attention.npz") as za:
+            assert list(zp["step"]) == list(za["step"])
+            np.testing.assert_allclose(zp["heads"], za["heads"], rtol=RTOL, atol=1e-6)
+        assert [c.name for c in (packed / "checkpoints").iterdir()] == [c.name for c in (alone / "checkpoints").iterdir()]
+        sp, sa = final_state(packed), final_state(alone)
+        assert sp["step"] == sa["step"] == 100 and sp["science"] == sa["science"]
+        assert sp["model"].keys() == sa["model"].keys()
+        assert_params_close(sp["model"], sa["model"], cfg)
+        op, oa = sp["optimizer"], sa["optimizer"]
+        assert op["param_groups"] == oa["param_groups"]  # lr, betas, eps, weight decay per group
+        names = decay_groups(build_model(cfg))
+        names = names[0] + names[1]
+        for i, name in enumerate(names):
+            assert float(op["state"][i]["step"]) == float(oa["state"][i]["step"]) == 100
+            for moment in ("exp_avg", "exp_avg_sq"):
+                assert_params_close({name: op["state"][i][moment]}, {name: oa["state"][i][moment]}, cfg)
+
+
+def test_models_of_a_pack_are_independent(runs):
+    root, cfgs, _, _ = runs
+    s0, s1 = final_state(root / "packed0")["model"], final_state(root / "packed1")["model"]
+    assert not torch.equal(s0["head.weight"], s1["head.weight"])  # own seed, own data, own decay
+
+
+def test_on_eval_reports_every_model_with_its_checkpoint(runs):
+    root, _, _, calls = runs
+    assert [(k, s) for k, s, _ in calls] == [(k, s) for s in (50, 100) for k in range(3)]
+    for k, step, ck in calls:
+        assert ck == root / f"packed{k}" / "checkpoints" / f"step_{step:09d}"
+
+
+def test_resumed_pack_continues_exactly_and_plain_train_resumes_a_packed_run(runs, tmp_path):
+    root, cfgs, _, _ = runs
+
+    class Stop(Exception):
+        pass
+
+    def stop(k, row, ck):
+        if k == 2 and row["step"] == 50:
+            raise Stop
+
+    dirs = [tmp_path / f"p{k}" for k in range(3)]
+    with pytest.raises(Stop):
+        train_packed(cfgs, dirs, on_eval=stop)
+    shutil.copytree(dirs[0], tmp_path / "alone0")
+    train_packed(cfgs, dirs)  # all three resume from step 50
+    for k in range(3):
+        pd.testing.assert_frame_equal(science(dirs[k]), science(root / f"packed{k}"))
+        for name, t in final_state(dirs[k])["model"].items():
+            assert torch.equal(t, final_state(root / f"packed{k}")["model"][name]), name
+    train(cfgs[0], tmp_path / "alone0")  # a packed run directory resumes alone too
+    pd.testing.assert_frame_equal(science(tmp_path / "alone0"), science(root / "alone0"),
+                                  check_exact=False, rtol=RTOL, atol=1e-6)
+
+
+def test_models_checkpointed_at_different_steps_are_brought_level(runs, tmp_path):
+    """A crash between two models' saves leaves them one checkpoint apart."""
+    root, cfgs, _, _ = runs
+
+    class Stop(Exception):
+        pass
+
+    def stop(k, row, ck):
+        if k == 1 and row["step"] == 100:
+            raise Stop
+
+    dirs = [tmp_path / f"p{k}" for k in range(3)]
+    with pytest.raises(Stop):
+        train_packed(cfgs, dirs, on_eval=stop)
+    assert [int(science(d)["step"].iloc[-1]) for d in dirs] == [100, 100, 50]
+    calls = []
+    results = train_packed(cfgs, dirs, on_eval=lambda k, row, ck: calls.append((k, int(row["step"]))))
+    assert calls == [(2, 100)]  # model 2 caught up alone; 0 and 1 were already done
+    assert [int(r["step"]) for r in results] == [100, 100, 100]
+    for k in range(3):
+        pd.testing.assert_frame_equal(science(dirs[k]), science(root / f"packed{k}"),
+                                      check_exact=False, rtol=RTOL, atol=1e-6)
+
+
+def test_frozen_embedder_packs_and_keeps_each_models_projection(tmp_path):
+    grid = [(3, 0.0), (4, 0.2)]
+    extra = ["model.embedder=frozen", "train.steps=40", "train.eval_every=20", "train.checkpoint_every=20"]
+    cfgs = configs(grid, extra)
+    train_packed(cfgs, [tmp_path / f"p{k}" for k in range(2)])
+    for k, cfg in enumerate(cfgs):
+        train(cfg, tmp_path / f"a{k}")
+        pd.testing.assert_frame_equal(science(tmp_path / f"p{k}"), science(tmp_path / f"a{k}"),
+                                      check_exact=False, rtol=RTOL, atol=1e-6)
+        sp, sa = final_state(tmp_path / f"p{k}")["model"], final_state(tmp_path / f"a{k}")["model"]
+        assert torch.equal(sp["embedder.weight"], sa["embedder.weight"])  # the seed's own projection
+        assert_params_close(sp, sa, cfg, [n for n in sa if n != "embedder.weight" and n != "positions"])
+
+
+def test_a_diverging_model_stops_alone_and_the_others_finish(tmp_path):
+    extra = ["train.steps=40", "train.eval_every=20", "train.checkpoint_every=20"]
+    cfgs = configs([(0, 0.0), (1, 1e6)], extra)  # decay factor 1 - lr * 1e6 blows model 1 up
+    dirs = [tmp_path / "ok", tmp_path / "bad"]
+    with pytest.raises(PackedTrainingDiverged, match="1 of 2 packed models diverged") as info:
+        train_packed(cfgs, dirs)
+    assert info.value.results[0]["step"] == 40 and info.value.results[1] is None
+    assert set(info.value.diverged) == {1} and "non-finite" in info.value.diverged[1]
+    assert list(science(dirs[0])["step"]) == [20, 40]
+    assert not (dirs[1] / "checkpoints").exists() or not any((dirs[1] / "checkpoints").iterdir())
+
+
+def test_packed_adamw_is_torch_adamw_with_a_weight_decay_per_model():
+    cfgs = configs(extra=["optim.warmup_steps=3"])
+    models = []
+    for cfg in cfgs:
+        torch.manual_seed(cfg.seed)
+        models.append(build_model(cfg))
+    reference = []
+    for cfg in cfgs:
+        torch.manual_seed(cfg.seed)
+        m = build_model(cfg)
+        reference.append((m, make_optimizer(m, cfg.optim)))
+    pack = PackedModels(models, cfgs[0])
+    opt = PackedAdamW(pack.flat, pack.n_decay, cfgs, chunk_elements=3 * 1000)  # chunks of 1000 columns
+    assert len(opt.chunks) > 2 and pack.n_decay % 1000  # one chunk straddles the decay boundary
+    opt.schedule(1, 6)
+    g = torch.Generator().manual_seed(0)
+    for t in range(1, 7):
+        grad = torch.randn(pack.flat.shape, generator=g) * (0 if t == 4 else 1)  # t=4: decay only
+        opt.step(t, grad)
+        for k, (m, o) in enumerate(reference):
+            set_lr(o, lr_at(t, cfgs[k].optim, cfgs[k].train.steps))
+            for s in pack.slots:
+                dict(m.named_parameters())[s.name].grad = grad[k, s.start:s.stop].view(s.shape).clone()
+            o.step()
+    for k, (m, _) in enumerate(reference):
+        for name, p in m.named_parameters():
+            assert torch.equal(dict(models[k].named_parameters())[name], p), name
+
+
+def test_what_cannot_be_packed_is_refused(tmp_path):
+    base = configs(GRID[:2])
+    other = load_config("tiny", [*RUN, "data.num_classes=32"])
+    with pytest.raises(UserError, match="data.num_classes"):
+        check_packable([base[0], other])
+    with pytest.raises(UserError, match="BatchNorm"):
+        check_packable(configs(GRID[:2], ["model.embedder=resnet"]))
+    with pytest.raises(UserError, match="2 configs but 1"):
+        train_packed(base, [tmp_path / "a"])
+    with pytest.raises(UserError, match="own run directory"):
+        train_packed(base, [tmp_path / "a", tmp_path / "a"])
+    with pytest.raises(UserError, match="CUDA graphs need a CUDA device"):
+        train_packed(base, [tmp_path / "a", tmp_path / "b"], cuda_graphs=True)
+    assert not (tmp_path / "a").exists()  # refused before touching anything
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_packed_equals_alone_on_cuda(tmp_path):
+    """The CUDA path (side-stream sampling, one-chunk AdamW) against icl.train.train on CUDA."""
+    cfgs = configs(GRID, ["train.device=cuda", "train.steps=60", "train.eval_every=30", "train.checkpoint_every=30"])
+    train_packed(cfgs, [tmp_path / f"p{k}" for k in range(3)])
+    for k, cfg in enumerate(cfgs):
+        train(cfg, tmp_path / f"a{k}")
+        pd.testing.assert_frame_equal(science(tmp_path / f"p{k}"), science(tmp_path / f"a{k}"),
+                                      check_exact=False, rtol=1e-3, atol=1e-5)
