@@ -127,6 +127,50 @@ def write_logs(out_dir: Path, state: RunState) -> dict[str, bytes]:
     return files
 
 
+def evaluation_row(
+    cfg: Config, step: int, since_eval: int, train_loss: float, correct: float, lr: float,
+    metrics: dict[str, float], train_s: float, eval_s: float, wall_s: float,
+) -> dict[str, float]:
+    """One ``metrics.csv`` row: training statistics since the last evaluation, the
+    evaluation metrics, and timing (training rate excludes evaluation time)."""
+    b = cfg.train.batch_size
+    return {
+        "step": step,
+        "sequences": step * b,
+        "train_loss": train_loss,
+        "train_acc": correct / (since_eval * b),
+        "lr": lr,
+        **metrics,
+        "steps_per_s": since_eval / train_s,
+        "sequences_per_s": since_eval * b / train_s,
+        "eval_s": eval_s,
+        "wall_s": wall_s,
+    }
+
+
+def log_evaluation(out_dir: Path, state: RunState, row: dict[str, float], heads: np.ndarray) -> dict[str, bytes]:
+    """Append an evaluation to the run's state and rewrite its logs; returns their bytes."""
+    state.rows.append(row)
+    state.heads.append(heads)
+    state.step = int(row["step"])
+    return write_logs(out_dir, state)
+
+
+def save_checkpoint(
+    out_dir: Path, cfg: Config, state: RunState, files: dict[str, bytes], model_state: dict, optimizer_state: dict
+) -> Path:
+    """Checkpoint the run at ``state.step`` with everything a resume needs."""
+    payload = {
+        "step": state.step,
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "rng": ckpt.rng_state(),
+        "wall_s": state.wall_s,
+        "science": science_dict(cfg),
+    }
+    return ckpt.save(out_dir / "checkpoints", state.step, payload, files, keep=cfg.train.keep_checkpoints)
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -218,38 +262,12 @@ def train(cfg: Config, out_dir: Path | str, *, on_eval: OnEval | None = None, pr
         metrics, heads = evaluate(model, data, cfg)
         eval_s = time.perf_counter() - t0
         state.wall_s += train_s + eval_s
-        row = {
-            "step": step,
-            "sequences": step * t.batch_size,
-            "train_loss": train_loss,
-            "train_acc": float(correct_sum) / (since_eval * t.batch_size),
-            "lr": lr,
-            **metrics,
-            "steps_per_s": since_eval / train_s,
-            "sequences_per_s": since_eval * t.batch_size / train_s,
-            "eval_s": eval_s,
-            "wall_s": state.wall_s,
-        }
-        state.rows.append(row)
-        state.heads.append(heads)
-        state.step = step
-        files = write_logs(out_dir, state)
+        row = evaluation_row(cfg, step, since_eval, train_loss, float(correct_sum), lr, metrics, train_s, eval_s,
+                             state.wall_s)
+        files = log_evaluation(out_dir, state, row, heads)
         saved = None
         if step % t.checkpoint_every == 0 or step == t.steps:
-            saved = ckpt.save(
-                ckpt_root,
-                step,
-                {
-                    "step": step,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "rng": ckpt.rng_state(),
-                    "wall_s": state.wall_s,
-                    "science": science_dict(cfg),
-                },
-                files,
-                keep=t.keep_checkpoints,
-            )
+            saved = save_checkpoint(out_dir, cfg, state, files, model.state_dict(), optimizer.state_dict())
         bar.update(step, row, saved)
         if on_eval is not None:
             on_eval(row, saved)

@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from icl.config import Config, flatten, science_dict
+from icl.config import Config, flatten
 from icl.data import StudyData, load_data
 from icl.errors import UserError
 from icl.model import SequenceModel, build_model
@@ -85,9 +85,12 @@ from icl.train.evaluate import autocast, evaluate
 from icl.train.loop import (
     RunState,
     TrainingDiverged,
+    evaluation_row,
+    log_evaluation,
     prepare_run_dir,
     resolve_device,
     restore,
+    save_checkpoint,
     write_logs,
 )
 from icl.train.optim import decay_groups, lr_at, make_optimizer, set_lr
@@ -605,38 +608,13 @@ def _run_group(
             k, state = group[i], states[i]
             metrics, heads, eval_s = evals[i]
             state.wall_s += train_s + total_eval
-            row = {
-                "step": step,
-                "sequences": step * t.batch_size,
-                "train_loss": losses[i],
-                "train_acc": corrects[i] / (since_eval * t.batch_size),
-                "lr": lr,
-                **metrics,
-                "steps_per_s": since_eval / train_s,
-                "sequences_per_s": since_eval * t.batch_size / train_s,
-                "eval_s": eval_s,
-                "wall_s": state.wall_s,
-            }
-            state.rows.append(row)
-            state.heads.append(heads)
-            state.step = step
-            files = write_logs(out_dirs[k], state)
+            row = evaluation_row(cfgs[k], step, since_eval, losses[i], corrects[i], lr, metrics, train_s, eval_s,
+                                 state.wall_s)
+            files = log_evaluation(out_dirs[k], state, row, heads)
             saved = None
             if save:
-                saved = ckpt.save(
-                    out_dirs[k] / "checkpoints",
-                    step,
-                    {
-                        "step": step,
-                        "model": trainer.model_state(i),
-                        "optimizer": trainer.optimizer_state(i, step, lr),
-                        "rng": ckpt.rng_state(),
-                        "wall_s": state.wall_s,
-                        "science": science_dict(cfgs[k]),
-                    },
-                    files,
-                    keep=t.keep_checkpoints,
-                )
+                saved = save_checkpoint(out_dirs[k], cfgs[k], state, files, trainer.model_state(i),
+                                        trainer.optimizer_state(i, step, lr))
             last[k] = row
             if i == alive[0]:
                 bar.update(step, row, saved)

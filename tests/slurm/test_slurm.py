@@ -129,6 +129,21 @@ def wait_for_checkpoint(slurm, job: str, exp_dir: Path, timeout: float = 150) ->
     raise AssertionError(f"no checkpoint in {exp_dir} after {timeout}s")
 
 
+def evaluations_done(exp_dir: Path) -> int:
+    """Evaluations the trials have recorded so far (their own run/metrics.csv files)."""
+    n = 0
+    for metrics in exp_dir.glob("*/run/metrics.csv"):
+        with metrics.open() as f:
+            n += sum(1 for _ in csv.DictReader(f))
+    return n
+
+
+def assert_mid_sweep(exp_dir: Path) -> None:
+    n_trials, steps = expected_trials()
+    done = evaluations_done(exp_dir)
+    assert done < n_trials * len(steps), f"the sweep already finished ({done} evaluations)"
+
+
 def assert_no_leftovers(slurm) -> None:
     """Nothing a job started is still running (the scripts stop their own Ray)."""
     deadline = time.monotonic() + 20
@@ -216,6 +231,20 @@ def test_submit_fills_the_sbatch_options(slurm):
     assert "--gres" not in two.stdout
 
 
+@pytest.mark.parametrize("script", ["sweep_one_node.sbatch", "sweep_ray_cluster.sbatch"])
+def test_job_fails_clearly_when_storage_is_missing_on_the_node(slurm, script):
+    """Straight to sbatch (submit would refuse): the job checks the storage on its node."""
+    out = slurm.root / "jobs" / f"nostorage-{script}-%j.out"
+    missing = "/nonexistent/shared/experiments"
+    job = slurm.sbatch([f"--output={out}", "--nodes=1", "--cpus-per-task=1",
+                        str(ROOT / "slurm" / script), "smoke", "--storage", missing])
+    info = slurm.wait_job(job, timeout=60)
+    text = Path(str(out).replace("%j", job)).read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", (info, text)
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"storage directory {missing} does not exist on" in errors[0], text
+
+
 # ----------------------------------------------------------------------------- sweeps
 def test_one_node_sweep_completes_with_allocated_cpus_and_gpus(slurm):
     store = storage(slurm, "one")
@@ -239,6 +268,9 @@ def test_one_node_sweep_checkpoints_requeues_and_resumes_on_usr1(slurm):
     job = submitted_job(submit(slurm, "smoke", "--storage", str(store), "--name", "usr1",
                                "--cpus-per-node", "2"))
     wait_for_checkpoint(slurm, job, exp)
+    assert_mid_sweep(exp)
+    # The embedded Ray lives in the job's short temp dir.
+    assert list(Path(f"/tmp/ray_{job}").glob("ray/session_*")), list(Path("/tmp").glob("ray*"))
     slurm.run(["scancel", "--batch", "--signal=USR1", job])
     info = slurm.wait_job(job, timeout=JOB_TIMEOUT)
     log = job_log(store, job)
@@ -252,17 +284,23 @@ def test_one_node_sweep_checkpoints_requeues_and_resumes_on_usr1(slurm):
 
 
 def test_ray_cluster_on_two_nodes_survives_a_requeue(slurm):
-    """Two SLURM nodes (one host): Ray head on n1, worker on n2 with its own port block;
-    `scontrol requeue` kills the job mid-sweep, SLURM restarts it, the sweep resumes."""
+    """Two SLURM nodes (one host): Ray head on n1, worker on n2 with its own port block (the
+    two share a host, as two jobs on one node would); `scontrol requeue` kills the job
+    mid-sweep, SLURM restarts it, the sweep resumes."""
     store = storage(slurm, "cluster")
     exp = store / "cluster"
     job = submitted_job(submit(slurm, "smoke", "--storage", str(store), "--name", "cluster",
-                               "--nodes", "2", "--cpus-per-node", "1"))
+                               "--nodes", "2", "--cpus-per-node", "1", "--gpus-per-node", "1"))
     wait_for_checkpoint(slurm, job, exp)
     log = job_log(store, job)
-    assert "ray cluster: 2/2 nodes, 2 CPUs" in log, log[-3000:]
+    # Both nodes joined with exactly their allocation (1 CPU + 1 GPU each), each node's
+    # Ray in its own short temp dir.
+    assert "ray cluster: 2/2 nodes, 2 CPUs, 2 GPUs" in log, log[-3000:]
+    for i in (0, 1):
+        assert list(Path(f"/tmp/ray_{job}_{i}").glob("session_*")), f"no Ray session of node {i}"
     ports = re.findall(r"node (\d)\] ray start .*?--node-manager-port=(\d+)", log)
     assert len({n for n, _ in ports}) == 2 and len({p for _, p in ports}) == 2, ports
+    assert_mid_sweep(exp)
     slurm.run(["scontrol", "requeue", job])
     info = slurm.wait_job(job, timeout=JOB_TIMEOUT + 60)
     log = job_log(store, job)
