@@ -6,9 +6,9 @@
 - ``driver_env``: the environment of a sweep driver: the session's data/cache variables,
   ``RAY_AUTH_TOKEN_PATH`` of the session token and no ``RAY_AUTH_MODE`` (icl-sweep picks
   token mode itself when a token is available), no ``RAY_ADDRESS``.
-- ``smoke_run``: ``icl-sweep smoke`` end to end on an embedded Ray, with the analysis report.
-- ``long_reference``: the same grid with 300-step trials, uninterrupted, on ``ray_head``: the
-  reference that the resumed, retried and multi-node sweeps must reproduce exactly.
+- ``smoke_run``: ``icl-sweep smoke`` end to end on an embedded Ray, with the analysis report;
+  ``reference``: its results, which the resumed, retried and multi-node sweeps of the same
+  spec must reproduce exactly.
 Nothing here touches ``~/.ray`` or other Ray users of the machine: every process this
 session starts is found by its own temporary directory and killed by pid.
 """
@@ -18,61 +18,14 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import pytest
 
-from icl.train import TIMING_COLUMNS
-from raynodes import RayNode, kill_pids, pids_mentioning
-
-# 300-step trials, evaluated every 50 steps, checkpointed every 100: long enough (a few
-# seconds each on a core) to be interrupted between checkpoints.
-STEPS = 300
-LONG = ["--set", f"train.steps={STEPS}", "--set", "train.eval_every=50", "--set", "train.checkpoint_every=100"]
-TIMING = list(TIMING_COLUMNS)
-
-
-def short_tmpdir(prefix: str) -> Path:
-    """Ray puts unix sockets under its temp dir: keep the path short (108-byte limit)."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-
-
-def icl_sweep_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("icl-sweep")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "sweeps.cli"]
-
-
-def run_cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(icl_sweep_cmd() + args, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def start_cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """A driver in a process group of its own (so a Ctrl-C can be sent like a terminal's)."""
-    with open(log, "w") as f:
-        return subprocess.Popen(icl_sweep_cmd() + args, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
-
-
-def read_results(exp_dir: Path) -> pd.DataFrame:
-    return pd.read_csv(exp_dir / "results.csv")
-
-
-def without_timing(df: pd.DataFrame) -> pd.DataFrame:
-    return df.drop(columns=[c for c in TIMING if c in df.columns]).reset_index(drop=True)
+from sweep_helpers import read_results, run_cli, short_tmpdir
+from sweep_raynodes import RayNode, kill_pids, pids_mentioning, with_descendants
 
 
 @pytest.fixture(scope="session")
@@ -116,7 +69,7 @@ def embedded_env(driver_env: dict[str, str]):
     dir of this test (RAY_TMPDIR), so whatever a SIGKILL orphans is found and killed."""
     tmp = short_tmpdir("icl-ray-")
     yield dict(driver_env, RAY_TMPDIR=str(tmp))
-    kill_pids(pids_mentioning(str(tmp)))
+    kill_pids(with_descendants(pids_mentioning(str(tmp))))
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -129,15 +82,14 @@ def smoke_run(driver_env: dict[str, str], tmp_path_factory: pytest.TempPathFacto
     t0 = time.monotonic()
     proc = run_cli(["smoke", "--storage", str(storage), "--num-cpus", "2"], env)
     wall = time.monotonic() - t0
-    kill_pids(pids_mentioning(str(raytmp)))
+    kill_pids(with_descendants(pids_mentioning(str(raytmp))))
     shutil.rmtree(raytmp, ignore_errors=True)
     return {"proc": proc, "storage": storage, "exp": storage / "smoke", "wall": wall}
 
 
 @pytest.fixture(scope="session")
-def long_reference(ray_head: RayNode, driver_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
-    """The smoke grid with 300-step trials, uninterrupted, on the shared cluster."""
-    storage = tmp_path_factory.mktemp("long-reference")
-    proc = run_cli(["smoke", "--storage", str(storage), "--address", ray_head.address, "--no-analysis", *LONG], driver_env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return read_results(storage / "smoke")
+def reference(smoke_run: dict) -> pd.DataFrame:
+    """The uninterrupted smoke sweep's results: what resumed, retried and multi-node
+    sweeps of the same spec must reproduce exactly (timing columns aside)."""
+    assert smoke_run["proc"].returncode == 0, smoke_run["proc"].stdout[-3000:] + smoke_run["proc"].stderr[-3000:]
+    return read_results(smoke_run["exp"])

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from conftest import LONG, STEPS, read_results, run_cli, start_cli, wait_for, without_timing
-from raynodes import kill_pids, pids_mentioning
+from sweep_helpers import STEPS, read_results, run_cli, start_cli, wait_for, without_timing
+from sweep_raynodes import kill_pids, pids_mentioning, with_descendants
 
 from sweeps import results as res
-from sweeps.runner import latest_step
+from sweeps.runner import checkpoint_step, latest_step
 from sweeps.spec import expand, load_spec
 
 SMOKE_TRIALS = expand(load_spec("smoke"))
@@ -58,9 +58,9 @@ def test_smoke_sweep_end_to_end(smoke_run: dict) -> None:
     assert list(df.columns[:5]) == ["trial_id", *grid, "step"]
     for col in ("train_loss", "train_acc", "icl_acc", "iwl_acc", "ece", "attn_L0_induction", "steps_per_s", "wall_s"):
         assert col in df.columns
-    assert len(df) == 4 * 4  # 4 trials x evaluations at 25, 50, 75, 100
+    assert len(df) == 4 * 4  # 4 trials x evaluations at 50, 100, 150, 200
     assert sorted(df.trial_id.unique()) == ["t000", "t001", "t002", "t003"]
-    assert set(df.step) == {25, 50, 75, 100}
+    assert set(df.step) == {50, 100, 150, 200}
     assert df.set_index("trial_id")[grid].drop_duplicates().shape[0] == 4
     # every trial's rows are exactly its trainer's metrics.csv
     for t in SMOKE_TRIALS:
@@ -68,9 +68,9 @@ def test_smoke_sweep_end_to_end(smoke_run: dict) -> None:
         mine = df[df.trial_id == t.trial_id].drop(columns=["trial_id", *grid]).reset_index(drop=True)
         pd.testing.assert_frame_equal(mine, run[mine.columns])
     saved = yaml.safe_load((exp / "spec.yaml").read_text())
-    assert saved["grid"]["data.num_classes"] == [16, 64] and saved["resolved"]["train"]["steps"] == 100
+    assert saved["grid"]["data.num_classes"] == [16, 64] and saved["resolved"]["train"]["steps"] == STEPS
     trials = pd.read_csv(exp / "trials.csv")
-    assert list(trials.status) == ["TERMINATED"] * 4 and list(trials.last_step) == [100] * 4
+    assert list(trials.status) == ["TERMINATED"] * 4 and list(trials.last_step) == [STEPS] * 4
     # the analysis package wrote its report into the experiment, or the sweep said why not
     assert (exp / "report").is_dir() or "analysis:   not available" in proc.stdout
 
@@ -91,65 +91,75 @@ def test_existing_name_with_another_spec_is_refused(smoke_run: dict, driver_env:
     proc = run_cli(["smoke", "--storage", str(smoke_run["storage"]), "--set", "train.steps=50"], driver_env)
     assert proc.returncode == 2
     assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
-    assert "already exists with a different spec (train.steps: 100 -> 50)" in proc.stderr
+    assert "already exists with a different spec (train.steps: 200 -> 50)" in proc.stderr
     assert sorted(p.name for p in exp.iterdir()) == before
 
 
 # --------------------------------------------------------------------------- resume
 
 
-def test_resume_after_ctrl_c_and_sigkill(embedded_env: dict, long_reference: pd.DataFrame, tmp_path: Path) -> None:
-    """Same command three times: interrupted by Ctrl-C, then killed with SIGKILL, then to
-    the end; the results equal those of the uninterrupted reference sweep."""
-    args = ["smoke", "--storage", str(tmp_path), "--num-cpus", "2", "--no-analysis", *LONG]
+def test_resume_after_ctrl_c_and_sigkill(
+    ray_head, driver_env: dict, embedded_env: dict, reference: pd.DataFrame, tmp_path: Path
+) -> None:
+    """The same command three times: interrupted by Ctrl-C, then killed with SIGKILL, then
+    to the end; the results equal those of the uninterrupted sweep. The SIGKILLed run uses
+    the default embedded Ray; the others join the shared cluster (cheaper, and a resume on
+    another cluster is allowed)."""
+    args = ["smoke", "--storage", str(tmp_path), "--no-analysis"]
+    on_cluster = args + ["--address", ray_head.address]
     exp = tmp_path / "smoke"
+    log = [tmp_path / f"run{i}.log" for i in (1, 2, 3)]
 
-    # 1. Ctrl-C (SIGINT to the driver's whole process group, as a terminal does) once a
-    #    trial is between checkpoints
-    driver = start_cli(args, embedded_env, tmp_path / "run1.log")
-    assert wait_for(lambda: any(0 < c < STEPS and s < STEPS for s, c in progress(exp).values()), 180), (
-        tmp_path / "run1.log"
-    ).read_text()[-3000:]
+    # 1. Ctrl-C (SIGINT to the driver's process group, as a terminal sends it) while a trial
+    #    is between two checkpoints
+    driver = start_cli(on_cluster, driver_env, log[0])
+    assert wait_for(lambda: any(0 < c < STEPS and s < STEPS for s, c in progress(exp).values()), 180), log[0].read_text()[-3000:]
     os.killpg(driver.pid, signal.SIGINT)
-    assert driver.wait(timeout=120) == 130, (tmp_path / "run1.log").read_text()[-3000:]
-    log1 = (tmp_path / "run1.log").read_text()
-    assert "interrupted: run the same command again to resume" in log1
-    kill_pids(pids_mentioning(embedded_env["RAY_TMPDIR"]))
-    after1 = progress(exp)
+    assert driver.wait(timeout=120) == 130, log[0].read_text()[-3000:]
+    assert "interrupted: run the same command again to resume" in log[0].read_text()
+    after1, rows1 = progress(exp), len(read_results(exp))
 
-    # 2. the same command, killed with SIGKILL once it has made progress
-    driver = start_cli(args, embedded_env, tmp_path / "run2.log")
-    assert wait_for(lambda: sum(s for s, _ in progress(exp).values()) > sum(s for s, _ in after1.values()) + 100, 180)
+    # 2. the same command on an embedded Ray, killed with SIGKILL once it made progress and
+    #    results.csv shows it (the table is refreshed while the sweep runs)
+    driver = start_cli(args + ["--num-cpus", "2"], embedded_env, log[1])
+
+    def grown() -> bool:
+        more = sum(s for s, _ in progress(exp).values()) >= sum(s for s, _ in after1.values()) + 100
+        return more and len(read_results(exp)) > rows1
+
+    assert wait_for(grown, 180), log[1].read_text()[-3000:]
     driver.kill()
     driver.wait(timeout=30)
-    kill_pids(pids_mentioning(embedded_env["RAY_TMPDIR"]))
+    kill_pids(with_descendants(pids_mentioning(embedded_env["RAY_TMPDIR"])))  # its orphaned Ray
     time.sleep(0.5)
-    after2 = progress(exp)
-    finished = [k for k, (s, _) in after2.items() if s == STEPS]
+    finished = [k for k, (s, _) in progress(exp).items() if s == STEPS]
     tries_before = attempts(exp)
 
     # 3. the same command, to the end
-    driver = start_cli(args, embedded_env, tmp_path / "run3.log")
-    assert driver.wait(timeout=240) == 0, (tmp_path / "run3.log").read_text()[-3000:]
-    assert "4/4 trials finished" in (tmp_path / "run3.log").read_text()
+    driver = start_cli(on_cluster, driver_env, log[2])
+    assert driver.wait(timeout=240) == 0, log[2].read_text()[-3000:]
+    assert "4/4 trials finished" in log[2].read_text()
 
-    assert_same_results(exp, long_reference)
+    assert_same_results(exp, reference)
     tries = attempts(exp)
-    for trial_id in finished:  # finished trials are not re-run
-        assert tries[trial_id] == tries_before[trial_id]
+    for trial_id in finished:  # finished trials are not trained again: at most Tune, whose
+        # saved state may predate their end (SIGKILL), starts them to learn they are done
+        assert all(a["resumed_from_step"] == STEPS for a in tries[trial_id][len(tries_before[trial_id]) :])
     resumed = [a for trial in tries.values() for a in trial if a["resumed_from_step"] > 0]
     assert resumed, tries  # some trial continued from its checkpoint
     assert all(a["resumed_from_step"] % 100 == 0 for a in resumed)
-    trials = pd.read_csv(exp / "trials.csv")
-    assert list(trials.status) == ["TERMINATED"] * 4
+    assert list(pd.read_csv(exp / "trials.csv").status) == ["TERMINATED"] * 4
+    for t in SMOKE_TRIALS:  # Ray's older checkpoint copies are pruned at the end
+        (kept,) = (exp / t.dirname).glob("checkpoint_*")
+        assert checkpoint_step(kept) == STEPS
 
 
 # --------------------------------------------------------------------------- failures
 
 
-def test_failing_trials_are_retried_and_reported(ray_head, driver_env: dict, long_reference: pd.DataFrame, tmp_path: Path) -> None:
-    env = dict(driver_env, ICL_SWEEP_FAULTS="t001@200,t003@100x*")
-    proc = run_cli(["smoke", "--storage", str(tmp_path), "--address", ray_head.address, "--no-analysis", *LONG], env)
+def test_failing_trials_are_retried_and_reported(ray_head, driver_env: dict, reference: pd.DataFrame, tmp_path: Path) -> None:
+    env = dict(driver_env, ICL_SWEEP_FAULTS="t001@100,t003@100x*")
+    proc = run_cli(["smoke", "--storage", str(tmp_path), "--address", ray_head.address, "--no-analysis"], env)
     out = proc.stdout
     assert proc.returncode == 1, out[-3000:] + proc.stderr[-3000:]
     assert "3/4 trials finished, 1 failed" in out
@@ -158,12 +168,12 @@ def test_failing_trials_are_retried_and_reported(ray_head, driver_env: dict, lon
 
     exp = tmp_path / "smoke"
     tries = attempts(exp)
-    # t001 failed once at step 200, was retried and continued from its step-200 checkpoint
-    assert [a["resumed_from_step"] for a in tries["t001"]] == [0, 200]
+    # t001 failed once, right after its step-100 checkpoint; the retry continued from it
+    assert [a["resumed_from_step"] for a in tries["t001"]] == [0, 100]
     # t003 kept failing (at 100, then at 150 after each resume from the step-100 checkpoint):
     # 1 + max_failures (2) attempts
     assert [a["resumed_from_step"] for a in tries["t003"]] == [0, 100, 100]
-    got, ref = without_timing(read_results(exp)), without_timing(long_reference)
+    got, ref = without_timing(read_results(exp)), without_timing(reference)
     done = got.trial_id != "t003"
     pd.testing.assert_frame_equal(got[done].reset_index(drop=True), ref[ref.trial_id != "t003"].reset_index(drop=True))
     partial = got[~done].reset_index(drop=True)

@@ -117,6 +117,7 @@ def test_relative_base_path_is_relative_to_the_spec(tmp_path: Path) -> None:
         ({"base": "nonexistent_preset"}, "unknown config 'nonexistent_preset'"),
         ({"base": None}, "missing `base:`"),
         ({"overrides": {"train.device": "cuda"}}, "needs a GPU but resources.gpu is 0"),
+        ({"storage": "s3://bucket/x"}, "is a URI"),
     ],
 )
 def test_spec_errors(change: dict, message: str) -> None:
@@ -214,4 +215,4 @@ def test_bad_fault_spec(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypat
 
 def test_missing_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ICL_DATA_DIR", str(tmp_path / "no-data"))
-    assert "data directory" in cli_error(capsys, ["smoke", "--storage", str(tmp_path)])
+    assert "no Omniglot data under" in cli_error(capsys, ["smoke", "--storage", str(tmp_path)])

@@ -100,12 +100,15 @@ class RayNode:
         raise RuntimeError(f"ray start failed:\n{text[-3000:]}")
 
     def pids(self) -> list[int]:
-        """Processes of this node: every process whose command line names its directory
-        (raylet, agents and Ray workers, which run in process groups of their own)."""
-        return pids_mentioning(str(self.root))
+        """Processes of this node: those whose command line names its directory (raylet,
+        GCS, agents) and their descendants (Ray workers: they retitle themselves
+        ``ray::...`` and run in process groups of their own)."""
+        return with_descendants(pids_mentioning(str(self.root)))
 
     def kill(self) -> None:
         """SIGKILL every process of this node: a node lost without warning."""
+        doomed = self.pids()  # before anything dies: orphans leave the process tree
+        kill_pids(doomed)
         if self.proc is not None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -134,6 +137,27 @@ def pids_mentioning(text: str) -> list[int]:
         if text in cmdline:
             found.append(int(entry.name))
     return found
+
+
+def with_descendants(pids: list[int]) -> list[int]:
+    """``pids`` and every process below them in the process tree."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.append(pid)
+            todo.extend(children.get(pid, []))
+    return out
 
 
 def kill_pids(pids: list[int]) -> None:

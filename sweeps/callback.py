@@ -1,0 +1,83 @@
+"""A Ray Tune callback on the driver that keeps ``results.csv`` and ``trials.csv`` current.
+
+Separate from :mod:`sweeps.runner` so that importing the runner (for ``--dry-run`` and the
+checks that run before Ray) does not pay for importing Ray Tune.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ray import tune
+
+from sweeps import results as res
+from sweeps.spec import TrialSpec
+
+REFRESH_PERIOD_S = 2.0
+
+# Trial id -> (Tune status, one-line error), as last seen by any ResultsCallback of this
+# process. The driver reads it after ``Tuner.fit()``: on a resume Tune uses the callback it
+# unpickles from tuner.pkl, not the driver's own instance, and a restored trial's last
+# result says nothing about whether it finished.
+LAST_STATUS: dict[str, tuple[str, str]] = {}
+
+
+def trial_error(trial: Any) -> str:
+    """Last line of a Tune trial's error file (the exception), or ''."""
+    path = getattr(trial, "error_file", None)
+    if not path:
+        return ""
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+class ResultsCallback(tune.Callback):
+    """Rewrites the tables atomically while trials run (throttled to every few seconds, and
+    at every trial's end), so a half-finished sweep can already be analysed.
+
+    It keeps no state but the trial table: the experiment directory comes from the trials'
+    own paths, so the copy Tune unpickles from ``tuner.pkl`` on a resume (even of a moved
+    experiment) writes to the right place.
+    """
+
+    def __init__(self, trials: Sequence[TrialSpec], period_s: float = REFRESH_PERIOD_S) -> None:
+        self.trials = list(trials)
+        self.period_s = period_s
+        self._last = 0.0
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._last = 0.0
+
+    def refresh(self, trials: list[Any], force: bool = False) -> None:
+        now = time.monotonic()
+        if not trials or (not force and now - self._last < self.period_s):
+            return
+        self._last = now
+        exp_dir = Path(trials[0].path).parent
+        status = {t.config["trial"]: (t.status, trial_error(t)) for t in trials}
+        LAST_STATUS.clear()
+        LAST_STATUS.update(status)
+        try:
+            res.write_results(exp_dir, self.trials)
+            res.write_trials(exp_dir, self.trials, status)
+        except OSError as e:  # a full disk must not kill the sweep; the final write retries
+            logging.getLogger(__name__).warning("could not refresh the results tables: %s", e)
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
+        self.refresh(trials)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.refresh(trials, force=True)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.refresh(trials, force=True)
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        self.refresh(trials, force=True)

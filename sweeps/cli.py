@@ -1,0 +1,51 @@
+"""``icl-sweep SPEC``: run (or resume) a grid of trainer runs on Ray Tune.
+
+Exit status: 0 every trial finished; 1 some trial failed after its retries (each is listed
+with its error); 2 bad input (one ``error:`` line, before any trial starts); 130
+interrupted (run the same command again to resume).
+"""
+
+from __future__ import annotations
+
+from icl.errors import ArgumentParser, cli_entry
+from sweeps.runner import RayOptions, dry_run_table, run_sweep
+from sweeps.spec import expand, load_spec, shipped_specs
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="icl-sweep",
+        description="Run a sweep spec (base config x grid) as Ray Tune trials; re-run the same command to resume.",
+    )
+    p.add_argument("spec", help=f"sweep spec: a .yaml path or a shipped spec ({', '.join(shipped_specs())})")
+    p.add_argument("--storage", help="parent directory of the experiment (default: the spec's `storage`)")
+    p.add_argument("--name", help="experiment name, i.e. directory under storage (default: the spec's `name`)")
+    p.add_argument("--address", help="join a running Ray cluster (HOST:PORT or auto) instead of an embedded Ray")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key for every trial (repeatable), e.g. --set train.steps=1000",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the trial table and exit; starts nothing")
+    p.add_argument("--no-analysis", action="store_true", help="do not write the analysis report at the end")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: those this process may use)")
+    p.add_argument("--num-gpus", type=int, help="GPUs of the embedded Ray (default: those Ray detects)")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    spec = load_spec(args.spec, storage=args.storage, name=args.name, sets=args.sets)
+    trials = expand(spec)
+    if args.dry_run:
+        dry_run_table(spec, trials)
+        return 0
+    return run_sweep(spec, trials, RayOptions(args.address, args.num_cpus, args.num_gpus), analysis=not args.no_analysis)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,450 @@
+"""The sweep spec: one YAML file that names a base config, overrides, a grid and how to run it.
+
+Why a file and not flags: a sweep is an experiment that must be resumable and comparable
+later. The spec, resolved (every config default filled in), is saved next to the results as
+``STORAGE/NAME/spec.yaml`` and checked on every resume, so an experiment directory always
+holds one experiment. Schema (every key is checked; unknown keys are errors)::
+
+    name: smoke                # experiment name; default: the spec file's stem; --name overrides
+    description: free text     # optional
+    base: tiny                 # preset name, or a config YAML path (relative to this file)
+    overrides:                 # dotted config keys (or nested mappings) applied on top of base
+      train.steps: 100
+    grid:                      # dotted config key -> list of values; the trials are the cross
+      data.num_classes: [16, 64]   # product, in this key order (the last key varies fastest)
+      seed: [0, 1]
+    resources: {cpu: 1, gpu: 0}    # per trial; gpu may be fractional (0.25 = 4 trials per GPU)
+    max_concurrent: null       # trials at once; null = as many as the resources allow
+    max_failures: 2            # retries of a crashed trial (each resumes from its checkpoint)
+    checkpoint: {num_to_keep: null}  # Ray Tune's copies kept per trial while running (null =
+                               # all; older ones are pruned when the sweep ends, see runner)
+    storage: experiments       # parent directory of the experiment; --storage overrides
+    resolved: {...}            # written by icl-sweep into the saved spec.yaml only: the exact
+                               # base config, so a saved spec reproduces its experiment even if
+                               # the preset changes later (takes precedence over `base`)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from icl.config import (
+    build_config,
+    config_source,
+    flatten,
+    get_key,
+    parse_overrides,
+    presets,
+    read_yaml,
+    science_dict,
+    valid_keys,
+)
+from icl.errors import UserError
+
+SPEC_DIR = Path(__file__).resolve().parent
+DEFAULT_STORAGE = "experiments"
+SPEC_KEYS = (
+    "name",
+    "description",
+    "base",
+    "overrides",
+    "grid",
+    "resources",
+    "max_concurrent",
+    "max_failures",
+    "checkpoint",
+    "storage",
+    "resolved",
+)
+RESOURCE_KEYS = ("cpu", "gpu")
+CHECKPOINT_KEYS = ("num_to_keep",)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one trial reserves on one node; Ray packs trials onto nodes by these numbers."""
+
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+    def as_ray(self) -> dict[str, float]:
+        return {"cpu": self.cpu, "gpu": self.gpu}
+
+
+@dataclass
+class SweepSpec:
+    """A validated spec; ``base_config`` is the flat base mapping (preset, file or ``resolved``)."""
+
+    name: str
+    base: str | None
+    base_config: dict[str, Any]
+    overrides: dict[str, Any]
+    grid: dict[str, list[Any]]
+    resources: Resources = field(default_factory=Resources)
+    max_concurrent: int | None = None
+    max_failures: int = 2
+    checkpoint_keep: int | None = None
+    storage: str = DEFAULT_STORAGE
+    description: str = ""
+    source: str = ""
+
+    @property
+    def exp_dir(self) -> Path:
+        """``STORAGE/NAME``, absolute (trials run in other working directories)."""
+        return (Path(self.storage).expanduser() / self.name).resolve()
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One grid point: a stable id (its position in the grid), its directory and its config."""
+
+    trial_id: str
+    dirname: str
+    grid: dict[str, Any]
+    config: dict[str, Any]  # flat, every key: build_config(config) is this trial's Config
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def shipped_specs() -> list[str]:
+    return sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))
+
+
+def resolve_spec_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a spec shipped in ``sweeps/`` (``smoke``)."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists() or "/" in name_or_path:
+        if not path.is_file():
+            raise UserError(f"sweep spec {path} does not exist (shipped specs: {', '.join(shipped_specs())})")
+        return path.resolve()
+    shipped = SPEC_DIR / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise UserError(
+            f"unknown sweep spec {name_or_path!r}: give a .yaml path or a shipped spec "
+            f"({', '.join(shipped_specs())})"
+        )
+    return shipped
+
+
+def load_spec(
+    name_or_path: str,
+    *,
+    storage: str | None = None,
+    name: str | None = None,
+    sets: list[str] | None = None,
+) -> SweepSpec:
+    """Read and validate a spec; command-line ``--storage``, ``--name``, ``--set`` win over it."""
+    path = resolve_spec_path(name_or_path)
+    raw = read_yaml(path, "sweep spec")
+    return parse_spec(raw, source=path, storage=storage, name=name, sets=sets)
+
+
+def parse_spec(
+    raw: dict[str, Any],
+    *,
+    source: Path | None = None,
+    storage: str | None = None,
+    name: str | None = None,
+    sets: list[str] | None = None,
+) -> SweepSpec:
+    """Validate a raw spec mapping; every message names the key and says how to fix it."""
+    where = f"sweep spec {source}" if source else "sweep spec"
+    unknown = sorted(set(raw) - set(SPEC_KEYS))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(SPEC_KEYS)}")
+
+    spec_name = name if name is not None else raw.get("name", source.stem if source else None)
+    if not isinstance(spec_name, str) or not _NAME_RE.match(spec_name):
+        raise UserError(
+            f"{where}: name {spec_name!r} must be a plain directory name (letters, digits, . _ -); "
+            "set `name:` in the spec or pass --name"
+        )
+
+    description = raw.get("description") or ""
+    if not isinstance(description, str):
+        raise UserError(f"{where}: description must be text")
+
+    try:
+        base, base_config = _base(raw, source, where)
+    except UserError as e:
+        msg = str(e)
+        raise UserError(msg if msg.startswith(where) else f"{where}: base: {msg}") from None
+
+    overrides = _mapping(raw.get("overrides"), f"{where}: overrides")
+    cli = parse_overrides(sets)
+    grid_raw = _mapping(raw.get("grid"), f"{where}: grid")
+    keys = set(valid_keys())
+    for key in list(overrides) + list(cli):
+        if key not in keys:
+            raise UserError(f"{where}: unknown config key {key!r} in overrides/--set; {_near(key, keys)}")
+    for key in cli:
+        if key in grid_raw:
+            raise UserError(f"--set {key}=... conflicts with the grid over {key!r}; drop one of them")
+    overrides.update(cli)
+
+    grid = _grid(grid_raw, overrides, keys, where)
+
+    resources = _resources(raw.get("resources"), where)
+    max_concurrent = raw.get("max_concurrent")
+    if max_concurrent is not None and not _is_int(max_concurrent, minimum=1):
+        raise UserError(f"{where}: max_concurrent must be an integer >= 1 or null, got {max_concurrent!r}")
+    max_failures = raw.get("max_failures", 2)
+    if not _is_int(max_failures, minimum=0):
+        raise UserError(f"{where}: max_failures (retries per trial) must be an integer >= 0, got {max_failures!r}")
+    ckpt = _mapping(raw.get("checkpoint"), f"{where}: checkpoint", flat=False)
+    bad = sorted(set(ckpt) - set(CHECKPOINT_KEYS))
+    if bad:
+        raise UserError(f"{where}: unknown checkpoint key(s) {', '.join(bad)}; valid: {', '.join(CHECKPOINT_KEYS)}")
+    keep = ckpt.get("num_to_keep")
+    if keep is not None and not _is_int(keep, minimum=1):
+        raise UserError(f"{where}: checkpoint.num_to_keep must be an integer >= 1 or null (all), got {keep!r}")
+
+    spec_storage = storage if storage is not None else raw.get("storage", DEFAULT_STORAGE)
+    if not isinstance(spec_storage, str) or not spec_storage.strip():
+        raise UserError(f"{where}: storage must be a directory path, got {spec_storage!r}")
+    if "://" in spec_storage:
+        raise UserError(
+            f"storage {spec_storage!r} is a URI; the trainer writes run directories with plain file "
+            "I/O, so give a (shared) filesystem path"
+        )
+
+    spec = SweepSpec(
+        name=spec_name,
+        base=base,
+        base_config=base_config,
+        overrides=overrides,
+        grid=grid,
+        resources=resources,
+        max_concurrent=max_concurrent,
+        max_failures=int(max_failures),
+        checkpoint_keep=keep,
+        storage=spec_storage,
+        description=description,
+        source=str(source) if source else "",
+    )
+    _check_device(spec, where)
+    return spec
+
+
+def _base(raw: dict[str, Any], source: Path | None, where: str) -> tuple[str | None, dict[str, Any]]:
+    """The base config mapping: ``resolved`` (saved specs) wins, else a preset or a file."""
+    base = raw.get("base")
+    if base is not None and not isinstance(base, str):
+        raise UserError(f"{where}: base must be a preset name ({', '.join(presets())}) or a config file path")
+    if raw.get("resolved") is not None:
+        return base, _mapping(raw["resolved"], f"{where}: resolved")
+    if base is None:
+        raise UserError(f"{where}: missing `base:` (a preset: {', '.join(presets())}; or a config .yaml path)")
+    if base.endswith((".yaml", ".yml")) or "/" in base:
+        path = Path(base).expanduser()
+        if not path.is_absolute() and source is not None:
+            path = source.parent / path
+        if not path.is_file():
+            raise UserError(f"{where}: base config file {path} does not exist")
+        base = str(path.resolve())
+        return base, flatten(read_yaml(path))
+    return base, flatten(config_source(base))
+
+
+def _grid(grid_raw: dict[str, Any], overrides: dict[str, Any], keys: set[str], where: str) -> dict[str, list[Any]]:
+    if not grid_raw:
+        raise UserError(f"{where}: grid is empty; give at least one key, e.g. `grid: {{seed: [0, 1]}}`")
+    grid: dict[str, list[Any]] = {}
+    for key, values in grid_raw.items():
+        if key not in keys:
+            raise UserError(f"{where}: grid key {key!r} is not a config key; {_near(key, keys)}")
+        if key in overrides:
+            raise UserError(f"{where}: {key!r} is both in overrides and in the grid; keep it in one place")
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{where}: grid.{key} must be a non-empty list of values, e.g. [0, 1], got {values!r}")
+        for v in values:
+            if isinstance(v, (dict, list)):
+                raise UserError(f"{where}: grid.{key} values must be single values, got {v!r}")
+        grid[key] = list(values)
+    return grid
+
+
+def _resources(raw: Any, where: str) -> Resources:
+    res = _mapping(raw, f"{where}: resources", flat=False)
+    bad = sorted(set(res) - set(RESOURCE_KEYS))
+    if bad:
+        raise UserError(f"{where}: unknown resources key(s) {', '.join(bad)}; valid: cpu, gpu")
+    cpu, gpu = res.get("cpu", 1), res.get("gpu", 0)
+    if not _is_number(cpu) or cpu <= 0:
+        raise UserError(f"{where}: resources.cpu must be a number > 0 (CPUs per trial), got {cpu!r}")
+    if not _is_number(gpu) or gpu < 0:
+        raise UserError(f"{where}: resources.gpu must be a number >= 0 (GPUs per trial), got {gpu!r}")
+    if gpu > 1 and not float(gpu).is_integer():
+        raise UserError(f"{where}: resources.gpu above 1 must be a whole number (Ray's rule), got {gpu!r}")
+    return Resources(cpu=float(cpu), gpu=float(gpu))
+
+
+def _check_device(spec: SweepSpec, where: str) -> None:
+    """A trial pinned to CUDA without a GPU reservation would fail inside Ray: say so now."""
+    if spec.resources.gpu > 0:
+        return
+    devices = spec.grid.get("train.device") or [merged_flat(spec).get("train.device", "auto")]
+    for device in devices:
+        if isinstance(device, str) and device.startswith("cuda"):
+            raise UserError(
+                f"{where}: train.device={device} needs a GPU but resources.gpu is 0; "
+                "set resources.gpu (e.g. 0.25) or train.device=auto/cpu"
+            )
+
+
+def _mapping(value: Any, what: str, *, flat: bool = True) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{what} must be a mapping of keys to values, got {value!r}")
+    return flatten(value) if flat else dict(value)
+
+
+def _near(key: str, keys: set[str]) -> str:
+    section = key.split(".")[0]
+    near = sorted(k for k in keys if k.startswith(section + "."))
+    return "valid keys: " + ", ".join(near or sorted(keys))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any, *, minimum: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+# --------------------------------------------------------------------------- trials
+
+
+def merged_flat(spec: SweepSpec) -> dict[str, Any]:
+    """Base + overrides, flat and unvalidated (validation happens per trial)."""
+    return {**spec.base_config, **spec.overrides}
+
+
+def expand(spec: SweepSpec) -> list[TrialSpec]:
+    """The trials in grid order; builds and validates every trial's config now, before Ray."""
+    keys = list(spec.grid)
+    points = list(product(*(spec.grid[k] for k in keys)))
+    width = max(3, len(str(len(points) - 1)))
+    short = _short_names(keys)
+    trials: list[TrialSpec] = []
+    seen: dict[tuple[Any, ...], str] = {}
+    for index, values in enumerate(points):
+        point = dict(zip(keys, values))
+        trial_id = f"t{index:0{width}d}"
+        try:
+            cfg = build_config(spec.base_config, {**spec.overrides, **point})
+        except UserError as e:
+            raise UserError(f"trial {trial_id} ({_fmt_point(point)}): {e}") from None
+        coerced = {k: get_key(cfg, k) for k in keys}
+        signature = tuple(coerced.values())
+        if signature in seen:
+            raise UserError(
+                f"grid has duplicate values: trials {seen[signature]} and {trial_id} are both "
+                f"{_fmt_point(coerced)}; remove the duplicate"
+            )
+        seen[signature] = trial_id
+        label = "_".join(f"{short[k]}={format_value(v)}" for k, v in coerced.items())
+        dirname = re.sub(r"[^A-Za-z0-9._=+-]", "-", f"{trial_id}_{label}")[:120]
+        trials.append(TrialSpec(trial_id, dirname, coerced, flatten(cfg.to_dict())))
+    return trials
+
+
+def _short_names(keys: list[str]) -> dict[str, str]:
+    """Last component of each dotted key, unless two keys share it."""
+    last = [k.split(".")[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def format_value(v: Any) -> str:
+    """Short, stable text for a grid value (0.0003, 1e-05, 100, true)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:g}" if v != 0 else "0"
+    return str(v)
+
+
+def _fmt_point(point: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={format_value(v)}" for k, v in point.items())
+
+
+# --------------------------------------------------------------------------- saving, comparing
+
+
+def identity(spec: SweepSpec) -> dict[str, Any]:
+    """What makes two specs the same experiment (where it is stored and its name do not,
+    nor runtime-only config keys such as data.root or train.device)."""
+    cfg = build_config(spec.base_config, spec.overrides)
+    trials = expand(spec)
+    grid = {k: [t.grid[k] for t in trials] for k in spec.grid}
+    return {
+        "config": science_dict(cfg),
+        "grid": {k: _unique(v) for k, v in grid.items()},
+        "resources": {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+        "max_concurrent": spec.max_concurrent,
+        "max_failures": spec.max_failures,
+        "checkpoint": {"num_to_keep": spec.checkpoint_keep},
+    }
+
+
+def _unique(values: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def saved_yaml(spec: SweepSpec) -> str:
+    """The resolved spec as YAML; itself a valid spec that reproduces this experiment."""
+    cfg = build_config(spec.base_config, spec.overrides)
+    ident = identity(spec)
+    doc: dict[str, Any] = {
+        "name": spec.name,
+        "description": spec.description,
+        "base": spec.base,
+        "overrides": dict(spec.overrides),
+        "grid": ident["grid"],
+        "resources": ident["resources"],
+        "max_concurrent": spec.max_concurrent,
+        "max_failures": spec.max_failures,
+        "checkpoint": ident["checkpoint"],
+        "storage": str(Path(spec.storage).expanduser().resolve()),
+        "resolved": cfg.to_dict(),
+    }
+    header = (
+        f"# Written by icl-sweep from {spec.source or 'a spec'}: the resolved sweep spec of this\n"
+        "# experiment. Re-running the same command resumes it; so does `icl-sweep <this file>`.\n"
+    )
+    return header + yaml.safe_dump(doc, sort_keys=False)
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two identities, most specific first."""
+    out: list[str] = []
+    for section in current:
+        a, b = saved.get(section), current.get(section)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict) and section == "config":
+            for k in sorted(set(a) | set(b)):
+                if a.get(k) != b.get(k):
+                    out.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
+        else:
+            out.append(f"{section}: {a!r} -> {b!r}")
+    return out
+
+
+def grid_columns(spec: SweepSpec) -> list[str]:
+    return list(spec.grid)

@@ -1,0 +1,55 @@
+"""Helpers of the sweep tests (a module of its own: test modules import it by name, which
+would be ambiguous for ``conftest`` with several conftest.py files in the tree)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from icl.train import TIMING_COLUMNS
+
+TIMING = list(TIMING_COLUMNS)
+STEPS = 200  # smoke.yaml: 200-step trials, evaluated every 50 steps, checkpointed every 100
+
+
+def short_tmpdir(prefix: str) -> Path:
+    """Ray puts unix sockets under its temp dir: keep the path short (108-byte limit)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def icl_sweep_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("icl-sweep")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "sweeps.cli"]
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(icl_sweep_cmd() + args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A driver in a process group of its own (so a Ctrl-C can be sent like a terminal's)."""
+    with open(log, "w") as f:
+        return subprocess.Popen(icl_sweep_cmd() + args, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def read_results(exp_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(exp_dir / "results.csv")
+
+
+def without_timing(df: pd.DataFrame) -> pd.DataFrame:
+    return df.drop(columns=[c for c in TIMING if c in df.columns]).reset_index(drop=True)
