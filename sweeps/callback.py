@@ -18,10 +18,10 @@ from sweeps.spec import TrialSpec
 
 REFRESH_PERIOD_S = 2.0
 
-# Trial id -> (Tune status, one-line error), as last seen by any ResultsCallback of this
-# process. The driver reads it after ``Tuner.fit()``: on a resume Tune uses the callback it
-# unpickles from tuner.pkl, not the driver's own instance, and a restored trial's last
-# result says nothing about whether it finished.
+# Trial id (a grid point, also in a packed sweep) -> (Tune status, one-line error), as last
+# seen by any ResultsCallback of this process. The driver reads it after ``Tuner.fit()``: on
+# a resume Tune uses the callback it unpickles from tuner.pkl, not the driver's own
+# instance, and a restored trial's last result says nothing about whether it finished.
 LAST_STATUS: dict[str, tuple[str, str]] = {}
 
 
@@ -41,18 +41,27 @@ class ResultsCallback(tune.Callback):
     """Rewrites the tables atomically while trials run (throttled to every few seconds, and
     at every trial's end), so a half-finished sweep can already be analysed.
 
-    It keeps no state but the trial table: the experiment directory comes from the trials'
-    own paths, so the copy Tune unpickles from ``tuner.pkl`` on a resume (even of a moved
-    experiment) writes to the right place.
+    It keeps no state but the trial table (and, in a packed sweep, the packs): the
+    experiment directory comes from the trials' own paths, so the copy Tune unpickles from
+    ``tuner.pkl`` on a resume (even of a moved experiment) writes to the right place.
     """
 
-    def __init__(self, trials: Sequence[TrialSpec], period_s: float = REFRESH_PERIOD_S) -> None:
+    def __init__(
+        self,
+        trials: Sequence[TrialSpec],
+        period_s: float = REFRESH_PERIOD_S,
+        *,
+        packs: dict[str, Sequence[str]] | None = None,
+    ) -> None:
         self.trials = list(trials)
         self.period_s = period_s
+        # pack id (Tune's trial) -> its trial ids; None: one grid point per Tune trial
+        self.packs = {k: tuple(v) for k, v in packs.items()} if packs else None
         self._last = 0.0
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("packs", None)  # pickled before packed sweeps existed
         self._last = 0.0
 
     def refresh(self, trials: list[Any], force: bool = False) -> None:
@@ -62,11 +71,13 @@ class ResultsCallback(tune.Callback):
         self._last = now
         exp_dir = Path(trials[0].path).parent
         status = {t.config["trial"]: (t.status, trial_error(t)) for t in trials}
+        if self.packs:
+            status = res.member_status(exp_dir, self.trials, self.packs, status)
         LAST_STATUS.clear()
         LAST_STATUS.update(status)
         try:
             res.write_results(exp_dir, self.trials)
-            res.write_trials(exp_dir, self.trials, status)
+            res.write_trials(exp_dir, self.trials, status, self.packs)
         except OSError as e:  # a full disk must not kill the sweep; the final write retries
             logging.getLogger(__name__).warning("could not refresh the results tables: %s", e)
 

@@ -8,7 +8,7 @@ any interruption. Cells are copied verbatim from the trainer's files (no float r
 ``results.csv``: tidy long table, one row per trial and evaluation:
 ``trial_id``, one column per grid key (named by its dotted key), ``step``, then every metric
 column of the trainer. ``trials.csv``: one row per trial: id, grid values, status, last
-step, attempts, run directory, error.
+step, attempts, run directory, error (and, in a packed sweep, the pack that trains it).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ RESULTS = "results.csv"
 TRIALS = "trials.csv"
 RUN = "run"  # the trainer's run directory inside each trial directory
 ATTEMPTS = "attempts.jsonl"
+ERROR_FILE = "error.txt"  # in a packed trial's directory: that model's own error (divergence)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -108,10 +109,62 @@ def attempts(trial_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def write_trials(exp_dir: Path, trials: Sequence[TrialSpec], status: dict[str, tuple[str, str]]) -> None:
-    """Rewrite ``trials.csv``: ``status`` maps trial id -> (Tune status, one-line error)."""
+def last_step(exp_dir: Path, trial: TrialSpec) -> int | None:
+    """The last evaluated step in a trial's run directory (None: no evaluation yet)."""
+    header, rows = read_metrics(run_dir(exp_dir, trial) / "metrics.csv")
+    if not rows or "step" not in header:
+        return None
+    return int(float(rows[-1][header.index("step")]))
+
+
+def last_line(path: Path) -> str:
+    """Last non-empty line of a text file (an error file), at most 300 characters; '' if none."""
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def member_status(
+    exp_dir: Path,
+    trials: Sequence[TrialSpec],
+    packs: dict[str, Sequence[str]],
+    status: dict[str, tuple[str, str]],
+) -> dict[str, tuple[str, str]]:
+    """Tune's (status, error) per pack -> (status, error) per packed trial.
+
+    A member shares its pack's status, except when the pack ended in ERROR: a member whose
+    run reached its last step is TERMINATED (a diverged or crashed sibling does not undo
+    it); the others are ERROR with their own error (``error.txt`` in their trial directory,
+    written when a model diverges), else the pack's.
+    """
+    by_id = {t.trial_id: t for t in trials}
+    out: dict[str, tuple[str, str]] = {}
+    for pack_id, (state, error) in status.items():
+        for trial_id in packs.get(pack_id, ()):
+            t = by_id[trial_id]
+            if state != "ERROR":
+                out[trial_id] = (state, "")
+            elif (last_step(exp_dir, t) or 0) >= int(t.config["train.steps"]):
+                out[trial_id] = ("TERMINATED", "")
+            else:
+                out[trial_id] = ("ERROR", last_line(Path(exp_dir) / t.dirname / ERROR_FILE) or error)
+    return out
+
+
+def write_trials(
+    exp_dir: Path,
+    trials: Sequence[TrialSpec],
+    status: dict[str, tuple[str, str]],
+    packs: dict[str, Sequence[str]] | None = None,
+) -> None:
+    """Rewrite ``trials.csv``: ``status`` maps trial id -> (Tune status, one-line error);
+    ``packs`` (pack id -> its trial ids, packed sweeps only) adds a ``pack`` column."""
     grid_keys = list(trials[0].grid) if trials else []
-    columns = ["trial_id", *grid_keys, "status", "last_step", "attempts", "run_dir", "error"]
+    pack_of = {m: p for p, members in (packs or {}).items() for m in members}
+    pack_col = ["pack"] if packs else []
+    columns = ["trial_id", *grid_keys, "status", "last_step", "attempts", "run_dir", *pack_col, "error"]
     rows = []
     for t in trials:
         header, body = read_metrics(run_dir(exp_dir, t) / "metrics.csv")
@@ -125,6 +178,7 @@ def write_trials(exp_dir: Path, trials: Sequence[TrialSpec], status: dict[str, t
                 last,
                 len(attempts(Path(exp_dir) / t.dirname)),
                 f"{t.dirname}/{RUN}",
+                *([pack_of.get(t.trial_id, "")] if packs else []),
                 error,
             ]
         )

@@ -22,6 +22,13 @@ what is there (a run directory moved or lost). Ray's copies are all kept while t
 runs and pruned to the latest when it ends (see :func:`prune_ray_checkpoints` for why).
 Like Ray Tune itself, a multi-node cluster needs ``STORAGE`` on a filesystem every node
 shares; that is checked before any trial starts.
+
+Packed sweeps (spec ``pack: K > 1``): a Tune trial is a *pack* of up to K grid points that
+differ only in seed and weight decay, trained together by ``icl.train.train_packed``
+(:func:`run_pack`). Every member still writes its run directory to ``tNNN_<grid>/run``, as
+an unpacked sweep would, so results.csv, trials.csv, the resume from run directories and
+the analysis are unchanged; the pack's Tune directory ``pNNN_<members>/`` holds Ray's
+checkpoint copies (one sub-directory per member) and Tune's error file.
 """
 
 from __future__ import annotations
@@ -49,11 +56,13 @@ from icl.config import build_config, cache_dir, data_root, read_yaml
 from icl.errors import UserError
 from sweeps import results as res
 from sweeps.spec import (
+    PackSpec,
     SweepSpec,
     TrialSpec,
     differences,
     format_value,
     identity,
+    make_packs,
     parse_spec,
     saved_yaml,
 )
@@ -75,6 +84,7 @@ TUNE_ENV = {
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
 }
 _CKPT_RE = re.compile(r"^step_(\d+)$")
+STAGING_PREFIX = ".tune-checkpoint-"  # a pack's checkpoint for tune.report, being assembled
 
 
 # --------------------------------------------------------------------------- options
@@ -217,10 +227,175 @@ def run_trial(trial_id: str, exp_dir: str, table: dict[str, tuple[str, dict[str,
             tune.report(dict(final))
 
 
+class PackReporter:
+    """One ``tune.report`` per evaluation step of a pack, from ``train_packed``'s per-model
+    ``on_eval`` calls.
+
+    A step is reported once every member expected at it has evaluated it (those whose run
+    started this attempt below that step: a member brought level in a catch-up, or already
+    finished, is not), or when a row of another step arrives (a model that diverged stops
+    evaluating), or at the end. The metrics are the step, the number of models in the row
+    and each metric's mean over them (the per-model rows are in the run directories and
+    results.csv); the checkpoint is a directory with one sub-directory per member, a copy of
+    its run's checkpoint of that step (those that have one), so a restored pack can install
+    each member's checkpoint as an unpacked trial installs its own.
+    """
+
+    def __init__(self, trial_ids: Sequence[str], runs: Sequence[Path], starts: Sequence[int], staging: Path) -> None:
+        self.trial_ids = list(trial_ids)
+        self.runs = list(runs)
+        self.starts = list(starts)
+        self.staging = staging
+        self.step: int | None = None
+        self.rows: dict[int, dict[str, float]] = {}
+        self.reported = False
+
+    def add(self, k: int, row: dict[str, float]) -> None:
+        step = int(row["step"])
+        if self.step is not None and step != self.step:
+            self.flush()
+        self.step = step
+        self.rows[k] = row
+        expected = {i for i, start in enumerate(self.starts) if start < step}
+        if expected <= set(self.rows):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.step is None:
+            return
+        step, rows = self.step, self.rows
+        self.step, self.rows = None, {}
+        ckpts = {
+            self.trial_ids[k]: run / "checkpoints" / f"step_{step:09d}"
+            for k, run in enumerate(self.runs)
+        }
+        self.report(pack_metrics(step, list(rows.values())), {k: v for k, v in ckpts.items() if v.is_dir()})
+
+    def report(self, metrics: dict[str, float], ckpts: dict[str, Path]) -> None:
+        from ray import tune
+
+        self.reported = True
+        if not ckpts:
+            tune.report(metrics)
+            return
+        tmp = self.staging / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            for trial_id, src in ckpts.items():
+                shutil.copytree(src, tmp / trial_id, copy_function=_link_or_copy)
+            # Tune copies the directory to its checkpoint_* on storage before it returns
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(tmp)))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Checkpoint files are never rewritten in place: a hard link is a safe, free copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def pack_metrics(step: int, rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """What a pack reports to Tune at one step: the step, the number of models and each
+    metric's mean over them."""
+    out: dict[str, float] = {"step": step, "models": len(rows)}
+    for key in rows[0] if rows else ():
+        if key != "step":
+            values = [float(r[key]) for r in rows if key in r]
+            out[key] = sum(values) / len(values)
+    return out
+
+
+def run_pack(
+    pack_id: str,
+    exp_dir: str,
+    table: dict[str, tuple[str, dict[str, Any]]],
+    packs: dict[str, tuple[str, tuple[str, ...]]],
+    faults: dict[str, Fault],
+) -> None:
+    """Body of one Tune trial of a packed sweep: train the pack's grid points together with
+    ``train_packed``, each into the run directory an unpacked sweep would give it; report
+    every evaluation step to Tune. A model that diverges does not stop the others; the pack
+    then fails with a message naming it (each diverged model's own error is written to
+    ``error.txt`` in its trial directory), so Tune retries it as it retries a crashed trial
+    (a retry trains only what is unfinished) and reports it at the end."""
+    import ray
+    from ray import tune
+
+    from icl.train import TrainingDiverged, install_checkpoint, train_packed
+    from icl.train.packed import PackedTrainingDiverged
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per checkpoint copy
+
+    pack_dirname, members = packs[pack_id]
+    exp = Path(exp_dir)
+    trial_dirs = [exp / table[m][0] for m in members]
+    runs = [d / res.RUN for d in trial_dirs]
+    cfgs = [build_config(table[m][1]) for m in members]
+
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as src:
+            for m, run in zip(members, runs):
+                sub = Path(src) / m
+                if sub.is_dir():
+                    step = checkpoint_step(sub)
+                    if step is None or latest_step(run) < step:
+                        install_checkpoint(sub, run)
+    starts = [latest_step(run) for run in runs]
+    node = ray.get_runtime_context().get_node_id()
+    for m, d, start in zip(members, trial_dirs, starts):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / res.ERROR_FILE).unlink(missing_ok=True)  # a previous attempt's; this one may not fail
+        record = {
+            "attempt": len(res.attempts(d)) + 1,
+            "resumed_from_step": start,
+            "pack": pack_id,
+            "node_id": node,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "time": _dt.datetime.now().isoformat(timespec="seconds"),
+        }
+        with open(d / res.ATTEMPTS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    staging = exp / pack_dirname
+    staging.mkdir(parents=True, exist_ok=True)
+    for old in staging.glob(f"{STAGING_PREFIX}*"):  # left by an attempt killed while reporting
+        shutil.rmtree(old, ignore_errors=True)
+    reporter = PackReporter(members, runs, starts, staging)
+
+    def on_eval(k: int, row: dict[str, float], checkpoint_dir: Path | None) -> None:
+        reporter.add(k, row)
+        _maybe_inject(trial_dirs[k], members[k], faults.get(members[k]), int(row["step"]))
+
+    try:
+        final = train_packed(cfgs, runs, on_eval=on_eval, progress=False)
+    except PackedTrainingDiverged as e:
+        reporter.flush()
+        for k, message in sorted(e.diverged.items()):
+            res.atomic_write_text(trial_dirs[k] / res.ERROR_FILE, f"TrainingDiverged: {message}\n")
+        names = "; ".join(f"{members[k]}: {msg}" for k, msg in sorted(e.diverged.items()))
+        raise TrainingDiverged(
+            f"{len(e.diverged)} of {len(members)} models of pack {pack_id} diverged (the others finished): {names}"
+        ) from None
+    reporter.flush()
+    if not reporter.reported:  # every run was already complete (e.g. the driver died as the
+        # pack finished): hand Tune the final checkpoints, so its view ends where the runs did
+        last = {m: run / "checkpoints" / f"step_{latest_step(run):09d}" for m, run in zip(members, runs)}
+        step = max((int(r.get("step", 0)) for r in final), default=0)
+        reporter.report(pack_metrics(step, [r for r in final if r]), {m: p for m, p in last.items() if p.is_dir()})
+
+
 def make_trainable(
-    exp_dir: Path, trials: Sequence[TrialSpec], faults: dict[str, Fault]
+    exp_dir: Path,
+    trials: Sequence[TrialSpec],
+    faults: dict[str, Fault],
+    packs: Sequence[PackSpec] | None = None,
 ) -> Callable[[dict[str, Any]], None]:
-    """A Tune function trainable closing over the trial table (config per trial id).
+    """A Tune function trainable closing over the trial table (config per trial id) and, in
+    a packed sweep, the packs (``config["trial"]`` is then a pack id).
 
     Why a closure and not the configs in Tune's ``param_space``: Tune's saved state then
     holds only trial ids, and a restore gets the table rebuilt from the (identical, checked)
@@ -228,6 +403,13 @@ def make_trainable(
     """
     table = {t.trial_id: (t.dirname, t.config) for t in trials}
     exp = str(exp_dir)
+    if packs is not None:
+        pack_table = {p.pack_id: (p.dirname, tuple(p.trial_ids)) for p in packs}
+
+        def icl_pack(config: dict[str, Any]) -> None:
+            run_pack(config["trial"], exp, table, pack_table, faults)
+
+        return icl_pack
 
     def icl_trial(config: dict[str, Any]) -> None:
         run_trial(config["trial"], exp, table, faults)
@@ -455,7 +637,8 @@ def start_ray(opts: RayOptions) -> None:
 
 
 def check_resources(spec: SweepSpec) -> None:
-    """A trial runs on one node: some alive node must hold its CPUs and GPUs."""
+    """A trial (a pack, in a packed sweep) runs on one node: some alive node must hold its
+    CPUs and GPUs."""
     import ray
 
     need = spec.resources
@@ -464,8 +647,9 @@ def check_resources(spec: SweepSpec) -> None:
     if any(cpu + 1e-9 >= need.cpu and gpu + 1e-9 >= need.gpu for cpu, gpu in have):
         return
     best = ", ".join(f"{format_value(c)} CPU + {format_value(g)} GPU" for c, g in have) or "no nodes"
+    unit = "pack" if spec.pack > 1 else "trial"
     raise UserError(
-        f"each trial needs {format_value(need.cpu)} CPU + {format_value(need.gpu)} GPU (spec `resources`) "
+        f"each {unit} needs {format_value(need.cpu)} CPU + {format_value(need.gpu)} GPU (spec `resources`) "
         f"but no node of the Ray cluster has that much (nodes: {best}); lower `resources` or give "
         "--num-cpus/--num-gpus / a bigger cluster"
     )
@@ -560,6 +744,9 @@ def run_sweep(
     for var, value in TUNE_ENV.items():
         os.environ.setdefault(var, value)
     exp_dir = spec.exp_dir
+    packs = make_packs(spec, trials)  # a spec that cannot be packed: refused now
+    packed = spec.pack > 1
+    members = {p.pack_id: p.trial_ids for p in packs} if packed else None
     state = experiment_state(spec)
     faults = parse_faults(os.environ.get(FAULTS_ENV), trials)
     trials = with_runtime_paths(trials, spec)
@@ -583,21 +770,25 @@ def run_sweep(
         where = "cluster " + opts.address if opts.address else "embedded Ray"
         print(
             f"icl-sweep: {'resuming' if state == 'resume' else 'starting'} {exp_dir} on {where}: "
-            f"{len(trials)} trials, {len(done)} already finished",
+            f"{len(trials)} trials{f' in {len(packs)} packs of up to {spec.pack}' if packed else ''}, "
+            f"{len(done)} already finished",
             file=out,
             flush=True,
         )
 
-        trainable = tune.with_resources(make_trainable(exp_dir, trials, faults), spec.resources.as_ray())
+        trainable = tune.with_resources(
+            make_trainable(exp_dir, trials, faults, packs if packed else None), spec.resources.as_ray()
+        )
         # the same param space on a restore too: Tune's tuner.pkl does not keep it, and it is
-        # what Tune falls back to if its experiment state was never written
-        param_space = {"trial": tune.grid_search([t.trial_id for t in trials])}
+        # what Tune falls back to if its experiment state was never written. In a packed
+        # sweep Tune's trials are the packs (pack ids instead of trial ids).
+        param_space = {"trial": tune.grid_search([p.pack_id for p in packs])}
         if tune.Tuner.can_restore(str(exp_dir)):
             tuner = tune.Tuner.restore(
                 str(exp_dir), trainable=trainable, param_space=param_space, resume_unfinished=True, resume_errored=True
             )
         else:
-            dirnames = {t.trial_id: t.dirname for t in trials}
+            dirnames = {p.pack_id: p.dirname for p in packs}
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,
@@ -614,7 +805,7 @@ def run_sweep(
                     storage_path=str(exp_dir.parent),
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.checkpoint_keep),
-                    callbacks=[ResultsCallback(trials)],
+                    callbacks=[ResultsCallback(trials, packs=members)],
                     verbose=1,
                 ),
             )
@@ -623,7 +814,7 @@ def run_sweep(
             grid = tuner.fit()
         finally:
             signal.signal(signal.SIGTERM, previous)
-        outcome = _outcome(grid, exp_dir, trials, time.monotonic() - t0)
+        outcome = _outcome(grid, exp_dir, trials, time.monotonic() - t0, members)
         prune_ray_checkpoints(grid)
     except BaseException:
         held.close()
@@ -634,8 +825,8 @@ def run_sweep(
     with held:
         status = {k: (v, outcome.errors.get(k, "")) for k, v in outcome.status.items()}
         n_rows = res.write_results(exp_dir, trials)
-        res.write_trials(exp_dir, trials, status)
-        return _summarize(spec, trials, outcome, n_rows, out, analysis=analysis)
+        res.write_trials(exp_dir, trials, status, members)
+        return _summarize(spec, trials, outcome, n_rows, out, analysis=analysis, packs=packs if packed else None)
 
 
 def prune_ray_checkpoints(grid: Any) -> None:
@@ -650,6 +841,9 @@ def prune_ray_checkpoints(grid: Any) -> None:
     or leftovers of a killed driver that no state names).
     """
     for result in grid:
+        if getattr(result, "path", None):  # a packed trial's staging left by a killed attempt
+            for old in Path(result.path).glob(f"{STAGING_PREFIX}*"):
+                shutil.rmtree(old, ignore_errors=True)
         keep = getattr(result, "checkpoint", None)
         if keep is None or not getattr(result, "path", None):
             continue
@@ -664,10 +858,17 @@ def _sigterm_to_tune(signum: int, frame: Any) -> None:
     signal.raise_signal(signal.SIGUSR1 if hasattr(signal, "SIGUSR1") else signal.SIGINT)
 
 
-def _outcome(grid: Any, exp_dir: Path, trials: Sequence[TrialSpec], wall_s: float) -> Outcome:
+def _outcome(
+    grid: Any,
+    exp_dir: Path,
+    trials: Sequence[TrialSpec],
+    wall_s: float,
+    packs: dict[str, tuple[str, ...]] | None = None,
+) -> Outcome:
     """Per trial: ERROR (Tune gave up on it), TERMINATED (its run reached its last step, read
     from the run directory) or UNFINISHED (interrupted: Tune marks the trials it stops on
-    Ctrl-C as terminated too, so its status alone cannot tell)."""
+    Ctrl-C as terminated too, so its status alone cannot tell). In a packed sweep (``packs``:
+    pack id -> trial ids) a failed pack fails only its members that did not finish."""
     from sweeps.callback import LAST_STATUS
 
     done = set(finished_trials(exp_dir, trials))
@@ -679,15 +880,31 @@ def _outcome(grid: Any, exp_dir: Path, trials: Sequence[TrialSpec], wall_s: floa
             if error:
                 errors[trial_id] = error
     for result in grid:  # the exception itself, where Tune kept it
-        trial_id = (result.config or {}).get("trial")
-        if trial_id in status and result.error is not None:
-            status[trial_id] = "ERROR"
-            errors.setdefault(trial_id, _error_line(str(result.error)) or type(result.error).__name__)
+        unit = (result.config or {}).get("trial")
+        if result.error is None:
+            continue
+        error = _error_line(str(result.error)) or type(result.error).__name__
+        if packs is None:
+            if unit in status:
+                status[unit] = "ERROR"
+                errors.setdefault(unit, error)
+            continue
+        for trial_id, (state, own) in res.member_status(exp_dir, trials, packs, {unit: ("ERROR", error)}).items():
+            if state == "ERROR":
+                status[trial_id] = "ERROR"
+                errors.setdefault(trial_id, own)
     return Outcome(status, errors, wall_s)
 
 
 def _summarize(
-    spec: SweepSpec, trials: Sequence[TrialSpec], outcome: Outcome, n_rows: int, out: Any, *, analysis: bool
+    spec: SweepSpec,
+    trials: Sequence[TrialSpec],
+    outcome: Outcome,
+    n_rows: int,
+    out: Any,
+    *,
+    analysis: bool,
+    packs: Sequence[PackSpec] | None = None,
 ) -> int:
     exp_dir = spec.exp_dir
     n_ok = sum(v == "TERMINATED" for v in outcome.status.values())
@@ -697,12 +914,19 @@ def _summarize(
         file=out,
     )
     by_id = {t.trial_id: t for t in trials}
+    pack_of = {m: p for p in packs or () for m in p.trial_ids}
     for trial_id in outcome.failed:
         t = by_id[trial_id]
         point = ", ".join(f"{k}={format_value(v)}" for k, v in t.grid.items())
+        log = exp_dir / t.dirname / "error.txt"
+        where = ""
+        if trial_id in pack_of:  # Tune's error file is the pack's; a diverged model has its own
+            where = f" in pack {pack_of[trial_id].pack_id}"
+            if not log.is_file():
+                log = exp_dir / pack_of[trial_id].dirname / "error.txt"
         print(
-            f"  FAILED {trial_id} ({point}) after {len(res.attempts(exp_dir / t.dirname))} attempt(s): "
-            f"{outcome.errors.get(trial_id, '?')}\n         log: {exp_dir / t.dirname / 'error.txt'}",
+            f"  FAILED {trial_id} ({point}){where} after {len(res.attempts(exp_dir / t.dirname))} attempt(s): "
+            f"{outcome.errors.get(trial_id, '?')}\n         log: {log}",
             file=out,
         )
     print(f"  experiment: {exp_dir}", file=out)
@@ -740,25 +964,39 @@ def dry_run_table(spec: SweepSpec, trials: Sequence[TrialSpec], out: Any = None)
     """The trial table and what a real run would do, without starting Ray or writing files."""
     out = out or sys.stdout
     exp_dir = spec.exp_dir
+    packs = make_packs(spec, trials)
+    packed = spec.pack > 1
+    pack_of = {m: p.pack_id for p in packs for m in p.trial_ids}
     state = experiment_state(spec)
     done = set(finished_trials(exp_dir, trials)) if state == "resume" else set()
     keys = list(spec.grid)
-    rows = [["trial", *keys, "status"]]
+    rows = [["trial", *(["pack"] if packed else []), *keys, "status"]]
     for t in trials:
-        rows.append([t.trial_id, *(format_value(t.grid[k]) for k in keys), "finished" if t.trial_id in done else "to run"])
+        rows.append(
+            [
+                t.trial_id,
+                *([pack_of[t.trial_id]] if packed else []),
+                *(format_value(t.grid[k]) for k in keys),
+                "finished" if t.trial_id in done else "to run",
+            ]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     base = spec.base or "resolved config"
     over = ", ".join(f"{k}={format_value(v)}" for k, v in spec.overrides.items())
     print(f"experiment: {exp_dir} ({'exists: would resume' if state == 'resume' else 'new'})", file=out)
     print(f"base:       {base}" + (f" + {over}" if over else ""), file=out)
     r = spec.resources
+    unit = "pack" if packed else "trial"
     print(
-        f"per trial:  {format_value(r.cpu)} CPU, {format_value(r.gpu)} GPU; max concurrent: "
+        f"per {unit}:{' ' * (7 - len(unit))}{format_value(r.cpu)} CPU, {format_value(r.gpu)} GPU; max concurrent: "
         f"{spec.max_concurrent or 'as resources allow'}; retries: {spec.max_failures}",
         file=out,
     )
+    if packed:
+        print(f"packing:    up to {spec.pack} models per trial (train_packed): {len(packs)} packs", file=out)
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
-    print(f"{len(trials)} trials ({len(trials) - len(done)} to run); dry run: nothing started", file=out)
+    in_packs = f" in {len(packs)} packs" if packed else ""
+    print(f"{len(trials)} trials{in_packs} ({len(trials) - len(done)} to run); dry run: nothing started", file=out)
 
 

@@ -18,6 +18,9 @@ holds one experiment. Schema (every key is checked; unknown keys are errors)::
     max_failures: 2            # retries of a crashed trial (each resumes from its checkpoint)
     checkpoint: {num_to_keep: null}  # Ray Tune's copies kept per trial while running (null =
                                # all; older ones are pruned when the sweep ends, see runner)
+    pack: 1                    # models trained together in one Tune trial (icl.train.train_packed):
+                               # trials differing only in seed / optim.weight_decay are grouped
+                               # into packs of at most this many; 1 = one model per trial
     storage: experiments       # parent directory of the experiment; --storage overrides
     resolved: {...}            # written by icl-sweep into the saved spec.yaml only: the exact
                                # base config, so a saved spec reproduces its experiment even if
@@ -31,7 +34,7 @@ import re
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -60,6 +63,7 @@ SPEC_KEYS = (
     "max_concurrent",
     "max_failures",
     "checkpoint",
+    "pack",
     "storage",
     "resolved",
 )
@@ -92,6 +96,7 @@ class SweepSpec:
     max_concurrent: int | None = None
     max_failures: int = 2
     checkpoint_keep: int | None = None
+    pack: int = 1  # models per Tune trial (train_packed); 1 = one model per trial (train)
     storage: str = DEFAULT_STORAGE
     description: str = ""
     source: str = ""
@@ -110,6 +115,18 @@ class TrialSpec:
     dirname: str
     grid: dict[str, Any]
     config: dict[str, Any]  # flat, every key: build_config(config) is this trial's Config
+
+
+@dataclass(frozen=True)
+class PackSpec:
+    """One Tune trial of a packed sweep (``pack: K > 1``): up to K grid points trained as one
+    pack by ``icl.train.train_packed``. Each member keeps its own trial id and run directory
+    (``STORAGE/NAME/<member dirname>/run``, where an unpacked sweep puts it); ``dirname`` is
+    the Tune trial directory of the pack (Ray's checkpoint copies, Tune's error file)."""
+
+    pack_id: str
+    dirname: str
+    trial_ids: tuple[str, ...]
 
 
 # --------------------------------------------------------------------------- loading
@@ -207,6 +224,12 @@ def parse_spec(
     keep = ckpt.get("num_to_keep")
     if keep is not None and not _is_int(keep, minimum=1):
         raise UserError(f"{where}: checkpoint.num_to_keep must be an integer >= 1 or null (all), got {keep!r}")
+    pack = raw.get("pack", 1)
+    if not _is_int(pack, minimum=1):
+        raise UserError(
+            f"{where}: pack must be an integer >= 1 (models trained together in one trial; 1 = one "
+            f"model per trial), got {pack!r}"
+        )
 
     spec_storage = storage if storage is not None else raw.get("storage", DEFAULT_STORAGE)
     if not isinstance(spec_storage, str) or not spec_storage.strip():
@@ -227,6 +250,7 @@ def parse_spec(
         max_concurrent=max_concurrent,
         max_failures=int(max_failures),
         checkpoint_keep=keep,
+        pack=int(pack),
         storage=spec_storage,
         description=description,
         source=str(source) if source else "",
@@ -360,6 +384,42 @@ def expand(spec: SweepSpec) -> list[TrialSpec]:
     return trials
 
 
+def make_packs(spec: SweepSpec, trials: Sequence[TrialSpec]) -> list[PackSpec]:
+    """The Tune trials of a sweep. ``pack: 1``: one per grid point (pack id = trial id).
+    ``pack: K``: the grid points that differ only in keys ``train_packed`` can vary per model
+    (seed, optim.weight_decay) are grouped, in grid order, into packs of at most K; packs are
+    numbered by their first member, so the grid's order (e.g. seed first) is kept.
+    UserError when the configs cannot be packed (e.g. the ResNet embedder), before any trial."""
+    if spec.pack == 1:
+        return [PackSpec(t.trial_id, t.dirname, (t.trial_id,)) for t in trials]
+    from icl.train.packed import PER_MODEL_KEYS, check_packable  # imports torch: only when packing
+
+    groups: dict[tuple[Any, ...], list[TrialSpec]] = {}
+    for t in trials:
+        shared = tuple(t.grid[k] for k in spec.grid if k not in PER_MODEL_KEYS)
+        groups.setdefault(shared, []).append(t)
+    order = {t.trial_id: i for i, t in enumerate(trials)}
+    chunks = [g[i : i + spec.pack] for g in groups.values() for i in range(0, len(g), spec.pack)]
+    chunks.sort(key=lambda c: order[c[0].trial_id])
+    width = max(3, len(str(len(chunks) - 1)))
+    packs = []
+    for index, members in enumerate(chunks):
+        pack_id = f"p{index:0{width}d}"
+        try:
+            check_packable([build_config(t.config) for t in members])
+        except UserError as e:
+            names = [t.trial_id for t in members]
+            shown = ", ".join(names) if len(names) <= 4 else f"{names[0]}, {names[1]}, ..., {names[-1]}"
+            raise UserError(
+                f"pack: {spec.pack} cannot pack trials {shown}: {e}; "
+                "set `pack: 1` in the spec to train one model per trial"
+            ) from None
+        ids = tuple(t.trial_id for t in members)
+        dirname = re.sub(r"[^A-Za-z0-9._=+-]", "-", f"{pack_id}_{'+'.join(ids)}")[:120]
+        packs.append(PackSpec(pack_id, dirname, ids))
+    return packs
+
+
 def _short_names(keys: list[str]) -> dict[str, str]:
     """Last component of each dotted key, unless two keys share it."""
     last = [k.split(".")[-1] for k in keys]
@@ -395,6 +455,10 @@ def identity(spec: SweepSpec) -> dict[str, Any]:
         "max_concurrent": spec.max_concurrent,
         "max_failures": spec.max_failures,
         "checkpoint": {"num_to_keep": spec.checkpoint_keep},
+        # part of the identity although packed and solo training give the same results (to
+        # float tolerance): a packed experiment's Tune state names packs, not trials, so a
+        # resume with another `pack` could not continue it
+        "pack": spec.pack,
     }
 
 
@@ -420,6 +484,7 @@ def saved_yaml(spec: SweepSpec) -> str:
         "max_concurrent": spec.max_concurrent,
         "max_failures": spec.max_failures,
         "checkpoint": ident["checkpoint"],
+        "pack": spec.pack,
         "storage": str(Path(spec.storage).expanduser().resolve()),
         "resolved": cfg.to_dict(),
     }
