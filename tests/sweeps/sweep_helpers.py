@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
+import pytest
 
 from icl.train import TIMING_COLUMNS
 
@@ -53,3 +54,17 @@ def read_results(exp_dir: Path) -> pd.DataFrame:
 
 def without_timing(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=[c for c in TIMING if c in df.columns]).reset_index(drop=True)
+
+
+def cli_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """Run ``icl-sweep``'s main(argv) expecting exit 2 with exactly one ``error:`` line and no
+    traceback; returns that line."""
+    from sweeps.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]

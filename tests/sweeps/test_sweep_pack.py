@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from sweep_helpers import read_results, run_cli, without_timing
+from sweep_helpers import cli_error, read_results, run_cli, without_timing
 
 from icl.errors import UserError
 from sweeps import results as res
@@ -53,16 +53,6 @@ def assert_close_results(got: pd.DataFrame, want: pd.DataFrame) -> None:
     exact = [c for c in got.columns if c not in numeric]
     pd.testing.assert_frame_equal(got[exact], want[exact])
     np.testing.assert_allclose(got[numeric].to_numpy(float), want[numeric].to_numpy(float), rtol=0, atol=TOL)
-
-
-def cli_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- spec (no Ray)

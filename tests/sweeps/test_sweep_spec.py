@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sweep_helpers import cli_error
+
 from icl.config import presets
 from icl.errors import UserError
 from sweeps.cli import main
@@ -24,18 +26,6 @@ def write_spec(tmp_path: Path, doc: dict, name: str = "spec.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
-
-
-def cli_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
-    """Run main(argv) expecting exit 2 with exactly one `error:` line and no traceback."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- shipped specs
