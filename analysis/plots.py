@@ -460,7 +460,6 @@ def plot_heatmap(summary: pd.DataFrame, stats: Sequence[str] = ("peak_icl", "fin
 def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = DPI) -> Path:
     """Write ``fig`` as PNG atomically (temporary file in the same directory, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi))
     return path
 

@@ -27,14 +27,6 @@ SUMMARY_CSV = "summary.csv"
 REPORT_MD = "report.md"
 
 
-def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, text)
-    return path
-
-
 @dataclass
 class Report:
     """What :func:`write_report` produced, for callers that want more than the files."""
@@ -145,10 +137,11 @@ def write_report(
     v = verdict(summary, trials, ratio=ratio, collapse_fraction=collapse_fraction, grid=grid)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / SUMMARY_CSV, summary.to_csv(index=False))
+        atomic_write(out / SUMMARY_CSV, summary.to_csv(index=False))
         plots = write_plots(df, summary, out, x=x, logx=logx, ratio=ratio, dpi=dpi)
         text = _render(df, summary, trials, v, plots, out, grid, threshold, ratio, collapse_fraction)
-        path = write_atomic(out / REPORT_MD, text)
+        path = out / REPORT_MD
+        atomic_write(path, text)
     except PermissionError as e:
         raise UserError(f"cannot write the report into {out}: {e.strerror}; choose another --out") from None
     return Report(path, summary, trials, v, plots)
@@ -182,8 +175,8 @@ def _render(
         f"seeds expected per cell: {', '.join(fmt_number(s) for s in expected) or 'none'}).",
         f"- Evaluations up to step {furthest:,.0f}"
         + (" — some trials are behind (sweep still running?): numbers may change." if running else "."),
-        f"- Headline ICL metric: `icl_acc` (2-way 4-shot on holdout classes, restricted to the 2 labels in "
-        f"context; chance 0.5).",
+        "- Headline ICL metric: `icl_acc` (2-way 4-shot on holdout classes, restricted to the 2 labels in "
+        "context; chance 0.5).",
         "",
         "## Verdict",
         "",
@@ -247,5 +240,5 @@ def default_out(paths: Sequence[str | os.PathLike[str]]) -> Path:
     return (p if p.is_dir() else p.parent) / "report"
 
 
-__all__ = ["Report", "write_report", "format_summary", "completeness", "default_out", "write_atomic",
+__all__ = ["Report", "write_report", "format_summary", "completeness", "default_out",
            "SUMMARY_CSV", "REPORT_MD"]

@@ -17,8 +17,10 @@ os.umask(_UMASK)
 
 
 def atomic_write(path: Path | str, data: bytes | str | Callable[[BinaryIO], None]) -> None:
-    """Write ``data`` (bytes, text, or a function writing to a binary file) to ``path``."""
+    """Write ``data`` (bytes, text, or a function writing to a binary file) to ``path``,
+    creating its folder if needed."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

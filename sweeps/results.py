@@ -29,12 +29,6 @@ ATTEMPTS = "attempts.jsonl"
 ERROR_FILE = "error.txt"  # in a packed trial's directory: that model's own error (divergence)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Readers (an analysis of a running sweep) never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, text)
-
-
 def run_dir(exp_dir: Path, trial: TrialSpec) -> Path:
     return Path(exp_dir) / trial.dirname / RUN
 
@@ -89,7 +83,7 @@ def to_csv(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 def write_results(exp_dir: Path, trials: Sequence[TrialSpec]) -> int:
     """Rewrite ``results.csv`` atomically; returns the number of rows."""
     columns, rows = collect(exp_dir, trials)
-    atomic_write_text(Path(exp_dir) / RESULTS, to_csv(columns, rows))
+    atomic_write(Path(exp_dir) / RESULTS, to_csv(columns, rows))
     return len(rows)
 
 
@@ -182,4 +176,4 @@ def write_trials(
                 error,
             ]
         )
-    atomic_write_text(Path(exp_dir) / TRIALS, to_csv(columns, rows))
+    atomic_write(Path(exp_dir) / TRIALS, to_csv(columns, rows))

@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from icl.config import build_config, cache_dir, data_root, read_yaml
 from icl.errors import UserError
+from icl.io import atomic_write
 from sweeps import results as res
 from sweeps.spec import (
     PackSpec,
@@ -145,7 +146,7 @@ def _maybe_inject(trial_dir: Path, trial_id: str, fault: Fault | None, step: int
     done = int(counter.read_text()) if counter.exists() else 0
     if fault.times is not None and done >= fault.times:
         return
-    res.atomic_write_text(counter, str(done + 1))
+    atomic_write(counter, str(done + 1))
     raise RuntimeError(f"injected fault #{done + 1} in trial {trial_id} at step {step} ({FAULTS_ENV})")
 
 
@@ -375,7 +376,7 @@ def run_pack(
     except PackedTrainingDiverged as e:
         reporter.flush()
         for k, message in sorted(e.diverged.items()):
-            res.atomic_write_text(trial_dirs[k] / res.ERROR_FILE, f"TrainingDiverged: {message}\n")
+            atomic_write(trial_dirs[k] / res.ERROR_FILE, f"TrainingDiverged: {message}\n")
         names = "; ".join(f"{members[k]}: {msg}" for k, msg in sorted(e.diverged.items()))
         raise TrainingDiverged(
             f"{len(e.diverged)} of {len(members)} models of pack {pack_id} diverged (the others finished): {names}"
@@ -765,7 +766,7 @@ def run_sweep(
         held.callback(lock_experiment(exp_dir).close)  # released when run_sweep returns
         state = experiment_state(spec)  # again, under the lock
         if not (exp_dir / SPEC_FILE).exists():
-            res.atomic_write_text(exp_dir / SPEC_FILE, saved_yaml(spec))
+            atomic_write(exp_dir / SPEC_FILE, saved_yaml(spec))
         done = finished_trials(exp_dir, trials)
         where = "cluster " + opts.address if opts.address else "embedded Ray"
         print(

@@ -230,7 +230,6 @@ def load_images(root: Path, cache: Path, image_size: int) -> tuple[np.ndarray, S
         "sha256": _digest(array),
     }
     try:
-        cache.mkdir(parents=True, exist_ok=True)
         atomic_write(npy, lambda f: np.save(f, array, allow_pickle=False))
         atomic_write(meta_path, json.dumps(meta, indent=1))
     except OSError as e:
