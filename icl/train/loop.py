@@ -127,6 +127,14 @@ def write_logs(out_dir: Path, state: RunState) -> dict[str, bytes]:
     return files
 
 
+def divergence_message(ckpt_root: Path, first: int, last: int) -> str:
+    """Why a run stopped on a non-finite loss, and what it kept."""
+    have = ckpt.list_checkpoints(ckpt_root)
+    kept = f"the last good checkpoint {have[-1]} is kept" if have else "no checkpoint had been written"
+    return (f"training loss became non-finite between steps {first} and {last}; the run stopped and {kept}; "
+            "lower optim.lr or raise optim.warmup_steps")
+
+
 def evaluation_row(
     cfg: Config, step: int, since_eval: int, train_loss: float, correct: float, lr: float,
     metrics: dict[str, float], train_s: float, eval_s: float, wall_s: float,
@@ -251,12 +259,7 @@ def train(cfg: Config, out_dir: Path | str, *, on_eval: OnEval | None = None, pr
         train_loss = float(loss_sum) / since_eval  # the one host sync per evaluation
         if not math.isfinite(train_loss):
             bar.close()
-            last = ckpt.list_checkpoints(ckpt_root)
-            kept = f"the last good checkpoint {last[-1]} is kept" if last else "no checkpoint had been written"
-            raise TrainingDiverged(
-                f"training loss became non-finite between steps {step - since_eval} and {step}; "
-                f"the run stopped and {kept}; lower optim.lr or raise optim.warmup_steps"
-            )
+            raise TrainingDiverged(divergence_message(ckpt_root, step - since_eval, step))
         train_s = time.perf_counter() - seg_start
         t0 = time.perf_counter()
         metrics, heads = evaluate(model, data, cfg)

@@ -85,6 +85,7 @@ from icl.train.evaluate import autocast, evaluate
 from icl.train.loop import (
     RunState,
     TrainingDiverged,
+    divergence_message,
     evaluation_row,
     log_evaluation,
     prepare_run_dir,
@@ -592,10 +593,7 @@ def _run_group(
         for i in list(alive):
             if not math.isfinite(losses[i]):
                 k = group[i]
-                have = ckpt.list_checkpoints(out_dirs[k] / "checkpoints")
-                kept = f"its last good checkpoint {have[-1]} is kept" if have else "no checkpoint had been written"
-                bad[k] = (f"training loss became non-finite between steps {step - since_eval} and {step}; "
-                          f"{kept}; lower optim.lr or raise optim.warmup_steps")
+                bad[k] = divergence_message(out_dirs[k] / "checkpoints", step - since_eval, step)
                 alive.remove(i)
         evals = {}
         for i in alive:
