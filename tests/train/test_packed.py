@@ -116,19 +116,25 @@ def test_on_eval_reports_every_model_with_its_checkpoint(runs):
         assert ck == root / f"packed{k}" / "checkpoints" / f"step_{step:09d}"
 
 
-def test_resumed_pack_continues_exactly_and_plain_train_resumes_a_packed_run(runs, tmp_path):
-    root, cfgs, _, _ = runs
+def interrupted_pack(cfgs, tmp_path, model: int, step: int) -> list:
+    """Run directories of a pack stopped by an exception when ``model`` reports ``step``."""
 
     class Stop(Exception):
         pass
 
     def stop(k, row, ck):
-        if k == 2 and row["step"] == 50:
+        if k == model and row["step"] == step:
             raise Stop
 
-    dirs = [tmp_path / f"p{k}" for k in range(3)]
+    dirs = [tmp_path / f"p{k}" for k in range(len(cfgs))]
     with pytest.raises(Stop):
         train_packed(cfgs, dirs, on_eval=stop)
+    return dirs
+
+
+def test_resumed_pack_continues_exactly_and_plain_train_resumes_a_packed_run(runs, tmp_path):
+    root, cfgs, _, _ = runs
+    dirs = interrupted_pack(cfgs, tmp_path, model=2, step=50)
     shutil.copytree(dirs[0], tmp_path / "alone0")
     train_packed(cfgs, dirs)  # all three resume from step 50
     for k in range(3):
@@ -143,17 +149,7 @@ def test_resumed_pack_continues_exactly_and_plain_train_resumes_a_packed_run(run
 def test_models_checkpointed_at_different_steps_are_brought_level(runs, tmp_path):
     """A crash between two models' saves leaves them one checkpoint apart."""
     root, cfgs, _, _ = runs
-
-    class Stop(Exception):
-        pass
-
-    def stop(k, row, ck):
-        if k == 1 and row["step"] == 100:
-            raise Stop
-
-    dirs = [tmp_path / f"p{k}" for k in range(3)]
-    with pytest.raises(Stop):
-        train_packed(cfgs, dirs, on_eval=stop)
+    dirs = interrupted_pack(cfgs, tmp_path, model=1, step=100)
     assert [int(science(d)["step"].iloc[-1]) for d in dirs] == [100, 100, 50]
     calls = []
     results = train_packed(cfgs, dirs, on_eval=lambda k, row, ck: calls.append((k, int(row["step"]))))
