@@ -27,6 +27,7 @@ N_DRAWERS = 20
 N_VARIANTS = 8
 CONTEXT_LEN = 8  # (image, label) pairs before the query
 SEQ_LEN = CONTEXT_LEN + 1  # items per sequence, query last
+MAX_ROWS = 1_000_000  # sequences per batch or evaluation set (the sampler's counters: icl.data.rng)
 
 
 @dataclass
@@ -267,7 +268,8 @@ def _require(ok: bool, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Range checks that make a run impossible or meaningless; messages say how to fix."""
     d, m, o, t, e = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.eval
-    _require(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
+    _require(0 <= cfg.seed < 2**32, f"seed must be in [0, 2^32), got {cfg.seed}")
+    _require(0 <= e.seed < 2**32, f"eval.seed must be in [0, 2^32), got {e.seed}")
     _require(0.0 <= d.p_bursty <= 1.0, f"data.p_bursty must be in [0, 1], got {d.p_bursty}")
     _require(d.zipf_exponent >= 0.0, f"data.zipf_exponent must be >= 0, got {d.zipf_exponent}")
     _require(
@@ -282,7 +284,7 @@ def validate(cfg: Config) -> None:
         + ("" if d.augment else "; set data.augment=true for up to 12800"),
     )
     _require(8 <= d.image_size <= 105, f"data.image_size must be in [8, 105] pixels, got {d.image_size}")
-    _require(e.n_sequences >= 1, f"eval.n_sequences must be >= 1, got {e.n_sequences}")
+    _require(1 <= e.n_sequences <= MAX_ROWS, f"eval.n_sequences must be in [1, {MAX_ROWS}], got {e.n_sequences}")
     _require(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
     _require(e.ece_bins >= 1, f"eval.ece_bins must be >= 1, got {e.ece_bins}")
     embedders = ("resnet", "linear", "frozen")
@@ -302,8 +304,8 @@ def validate(cfg: Config) -> None:
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
     _require(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
-    _require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
-    _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    _require(1 <= t.steps < 2**32, f"train.steps must be in [1, 2^32), got {t.steps}")
+    _require(1 <= t.batch_size <= MAX_ROWS, f"train.batch_size must be in [1, {MAX_ROWS}], got {t.batch_size}")
     _require(t.eval_every >= 1, f"train.eval_every must be >= 1, got {t.eval_every}")
     _require(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
     _require(

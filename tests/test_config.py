@@ -258,6 +258,11 @@ def test_num_classes_limits_with_augmentation():
         ({"data.image_size": 106}, "data.image_size"),
         ({"eval.n_sequences": 0}, "eval.n_sequences"),
         ({"seed": -1}, "seed"),
+        ({"seed": 2**32}, "seed"),  # the data's random words are keyed by 32-bit seeds and steps
+        ({"eval.seed": 2**32}, "eval.seed"),
+        ({"train.steps": 2**32}, "train.steps"),
+        ({"train.batch_size": 1_000_001}, "train.batch_size"),
+        ({"eval.n_sequences": 1_000_001}, "eval.n_sequences"),
         ({"model.embedder": "vit"}, "model.embedder"),
         ({"optim.schedule": "linear"}, "optim.schedule"),
         ({"train.device": "tpu"}, "train.device"),

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Sequence
 
 import torch
+from einops import rearrange
 
 from icl.config import Config, cache_dir, data_root
 from icl.data.evalsets import EvalSets, build_eval_sets
 from icl.data.images import ImageBank
 from icl.data.omniglot import Source, load_images
-from icl.data.sequences import Sequences, sample_training, step_generator, zipf_weights
+from icl.data.rng import Categorical, Draws, random_words
+from icl.data.sequences import Sequences, sample_training, zipf_weights
 from icl.data.split import Split, split_for
 from icl.errors import UserError
 
@@ -37,14 +40,20 @@ class StudyData:
         return torch.as_tensor(self.split.train_classes, device=self.device)
 
     @cached_property
-    def weights(self) -> torch.Tensor:
-        return zipf_weights(self.split.num_classes, self.cfg.data.zipf_exponent, self.device)
+    def class_dist(self) -> Categorical:
+        """Zipf weights over the training list, as exact integer masses."""
+        return Categorical.from_weights(zipf_weights(self.split.num_classes, self.cfg.data.zipf_exponent, self.device))
 
-    def train_batch(self, step: int, batch_size: int | None = None) -> Sequences:
-        """The training batch of ``step``: a pure function of (config, seed, step)."""
-        g = step_generator(self.cfg.seed, step, self.device)
+    def train_batch(self, step: int, batch_size: int | None = None, seeds: Sequence[int] | None = None) -> Sequences:
+        """The training batch of ``step``: a pure function of (config, seed, step).
+
+        With ``seeds``, the batches of several runs that differ only in their seed, made by
+        one set of kernels and stacked: rows ``k*B .. (k+1)*B - 1`` are ``seeds[k]``'s batch,
+        exactly what that run's own ``train_batch(step)`` returns (a pack of models)."""
         n = batch_size or self.cfg.train.batch_size
-        return sample_training(n, self.train_classes, self.weights, self.cfg.data.p_bursty, g)
+        words = random_words([self.cfg.seed] if seeds is None else seeds, step, "train", n, self.device)
+        draws = Draws(rearrange(words, "k n w -> (k n) w"))
+        return sample_training(draws, self.train_classes, self.class_dist, self.cfg.data.p_bursty)
 
     @cached_property
     def eval_sets(self) -> EvalSets:

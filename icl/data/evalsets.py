@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from icl.data.sequences import Sequences, sample_icl, sample_iwl, seeded_generator, zipf_weights
+from icl.data.rng import Categorical, Draws, random_words
+from icl.data.sequences import Sequences, sample_icl, sample_iwl, zipf_weights
 from icl.data.split import Split
 
 EVAL_SETS = ("icl", "iwl", "icl_train")
@@ -37,18 +37,18 @@ class EvalSets:
         return EvalSets(*(s.to(device) for _, s in self.items()))
 
 
-def _generator(eval_seed: int, which: str) -> torch.Generator:
-    mixed = np.random.SeedSequence([eval_seed, EVAL_SETS.index(which)]).generate_state(1)[0]
-    return seeded_generator(int(mixed))
+def _draws(eval_seed: int, which: str, n: int) -> Draws:
+    """Each set its own stream of ``eval.seed`` (the training streams never meet them)."""
+    return Draws(random_words(eval_seed, 0, which, n))
 
 
 def build_eval_sets(split: Split, n: int, eval_seed: int, zipf_exponent: float) -> EvalSets:
-    """On the CPU, so the sets are the same whichever device trains."""
+    """On the CPU (the sets are the same on every device anyway, and moved once)."""
     train = torch.as_tensor(split.train_classes)
     holdout = torch.as_tensor(split.holdout_classes)
-    weights = zipf_weights(len(train), zipf_exponent)
+    dist = Categorical.from_weights(zipf_weights(len(train), zipf_exponent))
     return EvalSets(
-        icl=sample_icl(n, holdout, _generator(eval_seed, "icl")),
-        iwl=sample_iwl(n, train, weights, _generator(eval_seed, "iwl")),
-        icl_train=sample_icl(n, train, _generator(eval_seed, "icl_train")),
+        icl=sample_icl(_draws(eval_seed, "icl", n), holdout),
+        iwl=sample_iwl(_draws(eval_seed, "iwl", n), train, dist),
+        icl_train=sample_icl(_draws(eval_seed, "icl_train", n), train),
     )

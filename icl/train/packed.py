@@ -14,7 +14,8 @@ Each model keeps everything that makes it *its own run*:
 - **init**: model ``k`` is built exactly as ``icl.train.train`` builds it
   (``torch.manual_seed(seed_k); build_model(cfg_k)``), then copied into the stack;
 - **data**: ``StudyData.train_batch(step)`` of its own config, a pure function of
-  (seed, step), so model ``k`` sees exactly the batches it would see alone;
+  (seed, step), so model ``k`` sees exactly the batches it would see alone (the pack makes
+  all K batches in one call, ``train_batch(step, seeds=[...])``);
 - **optimiser**: AdamW for stacked parameters (:class:`PackedAdamW`): the same update as
   ``torch.optim.AdamW`` (decoupled decay ``p *= 1 - lr * wd``, bias-corrected moments, same
   operation order), with a per-model weight-decay vector applied to exactly the decay group
@@ -44,9 +45,9 @@ and the AdamW update is a handful of element-wise kernels over whole ``[K, N]`` 
 whatever the number of layers. The step loop never synchronises with the device:
 per-step scalars (step size, bias correction, per-model decay factors) are precomputed on
 the host for each evaluation interval and copied once; losses and accuracies accumulate on
-the device and are read at evaluation. On CUDA the K batches are sampled on a side stream,
-one step ahead, so the data layer's own host synchronisations (a ``torch.tensor`` constant
-copied to the device per batch) wait for the sampling kernels only, never for training.
+the device and are read at evaluation. The K batches come from one sampling call
+(``StudyData.train_batch(step, seeds=...)``: counter-based random words keyed by each
+model's seed), so sampling costs the same kernels whatever K is.
 
 Resuming. Each model resumes from its newest intact checkpoint. Models whose newest
 checkpoints are at different steps (a crash between two models' saves, a model trained
@@ -73,6 +74,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -332,8 +334,7 @@ class PackedTrainer:
         self.cfg = cfgs[0]
         self._leaves = [self.pack.params[s.name] for s in self.pack.slots]
         self._losses = self._loss_fn
-        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._prefetched: tuple[int, Tensor, Tensor] | None = None
+        self.seeds = [c.seed for c in self.cfgs]
         if cuda_graphs and self.device.type != "cuda":
             raise UserError(f"CUDA graphs need a CUDA device; this pack runs on {self.device} (drop cuda_graphs)")
         if compile or cuda_graphs:
@@ -348,38 +349,14 @@ class PackedTrainer:
     def models(self) -> list[SequenceModel]:
         return self.pack.models
 
-    def make_batch(self, index: int) -> tuple[Tensor, Tensor]:
-        """Every model's training batch ``index``: images ``[K, B, 9, S, S]``, labels ``[K, B, 9]``."""
-        batches = [d.train_batch(index) for d in self.datas]
-        classes = torch.stack([b.classes for b in batches])
-        exemplars = torch.stack([b.exemplars for b in batches])
-        labels = torch.stack([b.labels for b in batches])
-        return self.datas[0].bank.render(classes, exemplars), labels
-
     def batch(self, index: int) -> tuple[Tensor, Tensor]:
-        """:meth:`make_batch`; on CUDA sampled on a side stream (prefetched by the previous
-        step when it can be), so the sampler's own host synchronisations (``torch.tensor``
-        constants, ``multinomial``'s argument checks) wait only for the sampling kernels,
-        never for the training kernels queued on the main stream."""
-        if self._stream is None:
-            return self.make_batch(index)
-        if self._prefetched is not None and self._prefetched[0] == index:
-            _, images, labels = self._prefetched
-        else:
-            with torch.cuda.stream(self._stream):
-                images, labels = self.make_batch(index)
-        self._prefetched = None
-        main = torch.cuda.current_stream(self.device)
-        main.wait_stream(self._stream)
-        images.record_stream(main)  # allocated on the side stream, consumed on the main one
-        labels.record_stream(main)
-        return images, labels
-
-    def prefetch(self, index: int) -> None:
-        """Start sampling batch ``index`` on the side stream (CUDA; a no-op on the CPU)."""
-        if self._stream is not None:
-            with torch.cuda.stream(self._stream):
-                self._prefetched = (index, *self.make_batch(index))
+        """Every model's training batch ``index``, made by one set of kernels for the whole
+        pack: images ``[K, B, 9, S, S]``, labels ``[K, B, 9]``."""
+        data = self.datas[0]  # the models differ only in seed and weight decay
+        b = data.train_batch(index, seeds=self.seeds)
+        images = data.bank.render(b.classes, b.exemplars)
+        k = len(self.seeds)
+        return rearrange(images, "(k b) ... -> k b ...", k=k), rearrange(b.labels, "(k b) n -> k b n", k=k)
 
     def _loss_fn(self, params: dict[str, Tensor], buffers: dict[str, Tensor], images: Tensor, labels: Tensor):
         with autocast(self.cfg, images.device):
@@ -396,7 +373,6 @@ class PackedTrainer:
         losses, correct = self._losses(self.pack.params, self.pack.buffers, images, labels)
         grads = torch.autograd.grad(losses.sum(), self._leaves)  # sum: model k's grad is its own loss's
         self.optimizer.step(t, self.pack.grads_flat(grads))
-        self.prefetch(t)  # the next step's batch, sampled while this step's kernels run
         return losses.detach(), correct
 
     # ------------------------------------------------------------------ per-model state
@@ -512,7 +488,7 @@ def data_for(cfg: Config, shared: StudyData) -> StudyData:
     """Model ``cfg``'s data (its own training stream) over the pack's one copy of the images,
     class split and evaluation sets (equal for every model of a pack)."""
     data = StudyData(cfg, shared.source, shared.split, shared.bank)
-    for name in ("train_classes", "weights", "eval_sets"):  # equal for every model of a pack
+    for name in ("train_classes", "class_dist", "eval_sets"):  # equal for every model of a pack
         data.__dict__[name] = getattr(shared, name)
     return data
 

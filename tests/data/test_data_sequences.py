@@ -14,14 +14,13 @@ import torch
 from icl.config import N_CHARACTERS, build_config
 from icl.data import load_data
 from icl.data.evalsets import build_eval_sets
+from icl.data.rng import Categorical, Draws, random_words
 from icl.data.sequences import (
     Sequences,
     assign_exemplars,
     sample_icl,
     sample_iwl,
     sample_training,
-    seeded_generator,
-    step_generator,
     zipf_weights,
 )
 from icl.data.split import make_split
@@ -40,9 +39,17 @@ def holdout_list(augment: bool = False) -> torch.Tensor:
     return torch.as_tensor(make_split(N_CHARACTERS, 23, 4, augment, 1337).holdout_classes)
 
 
+def draws(n: int, seed: int = 0, step: int = 0, device: str = "cpu") -> Draws:
+    return Draws(random_words(seed, step, "train", n, device))
+
+
+def zipf(k: int, a: float, device: str = "cpu") -> Categorical:
+    return Categorical.from_weights(zipf_weights(k, a, device))
+
+
 def train(n: int, k: int, p: float, a: float = 0.0, seed: int = 0, augment: bool = False) -> tuple[Sequences, torch.Tensor]:
     classes = train_list(k, augment)
-    return sample_training(n, classes, zipf_weights(k, a), p, seeded_generator(seed)), classes
+    return sample_training(draws(n, seed), classes, zipf(k, a), p), classes
 
 
 def within(count: int | float, n: int, p: float, sigmas: float = 5.0) -> bool:
@@ -188,9 +195,9 @@ def test_zipf_with_bursts_still_ranks_classes():
 
 def test_zipf_weights():
     w = zipf_weights(5, 1.0)
-    assert w.dtype == torch.float32
-    torch.testing.assert_close(w, torch.tensor([60, 30, 20, 15, 12]) / 137.0)
-    torch.testing.assert_close(zipf_weights(4, 0.0), torch.full((4,), 0.25))
+    assert w.dtype == torch.float64
+    torch.testing.assert_close(w, torch.tensor([60, 30, 20, 15, 12], dtype=torch.float64) / 137.0)
+    torch.testing.assert_close(zipf_weights(4, 0.0), torch.full((4,), 0.25, dtype=torch.float64))
 
 
 def test_exemplars_uniform_over_drawers():
@@ -201,7 +208,7 @@ def test_exemplars_uniform_over_drawers():
 
 def test_assign_exemplars_without_replacement_even_for_one_class():
     classes = torch.zeros(1000, 9, dtype=torch.long)  # 9 items of a single class
-    e = assign_exemplars(classes, seeded_generator(0))
+    e = assign_exemplars(classes, draws(1000))
     assert all(len(set(row)) == 9 for row in e.tolist())
 
 
@@ -268,7 +275,7 @@ def test_iwl_set(a):
 
 def test_iwl_with_the_minimum_of_four_classes():
     classes = train_list(4)
-    s = sample_iwl(2000, classes, zipf_weights(4, 0.0), seeded_generator(0))
+    s = sample_iwl(draws(2000), classes, zipf(4, 0.0))
     assert not query_in_context(s).any()
     assert_fixed_labels(s, classes)
 
@@ -323,28 +330,31 @@ def test_batch_is_a_function_of_seed_and_step(tiny):
     assert len(tiny.train_batch(5, batch_size=40)) == 40
 
 
-def test_step_generator_streams_differ():
-    draws = {(seed, step): torch.rand(4, generator=step_generator(seed, step)) for seed in (0, 1) for step in (0, 1, 2)}
-    values = list(draws.values())
-    assert all(not torch.equal(values[i], values[j]) for i in range(len(values)) for j in range(i))
-    assert torch.equal(draws[(0, 1)], torch.rand(4, generator=step_generator(0, 1)))
+def test_pack_batches_equal_each_seeds_own_batch(tiny):
+    seeds = [0, 7, 3]
+    packed = tiny.train_batch(5, seeds=seeds)
+    assert len(packed) == 3 * 16
+    for k, seed in enumerate(seeds):
+        alone = load_data(build_config("tiny", {"seed": seed})).train_batch(5)
+        assert same(packed[16 * k : 16 * (k + 1)], alone), f"seed {seed}"
+
+
+def test_a_larger_batch_starts_with_the_smaller_one(tiny):
+    assert same(tiny.train_batch(5, batch_size=40)[:16], tiny.train_batch(5))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_generator_on_device(device):
-    classes = train_list(64).to(device)
-    weights = zipf_weights(64, 1.0, device)
-    s = sample_training(512, classes, weights, 0.9, step_generator(0, 0, device))
+    """Integer arithmetic only: every device draws exactly the CPU's sequences."""
+    classes = train_list(64)
+    s = sample_training(draws(512, device=device), classes.to(device), zipf(64, 1.0, device), 0.9)
     assert s.classes.device.type == device
-    again = sample_training(512, classes, weights, 0.9, step_generator(0, 0, device))
-    assert same(s, again)
-    s = s.to("cpu")
-    assert_fixed_labels(s, classes.cpu())
-    assert_exemplars_distinct_per_class(s)
-    icl = sample_icl(256, holdout_list().to(device), step_generator(0, 1, device))
-    iwl = sample_iwl(256, classes, weights, step_generator(0, 2, device))
+    assert same(s.to("cpu"), sample_training(draws(512), classes, zipf(64, 1.0), 0.9))
+    icl = sample_icl(draws(256, step=1, device=device), holdout_list().to(device))
+    iwl = sample_iwl(draws(256, step=2, device=device), classes.to(device), zipf(64, 1.0, device))
     assert icl.classes.device.type == device and iwl.classes.device.type == device
-    assert not query_in_context(iwl.to("cpu")).any()
+    assert same(icl.to("cpu"), sample_icl(draws(256, step=1), holdout_list()))
+    assert same(iwl.to("cpu"), sample_iwl(draws(256, step=2), classes, zipf(64, 1.0)))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -356,6 +366,8 @@ def test_study_data_on_device(device):
     x = data.bank.render(batch.classes, batch.exemplars)
     assert x.shape == (16, 9, 14, 14) and x.device.type == device and 0 <= x.min() and x.max() <= 1
     assert data.eval_sets.icl.classes.device.type == device
-    # the evaluation sets are built on the CPU: the same on every device
+    # the evaluation sets and the training batches are the same on every device
     cpu_sets = build_eval_sets(data.split, 128, 2024, 0.0)
     assert torch.equal(data.eval_sets.icl.classes.cpu(), cpu_sets.icl.classes)
+    cpu = load_data(build_config("tiny", {"data.augment": True, "data.num_classes": 100}))
+    assert same(batch.to("cpu"), cpu.train_batch(0))

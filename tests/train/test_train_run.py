@@ -134,7 +134,7 @@ def test_a_non_empty_directory_without_a_run_is_refused(tmp_path, capsys):
         ("model.heads=5", "must divide model.d_model"),
         ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
         ("optim.lr=-1", "optim.lr must be a positive"),
-        ("train.steps=0", "train.steps must be >= 1"),
+        ("train.steps=0", "train.steps must be in [1, 2^32)"),
         ("train.checkpoint_every=75", "multiple of train.eval_every"),
         ("model.embedder=vit", "model.embedder must be one of"),
         ("model.layers=two", "must be an integer"),
