@@ -3,13 +3,12 @@
     python benchmarks/dispatch_count.py [--config tiny] [--set k=v ...] [--pack 1 4 16 64] [--json FILE]
 
 A tiny model on a GPU is bound by how many kernels the host launches per step, not by
-arithmetic (STUDY.md's model: 12 layers, width 64, batch 32). This script counts the ATen
-operators the packed trainer dispatches per step (``TorchDispatchMode``: every operator that
-reaches a device kernel, after ``vmap``'s batching rules; views, which launch none, are not
-counted) for several pack sizes K, split
-into *sampling* (making the K batches) and the *rest* (forward, backward, AdamW), and lists
-every operator in the step that makes the host wait for the device (``.item()``,
-``nonzero``, device-to-host copies). Counts are the same on CPU and GPU for the same code, so
+arithmetic (STUDY.md's model: 12 layers, width 64, batch 32). This script counts the
+kernels the packed trainer launches per step (:class:`icl.train.kernels.KernelCounter`) for
+several pack sizes K, split into *sampling* (making the K batches) and the *rest* (forward,
+backward, AdamW, with AdamW in one pass over the pack as on CUDA), and lists every operator
+in the step that makes the host wait for the device (``.item()``, ``nonzero``,
+device-to-host copies). Counts are the same on CPU and GPU for the same code, so
 they can be measured here. Ideal: counts that do not grow with K (one set of kernels for the
 whole pack) and no synchronising operator at all. Also reported: CPU wall time per sampling
 call (what the host spends building the K batches).
@@ -21,11 +20,9 @@ import argparse
 import json
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -34,45 +31,12 @@ from throughput import pack_configs  # noqa: E402
 from icl.config import load_config  # noqa: E402
 from icl.data import load_data  # noqa: E402
 from icl.model import build_model  # noqa: E402
+from icl.train.kernels import KernelCounter  # noqa: E402
 from icl.train.packed import PackedTrainer, data_for  # noqa: E402
 
-# Operators that read a device value on the host (a synchronisation on a GPU).
-SYNCING = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
-           "aten.unique.default", "aten._unique2.default", "aten.equal.default", "aten.is_nonzero.default"}
 
-
-class OpCounter(TorchDispatchMode):
-    """Counts dispatched operators; ``syncs`` lists those that wait for the device."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter[str] = Counter()  # operators that run a kernel (views excluded: they launch none)
-        self.views = 0
-        self.syncs: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        if func.is_view:
-            self.views += 1
-        else:
-            self.ops[name] += 1
-        out = func(*args, **(kwargs or {}))
-        if name in SYNCING:
-            self.syncs.append(name)
-        elif name in ("aten._to_copy.default", "aten.copy_.default"):
-            src = args[1] if name == "aten.copy_.default" else args[0]
-            dst = args[0] if name == "aten.copy_.default" else out
-            if isinstance(src, torch.Tensor) and src.device != dst.device:
-                self.syncs.append(f"{name} {src.device}->{dst.device}")
-        return out
-
-    @property
-    def total(self) -> int:
-        return sum(self.ops.values())
-
-
-def count(fn) -> OpCounter:
-    with OpCounter() as c:
+def count(fn) -> KernelCounter:
+    with KernelCounter() as c:
         fn()
     return c
 
@@ -97,8 +61,8 @@ def measure(config: str, overrides: list[str], packs: list[int], repeats: int) -
         for i in range(repeats):
             trainer.batch(i)
         ms = (time.perf_counter() - t0) / repeats * 1e3
-        row = {"pack": k, "sampling_ops": sampling.total, "step_ops": step.total,
-               "rest_ops": step.total - sampling.total, "syncs_in_step": step.syncs,
+        row = {"pack": k, "sampling_ops": sampling.kernels, "step_ops": step.kernels,
+               "rest_ops": step.kernels - sampling.kernels, "syncs_in_step": step.syncs,
                "sampling_ms_cpu": round(ms, 3)}
         rows.append(row)
         print(f"K={k:3d}: sampling {row['sampling_ops']:5d} ops ({ms:7.2f} ms on CPU), "

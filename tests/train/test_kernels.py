@@ -1,0 +1,83 @@
+"""What a training step asks of the device, counted on any device: no host synchronisation in
+the step loop, and one set of sampling kernels however many models a pack holds."""
+
+import pytest
+import torch
+
+from icl.config import load_config, replace
+from icl.data import load_data
+from icl.model import build_model
+from icl.train.kernels import KernelCounter
+from icl.train.loop import train_step
+from icl.train.optim import make_optimizer
+from icl.train.packed import PackedTrainer, data_for
+
+
+def test_counter_sees_kernels_syncs_and_device_copies():
+    a, b = torch.ones(3), torch.arange(3.0)
+    with KernelCounter() as k:
+        c = a + b
+        c.view(3, 1)  # a view launches no kernel
+        float(c.sum())  # .item(): the host waits for the device
+        torch.nonzero(c)  # output size depends on the data: waits too
+    assert k.ops["aten.add.Tensor"] == 1 and k.views == 1
+    assert k.kernels == 4  # add, sum, the scalar read, nonzero
+    assert k.syncs == ["aten._local_scalar_dense.default", "aten.nonzero.default"]
+    host, device = torch.tensor(1.0), torch.tensor(2.0)
+    with KernelCounter(host_tensors=[host]) as k:  # a host-side value: reading it is no sync
+        float(host)
+        float(device)
+    assert k.syncs == ["aten._local_scalar_dense.default"]
+    if torch.cuda.is_available():
+        with KernelCounter() as k:
+            a.to("cuda")
+        assert k.syncs == ["aten._to_copy.default cpu->cuda:0"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_config("tiny", ["train.device=cpu"])
+    return cfg, load_data(cfg)
+
+
+def test_a_training_step_never_waits_for_the_device(tiny):
+    cfg, data = tiny
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = make_optimizer(model, cfg.optim)
+    train_step(model, opt, data, 0, cfg)  # first step: optimiser state, caches
+    # torch's AdamW keeps its step counters on the host (also when training on a GPU)
+    steps = [state["step"] for state in opt.state.values()]
+    with KernelCounter(host_tensors=steps) as k:
+        loss, correct = train_step(model, opt, data, 1, cfg)
+    assert k.syncs == [] and k.kernels > 0
+    with KernelCounter(host_tensors=steps) as k:
+        float(train_step(model, opt, data, 2, cfg)[0])  # what logging the loss every step would cost
+    assert k.syncs == ["aten._local_scalar_dense.default"]
+
+
+def packed_trainer(cfg, data, k: int) -> PackedTrainer:
+    cfgs = [replace(cfg, **{"seed": s, "optim.weight_decay": 0.1 * (1 + s % 2)}) for s in range(k)]
+    models = []
+    for c in cfgs:
+        torch.manual_seed(c.seed)
+        models.append(build_model(c))
+    trainer = PackedTrainer(models, cfgs, [data_for(c, data) for c in cfgs])
+    trainer.optimizer.schedule(1, 10)
+    trainer.optimizer.chunks = [(0, trainer.pack.flat.shape[1])]  # one AdamW pass over the pack, as on CUDA
+    trainer.step(1)
+    return trainer
+
+
+def test_a_pack_launches_the_same_kernels_for_any_number_of_models(tiny):
+    cfg, data = tiny
+    counts = {}
+    for k in (2, 8):  # (K = 1 saves two copies inside vmap's batching rules)
+        trainer = packed_trainer(cfg, data, k)
+        with KernelCounter() as sampling:
+            trainer.batch(1)
+        with KernelCounter() as step:
+            trainer.step(2)
+        assert step.syncs == [], f"K={k}"
+        counts[k] = (sampling.kernels, step.kernels)
+    assert counts[2] == counts[8], counts
