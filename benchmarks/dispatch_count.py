@@ -30,9 +30,8 @@ from throughput import pack_configs  # noqa: E402
 
 from icl.config import load_config  # noqa: E402
 from icl.data import load_data  # noqa: E402
-from icl.model import build_model  # noqa: E402
 from icl.train.kernels import KernelCounter  # noqa: E402
-from icl.train.packed import PackedTrainer, data_for  # noqa: E402
+from icl.train.packed import PackedTrainer  # noqa: E402
 
 
 def count(fn) -> KernelCounter:
@@ -46,12 +45,7 @@ def measure(config: str, overrides: list[str], packs: list[int], repeats: int) -
     shared = load_data(cfg)
     rows = []
     for k in packs:
-        cfgs = pack_configs(cfg, k, [0.0, 1e-3])
-        models = []
-        for c in cfgs:
-            torch.manual_seed(c.seed)
-            models.append(build_model(c))
-        trainer = PackedTrainer(models, cfgs, [data_for(c, shared) for c in cfgs])
+        trainer = PackedTrainer.fresh(pack_configs(cfg, k, [0.0, 1e-3]), shared)
         trainer.optimizer.schedule(1, 100)
         trainer.optimizer.chunks = [(0, trainer.pack.flat.shape[1])]  # one AdamW pass, as on CUDA (the CPU blocks it for the cache)
         trainer.step(1)  # warm-up: caches, allocator

@@ -21,9 +21,8 @@ import torch.nn.functional as F
 
 from icl.config import load_config
 from icl.data import load_data
-from icl.model import build_model
 from icl.train.evaluate import autocast, evaluate
-from icl.train.loop import resolve_device, train_step
+from icl.train.loop import initial_model, resolve_device, train_step
 from icl.train.optim import make_optimizer
 
 
@@ -36,8 +35,7 @@ def profile(preset: str, device_name: str, steps: int) -> dict:
     cfg = load_config(preset, [f"train.device={device_name}"])
     device = resolve_device(cfg.train.device)
     data = load_data(cfg, device)
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device).train()
+    model = initial_model(cfg, device).train()
     opt = make_optimizer(model, cfg.optim)
     for s in range(3):  # warm-up
         train_step(model, opt, data, s, cfg)

@@ -55,10 +55,9 @@ from baseline import NaiveBaseline  # noqa: E402
 from icl.config import Config, load_config, replace  # noqa: E402
 from icl.data import load_data  # noqa: E402
 from icl.errors import UserError  # noqa: E402
-from icl.model import build_model  # noqa: E402
-from icl.train.loop import train_step  # noqa: E402
+from icl.train.loop import initial_model, train_step  # noqa: E402
 from icl.train.optim import lr_at, make_optimizer, set_lr  # noqa: E402
-from icl.train.packed import PackedTrainer, data_for  # noqa: E402
+from icl.train.packed import PackedTrainer  # noqa: E402
 
 DEFAULT_WEIGHT_DECAYS = (0.0, 3e-4, 1e-3, 3e-3, 1e-2)  # STUDY.md's grid
 
@@ -115,8 +114,7 @@ def baseline_method(cfg: Config, device: torch.device) -> Method:
 
 def trainer_method(cfg: Config, device: torch.device, compile: bool) -> Method:
     data = load_data(cfg, device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device).train()
+    model = initial_model(cfg, device).train()
     optimizer = make_optimizer(model, cfg.optim)
     run = torch.compile(model) if compile else model
     loss_sum = torch.zeros((), device=device)
@@ -143,14 +141,8 @@ def pack_configs(cfg: Config, k: int, weight_decays: list[float]) -> list[Config
 
 def packed_method(cfg: Config, device: torch.device, k: int, weight_decays: list[float], total_steps: int,
                   compile: bool, cuda_graphs: bool, name: str = "packed") -> Method:
-    cfgs = pack_configs(cfg, k, weight_decays)
-    shared = load_data(cfg, device)
-    datas = [data_for(c, shared) for c in cfgs]
-    models = []
-    for c in cfgs:
-        torch.manual_seed(c.seed)
-        models.append(build_model(c).to(device))
-    trainer = PackedTrainer(models, cfgs, datas, compile=compile, cuda_graphs=cuda_graphs)
+    trainer = PackedTrainer.fresh(pack_configs(cfg, k, weight_decays), load_data(cfg, device),
+                                  compile=compile, cuda_graphs=cuda_graphs)
     trainer.optimizer.schedule(1, total_steps)
     loss_sum = torch.zeros(k, device=device)
     t = [0]

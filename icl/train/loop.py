@@ -206,6 +206,13 @@ def _number(text: str) -> float | int:
     return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
 
 
+def initial_model(cfg: Config, device: torch.device | str = "cpu") -> SequenceModel:
+    """The model run ``cfg`` starts from, seeded by ``cfg.seed`` alone: a run trained alone,
+    in a pack or in a benchmark starts from the same weights."""
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg).to(device)
+
+
 def train_step(model: SequenceModel, optimizer: torch.optim.Optimizer, data: StudyData, step: int, cfg: Config):
     """One AdamW update on the batch of ``step``; returns (loss, number correct) on device."""
     batch = data.train_batch(step)
@@ -229,8 +236,7 @@ def train(cfg: Config, out_dir: Path | str, *, on_eval: OnEval | None = None, pr
     if t.threads:
         torch.set_num_threads(t.threads)
     data = load_data(cfg, device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device)
+    model = initial_model(cfg, device)
     optimizer = make_optimizer(model, cfg.optim)
     ckpt_root = out_dir / "checkpoints"
     ckpt.remove_temporaries(ckpt_root)

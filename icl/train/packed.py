@@ -86,6 +86,7 @@ from icl.train import checkpoint as ckpt
 from icl.train.evaluate import autocast, evaluate
 from icl.train.loop import (
     RunState,
+    initial_model,
     TrainingDiverged,
     divergence_message,
     evaluation_row,
@@ -345,6 +346,12 @@ class PackedTrainer:
             self._losses = torch.compile(self._loss_fn, mode=mode)
             self.optimizer.compiled = torch.compile(adam_update, mode=mode)
 
+    @classmethod
+    def fresh(cls, cfgs: Sequence[Config], shared: StudyData, **options) -> "PackedTrainer":
+        """A pack of untrained models (each as its run starts) over one copy of the data."""
+        models = [initial_model(c, shared.device) for c in cfgs]
+        return cls(models, cfgs, [data_for(c, shared) for c in cfgs], **options)
+
     @property
     def models(self) -> list[SequenceModel]:
         return self.pack.models
@@ -496,8 +503,7 @@ def data_for(cfg: Config, shared: StudyData) -> StudyData:
 def _finished_row(cfg: Config, out_dir: Path, device: torch.device) -> dict[str, float]:
     """A finished run's last row; refreshes its logs from its checkpoint, as ``train`` does."""
     loaded = ckpt.load_latest(out_dir / "checkpoints")
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
+    model = initial_model(cfg)
     state = restore(loaded, cfg, model, make_optimizer(model, cfg.optim))
     write_logs(out_dir, state)
     return state.rows[-1] if state.rows else {}
@@ -521,10 +527,8 @@ def _run_group(
     ``start`` to ``stop`` as one pack. Returns each surviving model's last row, and the
     diverged ones' messages."""
     t = cfgs[0].train
-    models, states = [], []
-    for k in group:
-        torch.manual_seed(cfgs[k].seed)  # exactly as icl.train.train initialises model k
-        models.append(build_model(cfgs[k]).to(device))
+    states = []
+    models = [initial_model(cfgs[k], device) for k in group]  # exactly as icl.train.train starts model k
     trainer = PackedTrainer(models, [cfgs[k] for k in group], [datas[k] for k in group],
                             compile=compile, cuda_graphs=cuda_graphs)
     for i, k in enumerate(group):

@@ -6,11 +6,10 @@ import torch
 
 from icl.config import load_config, replace
 from icl.data import load_data
-from icl.model import build_model
 from icl.train.kernels import KernelCounter
-from icl.train.loop import train_step
+from icl.train.loop import initial_model, train_step
 from icl.train.optim import make_optimizer
-from icl.train.packed import PackedTrainer, data_for
+from icl.train.packed import PackedTrainer
 
 
 def test_counter_sees_kernels_syncs_and_device_copies():
@@ -42,8 +41,7 @@ def tiny():
 
 def test_a_training_step_never_waits_for_the_device(tiny):
     cfg, data = tiny
-    torch.manual_seed(0)
-    model = build_model(cfg)
+    model = initial_model(cfg)
     opt = make_optimizer(model, cfg.optim)
     train_step(model, opt, data, 0, cfg)  # first step: optimiser state, caches
     # torch's AdamW keeps its step counters on the host (also when training on a GPU)
@@ -58,11 +56,7 @@ def test_a_training_step_never_waits_for_the_device(tiny):
 
 def packed_trainer(cfg, data, k: int) -> PackedTrainer:
     cfgs = [replace(cfg, **{"seed": s, "optim.weight_decay": 0.1 * (1 + s % 2)}) for s in range(k)]
-    models = []
-    for c in cfgs:
-        torch.manual_seed(c.seed)
-        models.append(build_model(c))
-    trainer = PackedTrainer(models, cfgs, [data_for(c, data) for c in cfgs])
+    trainer = PackedTrainer.fresh(cfgs, data)
     trainer.optimizer.schedule(1, 10)
     trainer.optimizer.chunks = [(0, trainer.pack.flat.shape[1])]  # one AdamW pass over the pack, as on CUDA
     trainer.step(1)
