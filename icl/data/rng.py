@@ -53,11 +53,15 @@ def hash32(x: IntLike) -> IntLike:
     return x ^ (x >> 16)
 
 
-@cache
 def _counters(rows: int, stream: int, device: torch.device) -> Tensor:
-    """``H(counter)`` for a batch of ``rows`` sequences, ``[rows, WORDS]`` (a constant per shape)."""
+    """``H(counter)`` for a batch of ``rows`` sequences, ``[rows, WORDS]``."""
     pos = torch.arange(rows * WORDS, dtype=torch.int64, device=device).view(rows, WORDS)
     return hash32(pos * N_STREAMS + stream)
+
+
+# Training asks for the same shape every step: keep its counters (not the evaluation sets'
+# ones, made once and possibly large).
+_train_counters = cache(_counters)
 
 
 @cache
@@ -86,7 +90,8 @@ def random_words(seeds: int | Sequence[int], step: int, stream: str, rows: int,
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    per_step = hash32(_counters(rows, STREAMS[stream], device) ^ step)  # shared by the pack
+    counters = (_train_counters if stream == "train" else _counters)(rows, STREAMS[stream], device)
+    per_step = hash32(counters ^ step)  # shared by the pack
     words = hash32(_seed_keys(seeds, device) ^ per_step)
     return words[0] if one else words
 
