@@ -24,6 +24,10 @@ SYNCING = frozenset({
 })
 
 
+# Operators that only make a new view of existing memory but are not marked as views.
+METADATA_ONLY = frozenset({"aten._unsafe_view.default"})
+
+
 class KernelCounter(TorchDispatchMode):
     """``with KernelCounter() as k: ...`` -> ``k.kernels`` (operators that run a kernel; views,
     which launch none, are counted apart in ``k.views``) and ``k.syncs`` (operators that make
@@ -44,7 +48,7 @@ class KernelCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = str(func)
-        if func.is_view:
+        if func.is_view or name in METADATA_ONLY:
             self.views += 1
             return out
         self.ops[name] += 1
