@@ -11,8 +11,8 @@ layer instead of K matmuls).
 
 Each model keeps everything that makes it *its own run*:
 
-- **init**: model ``k`` is built exactly as ``icl.train.train`` builds it
-  (``torch.manual_seed(seed_k); build_model(cfg_k)``), then copied into the stack;
+- **init**: model ``k`` starts exactly as ``icl.train.train`` starts it
+  (:func:`~icl.train.loop.initial_model`), then is copied into the stack;
 - **data**: ``StudyData.train_batch(step)`` of its own config, a pure function of
   (seed, step), so model ``k`` sees exactly the batches it would see alone (the pack makes
   all K batches in one call, ``train_batch(step, seeds=[...])``);
@@ -86,10 +86,10 @@ from icl.train import checkpoint as ckpt
 from icl.train.evaluate import autocast, evaluate
 from icl.train.loop import (
     RunState,
-    initial_model,
     TrainingDiverged,
     divergence_message,
     evaluation_row,
+    initial_model,
     log_evaluation,
     prepare_run_dir,
     resolve_device,
