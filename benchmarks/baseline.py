@@ -11,13 +11,14 @@ user writes before thinking about throughput, not a straw man:
   fancy-index per sequence; augmented classes rotated/flipped with numpy), converted to
   float32 in [0, 1], and the batch is copied to the device every step;
 - the model is the project's own (``icl.model.build_model``), trained eagerly with
-  ``torch.optim.AdamW`` over the same decay groups (``icl.train.optim.make_optimizer``) and
-  the same learning-rate schedule, in the config's precision (bf16 autocast on CUDA when
+  ``torch.optim.AdamW`` in PyTorch's default implementation (the trainer uses the fused
+  one) over the same decay groups (``icl.train.optim.make_optimizer(..., fused=False)``) and
+  the same hyperparameters and learning-rate schedule, in the config's precision (bf16 autocast on CUDA when
   ``train.precision`` is bf16, as the trainer), and the loss is read with ``.item()``
   every step (to log it), which synchronises host and device.
 
 The data distribution is the study's, drawn from a numpy stream rather than the trainer's
-seeded per-step torch generators, so the batches are not the trainer's batches; only the
+counter-based sampler, so the batches are not the trainer's batches; only the
 cost is compared. Loading the images (once, before timing) uses the project's data layer.
 
     python benchmarks/baseline.py --config tiny --steps 50      # trains and prints steps/s
@@ -58,7 +59,7 @@ class NaiveBaseline:
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
         self.model = build_model(cfg).to(self.device).train()
-        self.optimizer = make_optimizer(self.model, cfg.optim)
+        self.optimizer = make_optimizer(self.model, cfg.optim, fused=False)  # torch.optim.AdamW as a user writes it
         self.steps_done = 0
 
     def sample_sequence(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -47,6 +47,29 @@ def test_only_the_decay_group_shrinks_under_zero_gradient():
         assert torch.equal(params[n], before[n]), n
 
 
+def test_fused_adamw_is_the_plain_update_within_rounding():
+    """make_optimizer uses PyTorch's fused AdamW (few kernels); it must be the same update as
+    the plain single-tensor one, per group (decay, no decay), through warmup."""
+    (a, cfg), (b, _) = resnet_model(), resnet_model()
+    b.load_state_dict(a.state_dict())
+    start = {n: p.detach().clone() for n, p in a.named_parameters()}
+    cfg.optim.weight_decay = 0.1
+    fused, plain = make_optimizer(a, cfg.optim), make_optimizer(b, cfg.optim, fused=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 6):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            pa.grad = torch.randn(pa.shape, generator=g)
+            pb.grad = pa.grad.clone()
+        for opt in (fused, plain):
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 * step
+            opt.step()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert not torch.equal(pa, start[name]), name  # every tensor moved
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_warmup_then_inverse_sqrt():
     cfg = load_config("paper").optim
     assert lr_at(1, cfg, 500_000) == pytest.approx(3e-4 / 4000)
