@@ -47,7 +47,7 @@ def measure(config: str, overrides: list[str], packs: list[int], repeats: int) -
     for k in packs:
         trainer = PackedTrainer.fresh(pack_configs(cfg, k, [0.0, 1e-3]), shared)
         trainer.optimizer.schedule(1, 100)
-        trainer.optimizer.chunks = [(0, trainer.pack.flat.shape[1])]  # one AdamW pass, as on CUDA (the CPU blocks it for the cache)
+        trainer.optimizer.single_pass()  # AdamW as on CUDA
         trainer.step(1)  # warm-up: caches, allocator
         sampling = count(lambda: trainer.batch(1))
         step = count(lambda: trainer.step(2))

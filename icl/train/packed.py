@@ -265,6 +265,11 @@ class PackedAdamW:
         self.table = torch.zeros(0, 2 + k, device=flat.device, dtype=flat.dtype)
         self.compiled: Callable | None = None
 
+    def single_pass(self) -> None:
+        """Update the whole pack in one pass of each kernel, as on CUDA (on the CPU the update
+        is cache-blocked into chunks): for counting the kernels a GPU step launches."""
+        self.chunks = [(0, self.flat.shape[1])]
+
     def schedule(self, first: int, last: int) -> None:
         """Precompute the scalars of updates ``first..last`` (1-based; one host->device copy)."""
         rows = []

@@ -58,7 +58,7 @@ def packed_trainer(cfg, data, k: int) -> PackedTrainer:
     cfgs = [replace(cfg, **{"seed": s, "optim.weight_decay": 0.1 * (1 + s % 2)}) for s in range(k)]
     trainer = PackedTrainer.fresh(cfgs, data)
     trainer.optimizer.schedule(1, 10)
-    trainer.optimizer.chunks = [(0, trainer.pack.flat.shape[1])]  # one AdamW pass over the pack, as on CUDA
+    trainer.optimizer.single_pass()  # AdamW as on CUDA
     trainer.step(1)
     return trainer
 

@@ -12,6 +12,7 @@ from icl.config import load_config
 from icl.errors import UserError
 from icl.model import build_model
 from icl.train import TIMING_COLUMNS, train
+from icl.train.loop import initial_model
 from icl.train.optim import decay_groups, lr_at, make_optimizer, set_lr
 from icl.train.packed import PackedAdamW, PackedModels, PackedTrainingDiverged, check_packable, train_packed
 
@@ -188,14 +189,10 @@ def test_a_diverging_model_stops_alone_and_the_others_finish(tmp_path):
 
 def test_packed_adamw_is_torch_adamw_with_a_weight_decay_per_model():
     cfgs = configs(extra=["optim.warmup_steps=3"])
-    models = []
-    for cfg in cfgs:
-        torch.manual_seed(cfg.seed)
-        models.append(build_model(cfg))
+    models = [initial_model(cfg) for cfg in cfgs]
     reference = []
     for cfg in cfgs:
-        torch.manual_seed(cfg.seed)
-        m = build_model(cfg)
+        m = initial_model(cfg)
         reference.append((m, make_optimizer(m, cfg.optim, fused=False)))  # torch's own single-tensor AdamW
     pack = PackedModels(models, cfgs[0])
     opt = PackedAdamW(pack.flat, pack.n_decay, cfgs, chunk_elements=3 * 1000)  # chunks of 1000 columns
