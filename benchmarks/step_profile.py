@@ -6,7 +6,7 @@ For each preset it times ``--steps`` real training steps (after a warm-up), phas
 with device synchronisation between phases (so phases add up; the trainer itself never
 synchronises inside a step), and one full evaluation on the fixed sets, amortised over
 the preset's ``eval_every``. Steps/s is also measured without the phase barriers, through
-the trainer's own ``train_step``.
+the trainer's own step (``PackedTrainer.step``, a pack of one as ``icl-train`` runs it).
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ import platform
 import time
 
 import torch
-import torch.nn.functional as F
 
 from icl.config import load_config
 from icl.data import load_data
-from icl.train.evaluate import autocast, evaluate
-from icl.train.loop import initial_model, resolve_device, train_step
-from icl.train.optim import make_optimizer
+from icl.train.evaluate import evaluate
+from icl.train.loop import resolve_device
+from icl.train.pack import PackedTrainer
 
 
 def sync(device: torch.device) -> None:
@@ -35,40 +34,36 @@ def profile(preset: str, device_name: str, steps: int) -> dict:
     cfg = load_config(preset, [f"train.device={device_name}"])
     device = resolve_device(cfg.train.device)
     data = load_data(cfg, device)
-    model = initial_model(cfg, device).train()
-    opt = make_optimizer(model, cfg.optim)
-    for s in range(3):  # warm-up
-        train_step(model, opt, data, s, cfg)
+    trainer = PackedTrainer.fresh([cfg], data)
+    trainer.optimizer.schedule(1, 2 * steps + 3)
+    for t in range(1, 4):  # warm-up
+        trainer.step(t)
     phases = dict.fromkeys(["data", "forward", "backward", "optimizer"], 0.0)
-    for s in range(steps):
+    for t in range(4, steps + 4):  # the phases of PackedTrainer.step, with a barrier after each
         sync(device)
         t0 = time.perf_counter()
-        batch = data.train_batch(s)
-        images = data.bank.render(batch.classes, batch.exemplars)
+        images, labels = trainer.batch(t - 1)
         sync(device)
         t1 = time.perf_counter()
-        with autocast(cfg, device):
-            logits = model(images, batch.labels)
-        loss = F.cross_entropy(logits.float(), batch.targets)
+        losses, _ = trainer.losses(images, labels)
         sync(device)
         t2 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        grad = trainer.gradient(losses)
         sync(device)
         t3 = time.perf_counter()
-        opt.step()
+        trainer.optimizer.step(t, grad)
         sync(device)
         t4 = time.perf_counter()
         for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             phases[k] += dt
     sync(device)
     t0 = time.perf_counter()
-    for s in range(steps):
-        train_step(model, opt, data, s, cfg)
+    for t in range(steps + 4, 2 * steps + 4):
+        trainer.step(t)
     sync(device)
     steps_per_s = steps / (time.perf_counter() - t0)
     t0 = time.perf_counter()
-    evaluate(model, data, cfg)
+    evaluate(trainer.models[0], data, cfg)
     sync(device)
     eval_s = time.perf_counter() - t0
     per_step = {k: v / steps for k, v in phases.items()}

@@ -7,13 +7,14 @@ Methods (all train the same model, ``icl.model.build_model(cfg)``, with AdamW):
 - ``baseline``: ``benchmarks/baseline.py`` — host-side numpy sampling one sequence at a
   time, images gathered on the host and copied to the device every step, eager step,
   ``loss.item()`` every step;
-- ``trainer``: the project's step, ``icl.train.loop.train_step`` (device-resident images and
-  seeded on-device sampling, no host synchronisation inside the step loop, bf16 autocast
-  on CUDA when ``train.precision=bf16``), with ``set_lr`` and the device-side loss/accuracy
-  accumulation of ``icl.train.train``;
-- ``packed`` (``--pack K`` > 1): ``icl.train.packed.PackedTrainer``, K models with seeds
-  ``seed .. seed+K-1`` and weight decays cycling through ``--weight-decays`` (a seeds x
-  weight-decay grid); one packed step counts as K model-steps.
+- ``trainer``: the project's training step as ``icl-train`` runs it, a pack of one
+  (``icl.train.pack.PackedTrainer``: device-resident images and counter-based on-device
+  sampling, no host synchronisation inside the step loop, bf16 autocast on CUDA when
+  ``train.precision=bf16``), with the device-side loss accumulation of the training loop;
+- ``packed`` (``--pack K`` > 1): the same trainer with K models, seeds ``seed .. seed+K-1``
+  and weight decays cycling through ``--weight-decays`` (a seeds x weight-decay grid); one
+  packed step counts as K model-steps. ``trainer`` is then the "unpacked" figure: the
+  same models trained one at a time.
 
 Timing: after ``--warmup`` steps of each method, ``--repeats`` rounds; in each round every
 method runs a block of ``--steps`` steps, one method after the other (interleaved, so a
@@ -27,9 +28,8 @@ On the CPU, ``cpu_time`` holds the same figures per second of this process's CPU
 with ``--threads 1`` the steadiest comparison on a busy machine. Evaluation and checkpointing are not timed (they are the
 same for every method, and run every few thousand steps).
 
-``--compile`` wraps the trainer in ``torch.compile`` (the model for the unpacked trainer, the
-loss and optimiser update for the packed one); ``--cuda-graphs`` (CUDA only) runs the packed
-trainer (also for ``--pack 1``) compiled with ``mode="reduce-overhead"`` (CUDA graphs).
+``--compile`` wraps the trainer's loss and optimiser update in ``torch.compile``;
+``--cuda-graphs`` (CUDA only) compiles them with ``mode="reduce-overhead"`` (CUDA graphs).
 """
 
 from __future__ import annotations
@@ -55,9 +55,7 @@ from baseline import NaiveBaseline  # noqa: E402
 from icl.config import Config, load_config, replace  # noqa: E402
 from icl.data import load_data  # noqa: E402
 from icl.errors import UserError  # noqa: E402
-from icl.train.loop import initial_model, train_step  # noqa: E402
-from icl.train.optim import lr_at, make_optimizer, set_lr  # noqa: E402
-from icl.train.packed import PackedTrainer  # noqa: E402
+from icl.train.pack import PackedTrainer  # noqa: E402
 
 DEFAULT_WEIGHT_DECAYS = (0.0, 3e-4, 1e-3, 3e-3, 1e-2)  # STUDY.md's grid
 
@@ -112,26 +110,6 @@ def baseline_method(cfg: Config, device: torch.device) -> Method:
     return Method("baseline", 1, step, lambda: finite("baseline", last[0]))
 
 
-def trainer_method(cfg: Config, device: torch.device, compile: bool) -> Method:
-    data = load_data(cfg, device)
-    model = initial_model(cfg, device).train()
-    optimizer = make_optimizer(model, cfg.optim)
-    run = torch.compile(model) if compile else model
-    loss_sum = torch.zeros((), device=device)
-    correct_sum = torch.zeros((), device=device, dtype=torch.long)
-    t = [0]
-
-    def step() -> None:  # the body of icl.train.train's step loop
-        nonlocal loss_sum, correct_sum
-        t[0] += 1
-        set_lr(optimizer, lr_at(t[0], cfg.optim, cfg.train.steps))
-        loss, correct = train_step(run, optimizer, data, t[0] - 1, cfg)
-        loss_sum += loss
-        correct_sum += correct
-
-    return Method("trainer", 1, step, lambda: finite("trainer", float(loss_sum)))
-
-
 def pack_configs(cfg: Config, k: int, weight_decays: list[float]) -> list[Config]:
     return [
         replace(cfg, **{"seed": cfg.seed + i, "optim.weight_decay": weight_decays[i % len(weight_decays)]})
@@ -139,8 +117,9 @@ def pack_configs(cfg: Config, k: int, weight_decays: list[float]) -> list[Config
     ]
 
 
-def packed_method(cfg: Config, device: torch.device, k: int, weight_decays: list[float], total_steps: int,
-                  compile: bool, cuda_graphs: bool, name: str = "packed") -> Method:
+def trainer_method(cfg: Config, device: torch.device, k: int, weight_decays: list[float], total_steps: int,
+                   compile: bool, cuda_graphs: bool, name: str) -> Method:
+    """The training loop's step loop (without its evaluations) over a pack of ``k`` models."""
     trainer = PackedTrainer.fresh(pack_configs(cfg, k, weight_decays), load_data(cfg, device),
                                   compile=compile, cuda_graphs=cuda_graphs)
     trainer.optimizer.schedule(1, total_steps)
@@ -195,14 +174,11 @@ def measure(args: argparse.Namespace) -> dict:
         raise UserError(f"--pack must be >= 1, got {args.pack}")
     cfg = load_config(args.config, [*args.overrides, f"train.device={device}"])
     total = args.warmup + args.repeats * args.steps
-    methods = [baseline_method(cfg, device)]
-    if args.pack == 1 and not args.cuda_graphs:
-        methods.append(trainer_method(cfg, device, args.compile))
-    elif args.pack == 1:
-        methods.append(packed_method(cfg, device, 1, args.weight_decays, total, args.compile, True, name="trainer"))
-    else:
-        methods.append(trainer_method(cfg, device, args.compile))
-        methods.append(packed_method(cfg, device, args.pack, args.weight_decays, total, args.compile, args.cuda_graphs))
+    options = dict(weight_decays=args.weight_decays, total_steps=total, compile=args.compile,
+                   cuda_graphs=args.cuda_graphs)
+    methods = [baseline_method(cfg, device), trainer_method(cfg, device, 1, name="trainer", **options)]
+    if args.pack > 1:
+        methods.append(trainer_method(cfg, device, args.pack, name="packed", **options))
     for m in methods:  # warm-up (allocator, compilation, caches)
         debug = args.sync_debug and device.type == "cuda" and m.name != "baseline"
         if debug:  # list every host synchronisation inside the trainer's steps (the baseline has them by design)

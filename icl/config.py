@@ -27,6 +27,7 @@ N_DRAWERS = 20
 N_VARIANTS = 8
 CONTEXT_LEN = 8  # (image, label) pairs before the query
 SEQ_LEN = CONTEXT_LEN + 1  # items per sequence, query last
+PRECISIONS = ("fp32", "bf16", "fp64")
 MAX_ROWS = 1_000_000  # sequences per batch or evaluation set (the sampler's counters: icl.data.rng)
 
 
@@ -80,7 +81,7 @@ class TrainConfig:
     checkpoint_every: int = 25_000
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 (autocast, GPU)
+    precision: str = "fp32"  # fp32 | bf16 (autocast, GPU) | fp64 (numerical checks)
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
 
 
@@ -318,7 +319,7 @@ def validate(cfg: Config) -> None:
         t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
         f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}",
     )
-    _require(t.precision in ("fp32", "bf16"), f"train.precision must be fp32 or bf16, got {t.precision!r}")
+    _require(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _require(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
 
 

@@ -1,6 +1,6 @@
 """A Ray Tune callback on the driver that keeps ``results.csv`` and ``trials.csv`` current.
 
-Separate from :mod:`sweeps.runner` so that importing the runner (for ``--dry-run`` and the
+Separate from :mod:`sweeps.driver` so that importing the driver (for ``--dry-run`` and the
 checks that run before Ray) does not pay for importing Ray Tune.
 """
 
@@ -18,50 +18,30 @@ from sweeps.spec import TrialSpec
 
 REFRESH_PERIOD_S = 2.0
 
-# Trial id (a grid point, also in a packed sweep) -> (Tune status, one-line error), as last
+# Trial id (a grid point, a member of a pack) -> (status, one-line error), as last
 # seen by any ResultsCallback of this process. The driver reads it after ``Tuner.fit()``: on
 # a resume Tune uses the callback it unpickles from tuner.pkl, not the driver's own
 # instance, and a restored trial's last result says nothing about whether it finished.
 LAST_STATUS: dict[str, tuple[str, str]] = {}
 
 
-def trial_error(trial: Any) -> str:
-    """Last line of a Tune trial's error file (the exception), or ''."""
-    path = getattr(trial, "error_file", None)
-    if not path:
-        return ""
-    try:
-        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return lines[-1][:300] if lines else ""
-
-
 class ResultsCallback(tune.Callback):
     """Rewrites the tables atomically while trials run (throttled to every few seconds, and
     at every trial's end), so a half-finished sweep can already be analysed.
 
-    It keeps no state but the trial table (and, in a packed sweep, the packs): the
-    experiment directory comes from the trials' own paths, so the copy Tune unpickles from
+    It keeps no state but the trial table and the packs (Tune's trials): the experiment
+    directory comes from the trials' own paths, so the copy Tune unpickles from
     ``tuner.pkl`` on a resume (even of a moved experiment) writes to the right place.
     """
 
-    def __init__(
-        self,
-        trials: Sequence[TrialSpec],
-        period_s: float = REFRESH_PERIOD_S,
-        *,
-        packs: dict[str, Sequence[str]] | None = None,
-    ) -> None:
+    def __init__(self, trials: Sequence[TrialSpec], packs: res.Packs, period_s: float = REFRESH_PERIOD_S) -> None:
         self.trials = list(trials)
+        self.packs = {k: tuple(v) for k, v in packs.items()}
         self.period_s = period_s
-        # pack id (Tune's trial) -> its trial ids; None: one grid point per Tune trial
-        self.packs = {k: tuple(v) for k, v in packs.items()} if packs else None
         self._last = 0.0
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.__dict__.setdefault("packs", None)  # pickled before packed sweeps existed
         self._last = 0.0
 
     def refresh(self, trials: list[Any], force: bool = False) -> None:
@@ -70,9 +50,8 @@ class ResultsCallback(tune.Callback):
             return
         self._last = now
         exp_dir = Path(trials[0].path).parent
-        status = {t.config["trial"]: (t.status, trial_error(t)) for t in trials}
-        if self.packs:
-            status = res.member_status(exp_dir, self.trials, self.packs, status)
+        status = {t.config["trial"]: (t.status, res.last_line(getattr(t, "error_file", None))) for t in trials}
+        status = res.member_status(exp_dir, self.trials, self.packs, status)
         LAST_STATUS.clear()
         LAST_STATUS.update(status)
         try:

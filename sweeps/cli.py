@@ -8,7 +8,8 @@ interrupted (run the same command again to resume).
 from __future__ import annotations
 
 from icl.errors import ArgumentParser, cli_entry
-from sweeps.runner import RayOptions, dry_run_table, run_sweep
+from sweeps.driver import dry_run_table, run_sweep
+from sweeps.ray_session import RayOptions
 from sweeps.spec import expand, load_spec, shipped_specs
 
 

@@ -1,14 +1,17 @@
-"""The experiment's tables, rebuilt from the trainer's own per-run ``metrics.csv`` files.
+"""The experiment's tables, rebuilt from the trainer's own run directories.
 
 Why rebuild from the run directories instead of collecting the rows Ray Tune streams to the
 driver: the run directories survive a killed driver, and the trainer restores each run's
 ``metrics.csv`` from the checkpoint it resumes, so the table is complete and the same after
 any interruption. Cells are copied verbatim from the trainer's files (no float round trip).
 
-``results.csv``: tidy long table, one row per trial and evaluation:
+``results.csv``: tidy long table, one row per model (grid point) and evaluation:
 ``trial_id``, one column per grid key (named by its dotted key), ``step``, then every metric
-column of the trainer. ``trials.csv``: one row per trial: id, grid values, status, last
-step, attempts, run directory, error (and, in a packed sweep, the pack that trains it).
+column of the trainer. ``trials.csv``: one row per grid point: id, grid values, status, last
+step, attempts, run directory, the pack that trains it, error.
+
+Every Tune trial is a pack of one or more grid points (``sweeps.spec.make_packs``): Tune's
+status is per pack, and :func:`member_status` turns it into each member's.
 """
 
 from __future__ import annotations
@@ -17,37 +20,23 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from icl.io import atomic_write
+from icl.train.rundir import RunDir
 from sweeps.spec import TrialSpec, format_value
 
 RESULTS = "results.csv"
 TRIALS = "trials.csv"
 RUN = "run"  # the trainer's run directory inside each trial directory
 ATTEMPTS = "attempts.jsonl"
-ERROR_FILE = "error.txt"  # in a packed trial's directory: that model's own error (divergence)
+DIVERGED_FILE = "diverged.txt"  # in a trial's directory: why its model diverged (its pack went on)
+
+Packs = Mapping[str, Sequence[str]]  # pack id (Tune's trial) -> its members' trial ids
 
 
-def run_dir(exp_dir: Path, trial: TrialSpec) -> Path:
-    return Path(exp_dir) / trial.dirname / RUN
-
-
-def read_metrics(path: Path) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of a trainer ``metrics.csv``; missing file -> no rows; a torn last
-    line (a file being appended to) is dropped."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return [], []
-    reader = csv.reader(io.StringIO(text))
-    rows = list(reader)
-    if not rows:
-        return [], []
-    header, body = rows[0], rows[1:]
-    complete = text.endswith("\n")
-    body = [r for i, r in enumerate(body) if len(r) == len(header) and (complete or i < len(body) - 1)]
-    return header, body
+def run_dir(exp_dir: Path, trial: TrialSpec) -> RunDir:
+    return RunDir(Path(exp_dir) / trial.dirname / RUN)
 
 
 def collect(exp_dir: Path, trials: Sequence[TrialSpec]) -> tuple[list[str], list[list[str]]]:
@@ -56,7 +45,7 @@ def collect(exp_dir: Path, trials: Sequence[TrialSpec]) -> tuple[list[str], list
     metric_cols: list[str] = []
     per_trial: list[tuple[TrialSpec, list[str], list[list[str]]]] = []
     for trial in trials:
-        header, rows = read_metrics(run_dir(exp_dir, trial) / "metrics.csv")
+        header, rows = run_dir(exp_dir, trial).metrics_table()
         for col in header:
             if col != "step" and col not in metric_cols:
                 metric_cols.append(col)
@@ -103,35 +92,33 @@ def attempts(trial_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def last_step(exp_dir: Path, trial: TrialSpec) -> int | None:
-    """The last evaluated step in a trial's run directory (None: no evaluation yet)."""
-    header, rows = read_metrics(run_dir(exp_dir, trial) / "metrics.csv")
-    if not rows or "step" not in header:
-        return None
-    return int(float(rows[-1][header.index("step")]))
+def error_line(text: str) -> str:
+    """The last non-empty line of an error text (where Python puts the exception), at most
+    300 characters; '' if none."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
 
 
-def last_line(path: Path) -> str:
-    """Last non-empty line of a text file (an error file), at most 300 characters; '' if none."""
+def last_line(path: Path | str | None) -> str:
+    """:func:`error_line` of a file (an error file); '' if there is none."""
     try:
-        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+        return error_line(Path(path).read_text()) if path else ""
     except OSError:
         return ""
-    return lines[-1][:300] if lines else ""
 
 
 def member_status(
     exp_dir: Path,
     trials: Sequence[TrialSpec],
-    packs: dict[str, Sequence[str]],
-    status: dict[str, tuple[str, str]],
+    packs: Packs,
+    status: Mapping[str, tuple[str, str]],
 ) -> dict[str, tuple[str, str]]:
-    """Tune's (status, error) per pack -> (status, error) per packed trial.
+    """Tune's (status, error) per pack -> (status, error) per member.
 
     A member shares its pack's status, except when the pack ended in ERROR: a member whose
     run reached its last step is TERMINATED (a diverged or crashed sibling does not undo
-    it); the others are ERROR with their own error (``error.txt`` in their trial directory,
-    written when a model diverges), else the pack's.
+    it); the others are ERROR with their own error (``diverged.txt`` in their trial
+    directory, written when a model diverges), else the pack's.
     """
     by_id = {t.trial_id: t for t in trials}
     out: dict[str, tuple[str, str]] = {}
@@ -140,39 +127,36 @@ def member_status(
             t = by_id[trial_id]
             if state != "ERROR":
                 out[trial_id] = (state, "")
-            elif (last_step(exp_dir, t) or 0) >= int(t.config["train.steps"]):
+            elif run_dir(exp_dir, t).finished(int(t.config["train.steps"])):
                 out[trial_id] = ("TERMINATED", "")
             else:
-                out[trial_id] = ("ERROR", last_line(Path(exp_dir) / t.dirname / ERROR_FILE) or error)
+                out[trial_id] = ("ERROR", last_line(Path(exp_dir) / t.dirname / DIVERGED_FILE) or error)
     return out
 
 
 def write_trials(
     exp_dir: Path,
     trials: Sequence[TrialSpec],
-    status: dict[str, tuple[str, str]],
-    packs: dict[str, Sequence[str]] | None = None,
+    status: Mapping[str, tuple[str, str]],
+    packs: Packs,
 ) -> None:
-    """Rewrite ``trials.csv``: ``status`` maps trial id -> (Tune status, one-line error);
-    ``packs`` (pack id -> its trial ids, packed sweeps only) adds a ``pack`` column."""
+    """Rewrite ``trials.csv``: ``status`` maps trial id -> (status, one-line error)."""
     grid_keys = list(trials[0].grid) if trials else []
-    pack_of = {m: p for p, members in (packs or {}).items() for m in members}
-    pack_col = ["pack"] if packs else []
-    columns = ["trial_id", *grid_keys, "status", "last_step", "attempts", "run_dir", *pack_col, "error"]
+    pack_of = {m: p for p, members in packs.items() for m in members}
+    columns = ["trial_id", *grid_keys, "status", "last_step", "attempts", "run_dir", "pack", "error"]
     rows = []
     for t in trials:
-        header, body = read_metrics(run_dir(exp_dir, t) / "metrics.csv")
-        last = body[-1][header.index("step")] if body and "step" in header else ""
+        last = run_dir(exp_dir, t).last_logged_step()
         state, error = status.get(t.trial_id, ("PENDING", ""))
         rows.append(
             [
                 t.trial_id,
                 *(format_value(t.grid[k]) for k in grid_keys),
                 state,
-                last,
+                "" if last is None else last,
                 len(attempts(Path(exp_dir) / t.dirname)),
                 f"{t.dirname}/{RUN}",
-                *([pack_of.get(t.trial_id, "")] if packs else []),
+                pack_of.get(t.trial_id, ""),
                 error,
             ]
         )

@@ -19,8 +19,8 @@ holds one experiment. Schema (every key is checked; unknown keys are errors)::
     checkpoint: {num_to_keep: null}  # Ray Tune's copies kept per trial while running (null =
                                # all; older ones are pruned when the sweep ends, see runner)
     pack: 1                    # models trained together in one Tune trial (icl.train.train_packed):
-                               # trials differing only in seed / optim.weight_decay are grouped
-                               # into packs of at most this many; 1 = one model per trial
+                               # grid points differing only in seed / optim.weight_decay are
+                               # grouped into packs of at most this many; 1 = one model per trial
     storage: experiments       # parent directory of the experiment; --storage overrides
     resolved: {...}            # written by icl-sweep into the saved spec.yaml only: the exact
                                # base config, so a saved spec reproduces its experiment even if
@@ -96,7 +96,7 @@ class SweepSpec:
     max_concurrent: int | None = None
     max_failures: int = 2
     checkpoint_keep: int | None = None
-    pack: int = 1  # models per Tune trial (train_packed); 1 = one model per trial (train)
+    pack: int = 1  # models per Tune trial (train_packed); 1 = one model per trial
     storage: str = DEFAULT_STORAGE
     description: str = ""
     source: str = ""
@@ -119,10 +119,10 @@ class TrialSpec:
 
 @dataclass(frozen=True)
 class PackSpec:
-    """One Tune trial of a packed sweep (``pack: K > 1``): up to K grid points trained as one
-    pack by ``icl.train.train_packed``. Each member keeps its own trial id and run directory
-    (``STORAGE/NAME/<member dirname>/run``, where an unpacked sweep puts it); ``dirname`` is
-    the Tune trial directory of the pack (Ray's checkpoint copies, Tune's error file)."""
+    """One Tune trial: up to ``pack`` grid points trained as one pack by
+    ``icl.train.train_packed``. Each member keeps its own trial id and run directory
+    (``STORAGE/NAME/<member dirname>/run``); ``dirname`` is the Tune trial directory of the
+    pack (Ray's checkpoint copies, Tune's error file)."""
 
     pack_id: str
     dirname: str
@@ -385,14 +385,12 @@ def expand(spec: SweepSpec) -> list[TrialSpec]:
 
 
 def make_packs(spec: SweepSpec, trials: Sequence[TrialSpec]) -> list[PackSpec]:
-    """The Tune trials of a sweep. ``pack: 1``: one per grid point (pack id = trial id).
-    ``pack: K``: the grid points that differ only in keys ``train_packed`` can vary per model
-    (seed, optim.weight_decay) are grouped, in grid order, into packs of at most K; packs are
-    numbered by their first member, so the grid's order (e.g. seed first) is kept.
-    UserError when the configs cannot be packed (e.g. the ResNet embedder), before any trial."""
-    if spec.pack == 1:
-        return [PackSpec(t.trial_id, t.dirname, (t.trial_id,)) for t in trials]
-    from icl.train.packed import PER_MODEL_KEYS, check_packable  # imports torch: only when packing
+    """The Tune trials of a sweep: every trial is a pack. The grid points that differ only in
+    keys ``train_packed`` lets vary per model (seed, optim.weight_decay) are grouped, in grid
+    order, into packs of at most ``spec.pack`` models, numbered by their first member (so
+    the grid's order, e.g. seed first, is kept). With ``pack: 1`` a pack is one grid point
+    and takes its trial id and directory. UserError when configs cannot be packed."""
+    from icl.train.pack import PER_MODEL_KEYS, check_packable  # imports torch: not for spec checks alone
 
     groups: dict[tuple[Any, ...], list[TrialSpec]] = {}
     for t in trials:
@@ -404,7 +402,6 @@ def make_packs(spec: SweepSpec, trials: Sequence[TrialSpec]) -> list[PackSpec]:
     width = max(3, len(str(len(chunks) - 1)))
     packs = []
     for index, members in enumerate(chunks):
-        pack_id = f"p{index:0{width}d}"
         try:
             check_packable([build_config(t.config) for t in members])
         except UserError as e:
@@ -415,6 +412,10 @@ def make_packs(spec: SweepSpec, trials: Sequence[TrialSpec]) -> list[PackSpec]:
                 "set `pack: 1` in the spec to train one model per trial"
             ) from None
         ids = tuple(t.trial_id for t in members)
+        if spec.pack == 1:  # named as the grid point it trains
+            packs.append(PackSpec(ids[0], members[0].dirname, ids))
+            continue
+        pack_id = f"p{index:0{width}d}"
         dirname = re.sub(r"[^A-Za-z0-9._=+-]", "-", f"{pack_id}_{'+'.join(ids)}")[:120]
         packs.append(PackSpec(pack_id, dirname, ids))
     return packs

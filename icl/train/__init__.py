@@ -1,7 +1,7 @@
-"""Training one run: optimiser, evaluation, checkpoints and the loop (``train``)."""
+"""Training: a pack of K >= 1 models (``pack``), its run directories (``rundir``), the loop
+(``train``, ``train_packed``), evaluation and the optimiser."""
 
-from icl.train.checkpoint import install_checkpoint
-from icl.train.loop import TIMING_COLUMNS, TrainingDiverged, train
-from icl.train.packed import train_packed
+from icl.train.loop import TIMING_COLUMNS, PackTrainingDiverged, TrainingDiverged, train, train_packed
+from icl.train.rundir import RunDir
 
-__all__ = ["train", "train_packed", "install_checkpoint", "TrainingDiverged", "TIMING_COLUMNS"]
+__all__ = ["train", "train_packed", "RunDir", "TrainingDiverged", "PackTrainingDiverged", "TIMING_COLUMNS"]

@@ -81,7 +81,7 @@ def _run(model: SequenceModel, data: StudyData, seqs: Sequences, cfg: Config, at
     logits, scores = [], None
     for start in range(0, len(seqs), cfg.eval.batch_size):
         chunk = seqs[start : start + cfg.eval.batch_size]
-        images = data.bank.render(chunk.classes, chunk.exemplars)
+        images = data.bank.render(chunk.classes, chunk.exemplars, param_dtype(cfg))
         with autocast(cfg, images.device):
             out = model(images, chunk.labels, return_attention=attention)
         if attention:
@@ -93,8 +93,15 @@ def _run(model: SequenceModel, data: StudyData, seqs: Sequences, cfg: Config, at
     return result, (scores / len(seqs) if attention else None)
 
 
+def param_dtype(cfg: Config) -> torch.dtype:
+    """The dtype of parameters and pixels: float64 for ``train.precision=fp64`` (numerical
+    checks: rounding differences then stay far below any tolerance, even where training
+    dynamics amplify them), float32 otherwise (bf16 is autocast over float32 weights)."""
+    return torch.float64 if cfg.train.precision == "fp64" else torch.float32
+
+
 def autocast(cfg: Config, device: torch.device):
-    """bf16 autocast on CUDA when ``train.precision`` is bf16; fp32 (a no-op) otherwise."""
+    """bf16 autocast on CUDA when ``train.precision`` is bf16; a no-op otherwise."""
     enabled = cfg.train.precision == "bf16" and device.type == "cuda"
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 

@@ -1,47 +1,55 @@
-"""The training loop of one run (one cell of the study), resumable and exact.
+"""The training loop: every run is a pack of K >= 1 models, trained, evaluated, checkpointed.
 
-    train(cfg, out_dir) -> the last metrics row
+    train_packed(cfgs, out_dirs) -> one last metrics row per model
+    train(cfg, out_dir)          -> the last metrics row   (a pack of one)
 
-``out_dir`` receives ``config.yaml`` (fully resolved), ``metrics.csv`` (one row per
-evaluation), ``attention.npz`` (per-head diagnostics per evaluation) and
-``checkpoints/``. Calling ``train`` again on the same directory resumes from the newest
-intact checkpoint; because a training batch is a pure function of (seed, step) and every
-piece of state is checkpointed, a resumed run reproduces an uninterrupted one exactly
-(on CPU; timing columns aside). Checkpoints coincide with evaluations
-(``checkpoint_every`` is a multiple of ``eval_every``), so ``on_eval`` can hand each one to
-a sweep driver with the row it belongs to.
+Model ``k`` writes ``out_dirs[k]`` (:class:`~icl.train.rundir.RunDir`): ``config.yaml``,
+``metrics.csv`` (one row per evaluation), ``attention.npz`` and ``checkpoints/``. Calling
+again on the same directories resumes from each run's newest intact checkpoint; because a
+training batch is a pure function of (seed, step) and every piece of state is
+checkpointed, a resumed run reproduces an uninterrupted one exactly (on CPU; timing
+columns aside), and a run directory can be resumed in a pack of any size.
 
-The loop keeps the device busy: no host synchronisation inside a step; training loss and
-accuracy accumulate on the device and are read at evaluation time, which is also when a
-non-finite loss is detected (before any checkpoint could save the damage).
+The loop is one state machine over *segments*: a segment trains every live model of the
+pack from one evaluation step to the next (``train.eval_every``, the last step, or a
+catch-up target) without a single host synchronisation; then, between segments, come the
+one host read of the accumulated losses (divergence), evaluation, the metrics row,
+checkpoints (every ``train.checkpoint_every`` and at the end of what is trained), progress
+and the caller's ``on_eval``. Timing: ``wall_s`` is the pack's wall time (training plus
+every model's evaluation: the models share the process), ``steps_per_s`` excludes
+evaluation.
+
+Resuming models that stand at different steps (a crash between two models' saves, a model
+trained in another pack before): the ones furthest behind train as a smaller pack up to the
+next model's step, then all continue together.
+
+Divergence: a model whose loss becomes non-finite stops being evaluated and saved (its
+last good checkpoint stays); the others train to the end; then :class:`TrainingDiverged`
+(:class:`PackTrainingDiverged` for ``train_packed``) is raised.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from icl.config import Config, build_config, read_yaml, science_dict
+from icl.config import Config
 from icl.data import StudyData, load_data
 from icl.errors import UserError
-from icl.io import atomic_write
-from icl.model import SequenceModel, build_model
-from icl.train import checkpoint as ckpt
-from icl.train.evaluate import ATTN_STATS, autocast, evaluate
-from icl.train.optim import lr_at, make_optimizer, set_lr
+from icl.train.evaluate import evaluate
+from icl.train.optim import lr_at
+from icl.train.pack import PackedTrainer, check_packable, data_for, initial_model
 from icl.train.progress import Progress
+from icl.train.rundir import Restored, RunDir, RunState
 
-OnEval = Callable[[dict[str, float], "Path | None"], None]
+# on_eval(k, row, checkpoint_dir or None): model k's row, after its files are written.
+OnEval = Callable[[int, dict[str, float], "Path | None"], None]
 TIMING_COLUMNS = ("steps_per_s", "sequences_per_s", "eval_s", "wall_s")
 
 
@@ -49,14 +57,14 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 
-@dataclass
-class RunState:
-    """What a checkpoint restores besides model and optimiser."""
+class PackTrainingDiverged(TrainingDiverged):
+    """Some models of a pack diverged; the others finished. ``results[k]`` is model ``k``'s
+    last row (None for a diverged model); ``diverged[k]`` says what happened to model ``k``."""
 
-    step: int = 0
-    wall_s: float = 0.0
-    rows: list[dict[str, float]] = field(default_factory=list)
-    heads: list[np.ndarray] = field(default_factory=list)  # per evaluation: [L, H, 5]
+    def __init__(self, message: str, results: list[dict[str, float] | None], diverged: dict[int, str]):
+        super().__init__(message)
+        self.results = results
+        self.diverged = diverged
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,69 +76,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-# --------------------------------------------------------------------------- run directory
-
-
-def config_differences(a: Config, b: Config) -> list[str]:
-    sa, sb = science_dict(a), science_dict(b)
-    return [f"{k}: {sa[k]!r} there, {sb[k]!r} here" for k in sa if sa[k] != sb.get(k)]
-
-
-def prepare_run_dir(cfg: Config, out_dir: Path) -> None:
-    """Check ``out_dir`` may hold this run (refuse a different run's directory without
-    touching it), then write ``config.yaml``."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file, not a directory")
-    config_path = out_dir / "config.yaml"
-    if config_path.exists():
-        try:
-            saved = build_config(read_yaml(config_path))
-        except UserError as e:
-            raise UserError(f"{out_dir} holds an unreadable run config ({e}); choose another --out") from None
-        diff = config_differences(saved, cfg)
-        if diff:
-            raise UserError(
-                f"{out_dir} holds a run with a different config ({'; '.join(diff[:4])}); "
-                "resume it with the same config or choose another --out"
-            )
-    elif out_dir.is_dir() and any(p.name != "checkpoints" for p in out_dir.iterdir()):
-        raise UserError(f"--out {out_dir} is not empty and holds no run (no config.yaml); choose a new directory")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(config_path, cfg.to_yaml().encode())
-    except OSError as e:
-        raise UserError(f"cannot write to {out_dir} ({e.strerror}); choose a writable --out") from None
-
-
-def metrics_csv(rows: list[dict[str, float]]) -> bytes:
-    if not rows:
-        return b""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue().encode()
-
-
-def attention_npz(state: RunState) -> bytes:
-    buf = io.BytesIO()
-    steps = np.array([int(r["step"]) for r in state.rows], dtype=np.int64)
-    heads = np.stack(state.heads).astype(np.float32) if state.heads else np.zeros((0, 0, 0, len(ATTN_STATS)), np.float32)
-    np.savez_compressed(buf, step=steps, heads=heads, stats=np.array(ATTN_STATS))
-    return buf.getvalue()
-
-
-def write_logs(out_dir: Path, state: RunState) -> dict[str, bytes]:
-    files = {"metrics.csv": metrics_csv(state.rows), "attention.npz": attention_npz(state)}
-    for name, data in files.items():
-        atomic_write(out_dir / name, data)
-    return files
-
-
-def divergence_message(ckpt_root: Path, first: int, last: int) -> str:
+def divergence_message(run: RunDir, first: int, last: int) -> str:
     """Why a run stopped on a non-finite loss, and what it kept."""
-    have = ckpt.list_checkpoints(ckpt_root)
-    kept = f"the last good checkpoint {have[-1]} is kept" if have else "no checkpoint had been written"
+    kept = run.latest_checkpoint()
+    kept = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint had been written"
     return (f"training loss became non-finite between steps {first} and {last}; the run stopped and {kept}; "
             "lower optim.lr or raise optim.warmup_steps")
 
@@ -140,7 +89,7 @@ def evaluation_row(
     metrics: dict[str, float], train_s: float, eval_s: float, wall_s: float,
 ) -> dict[str, float]:
     """One ``metrics.csv`` row: training statistics since the last evaluation, the
-    evaluation metrics, and timing (training rate excludes evaluation time)."""
+    evaluation metrics, and timing (the training rate excludes evaluation time)."""
     b = cfg.train.batch_size
     return {
         "step": step,
@@ -156,135 +105,189 @@ def evaluation_row(
     }
 
 
-def log_evaluation(out_dir: Path, state: RunState, row: dict[str, float], heads: np.ndarray) -> dict[str, bytes]:
-    """Append an evaluation to the run's state and rewrite its logs; returns their bytes."""
-    state.rows.append(row)
-    state.heads.append(heads)
-    state.step = int(row["step"])
-    return write_logs(out_dir, state)
+# --------------------------------------------------------------------------- entry points
 
 
-def save_checkpoint(
-    out_dir: Path, cfg: Config, state: RunState, files: dict[str, bytes], model_state: dict, optimizer_state: dict
-) -> Path:
-    """Checkpoint the run at ``state.step`` with everything a resume needs."""
-    payload = {
-        "step": state.step,
-        "model": model_state,
-        "optimizer": optimizer_state,
-        "rng": ckpt.rng_state(),
-        "wall_s": state.wall_s,
-        "science": science_dict(cfg),
-    }
-    return ckpt.save(out_dir / "checkpoints", state.step, payload, files, keep=cfg.train.keep_checkpoints)
+def train(cfg: Config, out_dir: Path | str, *, on_eval: Callable[[dict[str, float], "Path | None"], None] | None = None,
+          progress: bool | None = None) -> dict[str, float]:
+    """Train (or resume) the run in ``out_dir``: a pack of one. Returns the last metrics row."""
+    hook = None if on_eval is None else (lambda k, row, saved: on_eval(row, saved))
+    try:
+        return train_packed([cfg], [out_dir], on_eval=hook, progress=progress)[0]
+    except PackTrainingDiverged as e:
+        raise TrainingDiverged(e.diverged[0]) from None
 
 
-# --------------------------------------------------------------------------- the loop
+def train_packed(
+    cfgs: Sequence[Config],
+    out_dirs: Sequence[Path | str],
+    *,
+    on_eval: OnEval | None = None,
+    progress: bool | None = None,
+    compile: bool = False,
+    cuda_graphs: bool = False,
+) -> list[dict[str, float]]:
+    """Train (or resume) K runs as one pack; model ``k`` writes ``out_dirs[k]``. Returns each
+    model's last metrics row.
 
-
-def restore(loaded: ckpt.Loaded, cfg: Config, model: SequenceModel, optimizer: torch.optim.Optimizer) -> RunState:
-    saved = loaded.state.get("science")
-    if saved is not None and saved != science_dict(cfg):
-        diff = [k for k in saved if saved[k] != science_dict(cfg).get(k)]
-        raise UserError(f"checkpoint {loaded.path} was made with a different config ({', '.join(diff[:4])})")
-    model.load_state_dict(loaded.state["model"])
-    optimizer.load_state_dict(loaded.state["optimizer"])
-    ckpt.set_rng_state(loaded.state["rng"])
-    rows = list(csv.DictReader(io.StringIO(loaded.files["metrics.csv"].decode())))
-    with np.load(io.BytesIO(loaded.files["attention.npz"])) as z:
-        heads = list(z["heads"])
-    return RunState(
-        step=loaded.step,
-        wall_s=float(loaded.state["wall_s"]),
-        rows=[{k: _number(v) for k, v in r.items()} for r in rows],
-        heads=heads,
-    )
-
-
-def _number(text: str) -> float | int:
-    value = float(text)
-    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
-
-
-def initial_model(cfg: Config, device: torch.device | str = "cpu") -> SequenceModel:
-    """The model run ``cfg`` starts from, seeded by ``cfg.seed`` alone: a run trained alone,
-    in a pack or in a benchmark starts from the same weights."""
-    torch.manual_seed(cfg.seed)
-    return build_model(cfg).to(device)
-
-
-def train_step(model: SequenceModel, optimizer: torch.optim.Optimizer, data: StudyData, step: int, cfg: Config):
-    """One AdamW update on the batch of ``step``; returns (loss, number correct) on device."""
-    batch = data.train_batch(step)
-    images = data.bank.render(batch.classes, batch.exemplars)
-    with autocast(cfg, images.device):
-        logits = model(images, batch.labels)
-    loss = F.cross_entropy(logits.float(), batch.targets)  # at the query only
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    correct = (logits.detach().argmax(-1) == batch.targets).sum()
-    return loss.detach(), correct
-
-
-def train(cfg: Config, out_dir: Path | str, *, on_eval: OnEval | None = None, progress: bool | None = None) -> dict[str, float]:
-    """Train (or resume) the run in ``out_dir``; returns the last metrics row."""
-    out_dir = Path(out_dir)
-    prepare_run_dir(cfg, out_dir)
-    t = cfg.train
+    ``on_eval(k, row, checkpoint_dir)`` is called for every model at every evaluation, after
+    its files are written (``checkpoint_dir`` is None when no checkpoint was saved).
+    Raises :class:`PackTrainingDiverged` at the end if some models diverged.
+    """
+    cfgs = list(cfgs)
+    runs = [RunDir(d) for d in out_dirs]
+    if len(runs) != len(cfgs):
+        raise UserError(f"train_packed got {len(cfgs)} configs but {len(runs)} run directories")
+    if len({r.path.resolve() for r in runs}) != len(runs):
+        raise UserError("every model of a pack needs its own run directory; some are repeated")
+    check_packable(cfgs)
+    t = cfgs[0].train
     device = resolve_device(t.device)
+    if cuda_graphs and device.type != "cuda":
+        raise UserError(f"CUDA graphs need a CUDA device; train.device={t.device} runs on {device} (drop cuda_graphs)")
+    for cfg, run in zip(cfgs, runs):
+        run.open(cfg)
     if t.threads:
         torch.set_num_threads(t.threads)
-    data = load_data(cfg, device)
-    model = initial_model(cfg, device)
-    optimizer = make_optimizer(model, cfg.optim)
-    ckpt_root = out_dir / "checkpoints"
-    ckpt.remove_temporaries(ckpt_root)
-    loaded = ckpt.load_latest(ckpt_root)
-    state = restore(loaded, cfg, model, optimizer) if loaded else RunState()
-    write_logs(out_dir, state)
-    if state.step >= t.steps:
-        return state.rows[-1] if state.rows else {}
+    shared = load_data(cfgs[0], device)
+    datas = [data_for(cfg, shared) for cfg in cfgs]
 
-    model.train()
-    bar = Progress(t.steps, enabled=sys.stderr.isatty() if progress is None else progress)
-    bar.update(state.step, state.rows[-1] if state.rows else None, None)
-    loss_sum = torch.zeros((), device=device)
-    correct_sum = torch.zeros((), device=device, dtype=torch.long)
-    since_eval, seg_start = 0, time.perf_counter()
-    for step in range(state.step + 1, t.steps + 1):
-        lr = lr_at(step, cfg.optim, t.steps)
-        set_lr(optimizer, lr)
-        loss, correct = train_step(model, optimizer, data, step - 1, cfg)
-        loss_sum += loss
-        correct_sum += correct
-        since_eval += 1
-        if step % t.eval_every and step != t.steps:
-            bar.tick(step)
-            continue
-        train_loss = float(loss_sum) / since_eval  # the one host sync per evaluation
-        if not math.isfinite(train_loss):
-            bar.close()
-            raise TrainingDiverged(divergence_message(ckpt_root, step - since_eval, step))
-        train_s = time.perf_counter() - seg_start
-        t0 = time.perf_counter()
-        metrics, heads = evaluate(model, data, cfg)
-        eval_s = time.perf_counter() - t0
-        state.wall_s += train_s + eval_s
-        row = evaluation_row(cfg, step, since_eval, train_loss, float(correct_sum), lr, metrics, train_s, eval_s,
-                             state.wall_s)
-        files = log_evaluation(out_dir, state, row, heads)
-        saved = None
-        if step % t.checkpoint_every == 0 or step == t.steps:
-            saved = save_checkpoint(out_dir, cfg, state, files, model.state_dict(), optimizer.state_dict())
-        bar.update(step, row, saved)
-        if on_eval is not None:
-            on_eval(row, saved)
-        loss_sum.zero_()
-        correct_sum.zero_()
-        since_eval, seg_start = 0, time.perf_counter()
-    bar.close()
-    return state.rows[-1]
+    results: list[dict[str, float] | None] = [None] * len(cfgs)
+    diverged: dict[int, str] = {}
+    while True:
+        restored = {k: run.restore(cfgs[k]) for k, run in enumerate(runs) if k not in diverged}
+        at = {k: r.state.step if r else 0 for k, r in restored.items()}
+        for k, r in restored.items():
+            if at[k] >= t.steps and results[k] is None:  # finished: refresh its logs, as a resume does
+                runs[k].record(r.state)
+                results[k] = r.state.last_row
+        todo = [k for k in restored if at[k] < t.steps]
+        if not todo:
+            break
+        start = min(at[k] for k in todo)
+        ahead = [at[k] for k in todo if at[k] > start]
+        group = [Member(k, cfgs[k], runs[k], datas[k], restored[k]) for k in todo if at[k] == start]
+        segment = Segment(group, device, start, stop=min(ahead) if ahead else t.steps,
+                          on_eval=on_eval, progress=progress, compile=compile, cuda_graphs=cuda_graphs)
+        for m in segment.run():
+            if m.diverged:
+                diverged[m.k] = m.diverged
+            elif segment.stop >= t.steps:
+                results[m.k] = m.state.last_row
+    if diverged:
+        names = "; ".join(f"model {k} ({runs[k].path}): {msg}" for k, msg in sorted(diverged.items()))
+        raise PackTrainingDiverged(
+            f"{len(diverged)} of {len(cfgs)} packed models diverged, the others finished: {names}", results, diverged
+        )
+    return [r if r is not None else {} for r in results]
 
 
-__all__ = ["train", "TrainingDiverged", "TIMING_COLUMNS", "resolve_device"]
+# --------------------------------------------------------------------------- the state machine
+
+
+@dataclass
+class Member:
+    """One model of a pack being trained: where it logs and what it has logged."""
+
+    k: int  # index in the caller's lists
+    cfg: Config
+    run: RunDir
+    data: StudyData
+    restored: Restored | None
+    state: RunState | None = None
+    diverged: str = ""  # why it stopped, once it has
+
+
+class Segment:
+    """Models standing at the same step, trained together from ``start`` to ``stop`` with an
+    evaluation at every ``train.eval_every`` step and at ``stop``."""
+
+    def __init__(self, members: list[Member], device: torch.device, start: int, stop: int, *,
+                 on_eval: OnEval | None, progress: bool | None, compile: bool, cuda_graphs: bool):
+        self.members, self.start, self.stop = members, start, stop
+        self.train_cfg = members[0].cfg.train
+        self.on_eval = on_eval
+        models = [initial_model(m.cfg, device) for m in members]  # as each run starts
+        self.trainer = PackedTrainer(models, [m.cfg for m in members], [m.data for m in members],
+                                     compile=compile, cuda_graphs=cuda_graphs)
+        for i, m in enumerate(members):
+            m.state = m.restored.state if m.restored else RunState()
+            if m.restored:
+                self.trainer.load_state(i, m.restored.model, m.restored.optimizer, start)
+            m.run.record(m.state)  # the logs as of the checkpoint (drops rows a crash left after it)
+        first = members[0].state
+        self.bar = Progress(self.train_cfg.steps, enabled=sys.stderr.isatty() if progress is None else progress)
+        self.bar.update(start, first.rows[-1] if first.rows else None, None)
+
+    def boundaries(self) -> list[int]:
+        """The steps at which this segment evaluates: eval steps, the last step, ``stop``."""
+        t = self.train_cfg
+        return sorted({s for s in range(self.start + 1, self.stop + 1) if s % t.eval_every == 0} | {self.stop})
+
+    def run(self) -> list[Member]:
+        """Train and evaluate up to ``stop``; returns the members (``state`` and ``diverged`` set)."""
+        trainer, k = self.trainer, self.trainer.k
+        for model in trainer.models:
+            model.train()
+        alive = list(range(k))
+        loss_sum = torch.zeros(k, device=trainer.device)
+        correct_sum = torch.zeros(k, device=trainer.device, dtype=torch.long)
+        step = self.start
+        for boundary in self.boundaries():
+            first, seg_start = step + 1, time.perf_counter()
+            trainer.optimizer.schedule(first, boundary)
+            for step in range(first, boundary + 1):
+                loss, correct = trainer.step(step)
+                loss_sum += loss
+                correct_sum += correct
+                self.bar.tick(step)
+            train_s = time.perf_counter() - seg_start
+            alive = self.evaluate(step, boundary - first + 1, alive, loss_sum, correct_sum, train_s)
+            if not alive:
+                break
+            loss_sum.zero_()
+            correct_sum.zero_()
+        self.bar.close()
+        return self.members
+
+    def evaluate(self, step: int, since: int, alive: list[int], loss_sum: torch.Tensor, correct_sum: torch.Tensor,
+                 train_s: float) -> list[int]:
+        """Everything between two segments: divergence, evaluation, rows, checkpoints, progress,
+        ``on_eval``. Returns the models still alive."""
+        t = self.train_cfg
+        losses = [x / since for x in loss_sum.tolist()]  # the one host sync per evaluation
+        corrects = correct_sum.tolist()
+        for i in list(alive):
+            if not math.isfinite(losses[i]):
+                m = self.members[i]
+                m.diverged = divergence_message(m.run, step - since, step)
+                alive.remove(i)
+        evals = {}
+        for i in alive:
+            t0 = time.perf_counter()
+            metrics, heads = evaluate(self.trainer.models[i], self.members[i].data, self.members[i].cfg)
+            evals[i] = (metrics, heads, time.perf_counter() - t0)
+        wall = train_s + sum(e[2] for e in evals.values())
+        save = step % t.checkpoint_every == 0 or step == self.stop
+        lr = lr_at(step, self.members[0].cfg.optim, t.steps)
+        for i in alive:
+            m, (metrics, heads, eval_s) = self.members[i], evals[i]
+            m.state.wall_s += wall
+            row = evaluation_row(m.cfg, step, since, losses[i], corrects[i], lr, metrics, train_s, eval_s,
+                                 m.state.wall_s)
+            m.state.rows.append(row)
+            m.state.heads.append(heads)
+            m.state.step = step
+            files = m.run.record(m.state)
+            saved = None
+            if save:
+                saved = m.run.checkpoint(m.cfg, m.state, files, self.trainer.pack.state_dict(i),
+                                         self.trainer.optimizer_state(i, step))
+            if i == alive[0]:
+                self.bar.update(step, row, saved)
+            if self.on_eval is not None:
+                self.on_eval(m.k, row, saved)
+        return alive
+
+
+__all__ = ["train", "train_packed", "TrainingDiverged", "PackTrainingDiverged", "TIMING_COLUMNS", "resolve_device"]

@@ -19,7 +19,7 @@ from sweep_helpers import STEPS, read_results, run_cli, start_cli, wait_for, wit
 from sweep_raynodes import kill_pids, pids_mentioning, with_descendants
 
 from sweeps import results as res
-from sweeps.runner import checkpoint_step, latest_step
+from icl.train.checkpoint import step_of
 from sweeps.spec import expand, load_spec
 
 SMOKE_TRIALS = expand(load_spec("smoke"))
@@ -33,9 +33,8 @@ def progress(exp: Path) -> dict[str, tuple[int, int]]:
     """Per trial: (last evaluated step, newest checkpoint step) from the run directories."""
     out = {}
     for t in SMOKE_TRIALS:
-        header, rows = res.read_metrics(res.run_dir(exp, t) / "metrics.csv")
-        last = int(rows[-1][header.index("step")]) if rows else 0
-        out[t.trial_id] = (last, latest_step(res.run_dir(exp, t)))
+        run = res.run_dir(exp, t)
+        out[t.trial_id] = (run.last_logged_step() or 0, run.latest_step())
     return out
 
 
@@ -50,7 +49,7 @@ def assert_same_results(exp: Path, reference: pd.DataFrame) -> None:
 def test_smoke_sweep_end_to_end(smoke_run: dict) -> None:
     proc, exp = smoke_run["proc"], smoke_run["exp"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "4/4 trials finished, 0 failed" in proc.stdout
+    assert "4/4 models finished, 0 failed" in proc.stdout
     for line in ("experiment: ", "results:    ", "trials:     ", "spec:       ", "analysis:   "):
         assert line in proc.stdout
     df = read_results(exp)
@@ -64,7 +63,7 @@ def test_smoke_sweep_end_to_end(smoke_run: dict) -> None:
     assert df.set_index("trial_id")[grid].drop_duplicates().shape[0] == 4
     # every trial's rows are exactly its trainer's metrics.csv
     for t in SMOKE_TRIALS:
-        run = pd.read_csv(res.run_dir(exp, t) / "metrics.csv")
+        run = pd.read_csv(res.run_dir(exp, t).path / "metrics.csv")
         mine = df[df.trial_id == t.trial_id].drop(columns=["trial_id", *grid]).reset_index(drop=True)
         pd.testing.assert_frame_equal(mine, run[mine.columns])
     saved = yaml.safe_load((exp / "spec.yaml").read_text())
@@ -138,7 +137,7 @@ def test_resume_after_ctrl_c_and_sigkill(
     # 3. the same command, to the end
     driver = start_cli(on_cluster, driver_env, log[2])
     assert driver.wait(timeout=240) == 0, log[2].read_text()[-3000:]
-    assert "4/4 trials finished" in log[2].read_text()
+    assert "4/4 models finished" in log[2].read_text()
 
     assert_same_results(exp, reference)
     tries = attempts(exp)
@@ -150,8 +149,8 @@ def test_resume_after_ctrl_c_and_sigkill(
     assert all(a["resumed_from_step"] % 100 == 0 for a in resumed)
     assert list(pd.read_csv(exp / "trials.csv").status) == ["TERMINATED"] * 4
     for t in SMOKE_TRIALS:  # Ray's older checkpoint copies are pruned at the end
-        (kept,) = (exp / t.dirname).glob("checkpoint_*")
-        assert checkpoint_step(kept) == STEPS
+        (kept,) = (exp / t.dirname).glob("checkpoint_*")  # a pack of one: one member sub-directory
+        assert [p.name for p in kept.iterdir()] == [t.trial_id] and step_of(kept / t.trial_id) == STEPS
 
 
 # --------------------------------------------------------------------------- failures
@@ -162,7 +161,7 @@ def test_failing_trials_are_retried_and_reported(ray_head, driver_env: dict, ref
     proc = run_cli(["smoke", "--storage", str(tmp_path), "--address", ray_head.address, "--no-analysis"], env)
     out = proc.stdout
     assert proc.returncode == 1, out[-3000:] + proc.stderr[-3000:]
-    assert "3/4 trials finished, 1 failed" in out
+    assert "3/4 models finished, 1 failed" in out
     assert "FAILED t003 (data.num_classes=64, optim.weight_decay=0, seed=1) after 3 attempt(s)" in out
     assert "injected fault #3 in trial t003 at step 150" in out
 

@@ -14,7 +14,6 @@ from sweep_helpers import STEPS, read_results, short_tmpdir, start_cli, wait_for
 from sweep_raynodes import RayNode
 
 from sweeps import results as res
-from sweeps.runner import latest_step
 from sweeps.spec import expand, load_spec
 
 TRIALS = expand(load_spec("smoke"))
@@ -38,7 +37,7 @@ def test_trials_finish_on_the_head_when_a_worker_node_dies(
             for t in TRIALS:
                 tries = res.attempts(exp / t.dirname)
                 run = res.run_dir(exp, t)
-                if tries and tries[-1]["pid"] in pids and 0 < latest_step(run) < STEPS:
+                if tries and tries[-1]["pid"] in pids and 0 < run.latest_step() < STEPS:
                     hit.append(t.trial_id)
             return hit
 
@@ -49,7 +48,7 @@ def test_trials_finish_on_the_head_when_a_worker_node_dies(
 
         assert driver.wait(timeout=240) == 0, log.read_text()[-4000:]
         text = log.read_text()
-        assert "4/4 trials finished, 0 failed" in text
+        assert "4/4 models finished, 0 failed" in text
         pd.testing.assert_frame_equal(without_timing(read_results(exp)), without_timing(reference))
         for t in TRIALS:
             if t.trial_id in victims:

@@ -1,12 +1,14 @@
 """Packed sweeps (spec ``pack: K``): the grid points that differ only in seed and weight
 decay train together in one Tune trial (``icl.train.train_packed``), and the experiment
-looks exactly like an unpacked one: one run directory per grid point where the unpacked
-sweep puts it, results.csv and trials.csv with the same trial ids and grid columns.
+looks exactly like one with a trial per grid point: one run directory per grid point,
+results.csv and trials.csv with the same trial ids and grid columns.
 
 Real Ray (the session's shared head), real trainer and data; the spec checks need no Ray.
-The grid: the smoke spec (tiny; here 100 steps, evaluated and checkpointed every 50) over
-weight decay {0, 0.01} x seeds {0, 1} at 16 classes; ``pack: 3`` makes a pack of three and a
-pack of one.
+The grid: the smoke spec (tiny with the ResNet embedder, the study's: here 40 steps,
+evaluated and checkpointed every 20) over weight decay {0, 0.01} x seeds {0, 1} at 16
+classes; ``pack: 3`` makes a pack of three and a pack of one. The models train in fp64:
+the ResNet's training amplifies fp32 rounding (tests/train/test_packed.py), so packs of
+different sizes (a resume may bring one model level alone) agree to 1e-9 only in fp64.
 """
 
 from __future__ import annotations
@@ -17,24 +19,27 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from sweep_helpers import cli_error, read_results, run_cli, without_timing
+from sweep_helpers import cli_error, read_results, run_cli, start_cli, wait_for, without_timing
+from sweep_raynodes import kill_pids, pids_mentioning, with_descendants
 
-from icl.errors import UserError
+from icl.config import build_config
+from icl.train import train
+from icl.train.checkpoint import step_of
 from sweeps import results as res
 from sweeps.cli import main
-from sweeps.runner import checkpoint_step
 from sweeps.spec import expand, load_spec, make_packs, parse_spec, saved_yaml
 
 GRID = {"data.num_classes": [16], "optim.weight_decay": [0.0, 0.01], "seed": [0, 1]}
-STEPS = 100
-EVERY = 50  # evaluation and checkpoint
-TOL = 1e-5  # packed and solo training agree to ~1e-7 (batched kernels round differently)
+STEPS = 40
+EVERY = 20  # evaluation and checkpoint
+TOL = 1e-9  # fp64: packs of any size agree to ~1e-12
 
 
 def smoke_doc(**changes) -> dict:
     doc = yaml.safe_load(Path(load_spec("smoke").source).read_text())
     doc["grid"] = dict(GRID)
-    doc["overrides"].update({"train.steps": STEPS, "train.eval_every": EVERY, "train.checkpoint_every": EVERY})
+    doc["overrides"].update({"train.steps": STEPS, "train.eval_every": EVERY, "train.checkpoint_every": EVERY,
+                             "model.embedder": "resnet", "train.precision": "fp64"})
     doc.update(changes)
     return doc
 
@@ -86,28 +91,34 @@ def test_bad_pack_values_exit_2(pack, tmp_path: Path, capsys: pytest.CaptureFixt
     assert "pack must be an integer >= 1" in line
 
 
-def test_pack_with_the_resnet_embedder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    spec = write_spec(tmp_path / "resnet.yaml", smoke_doc(pack=2))
-    line = cli_error(capsys, [str(spec), "--set", "model.embedder=resnet", "--storage", str(tmp_path)])
-    assert "model.embedder=resnet cannot be packed" in line and "BatchNorm" in line and "`pack: 1`" in line
-    assert not (tmp_path / "smoke").exists()  # refused before anything was written
-    with pytest.raises(UserError, match="cannot be packed"):
-        doc = smoke_doc(pack=2)
-        doc["overrides"]["model.embedder"] = "resnet"
-        spec = parse_spec(doc)
-        make_packs(spec, expand(spec))
+def test_the_study_runs_each_class_count_as_one_pack_of_15(capsys: pytest.CaptureFixture) -> None:
+    spec = load_spec("study")
+    packs = make_packs(spec, expand(spec))
+    assert spec.base_config["model.embedder"] == "resnet"  # the faithful preset packs, BatchNorm and all
+    assert [len(p.trial_ids) for p in packs] == [15, 15]
+    by_id = {t.trial_id: t for t in expand(spec)}
+    for p in packs:
+        assert len({by_id[m].grid["data.num_classes"] for m in p.trial_ids}) == 1
+    assert main(["study", "--dry-run", "--storage", "/nonexistent-icl-storage"]) == 0
+    assert "30 models in 2 trials of up to 15 models (30 to run)" in capsys.readouterr().out
+
+
+def test_grid_keys_that_change_the_model_split_packs() -> None:
+    doc = smoke_doc(pack=4, grid={"model.layers": [1, 2], "seed": [0, 1]})
+    spec = parse_spec(doc)
+    assert [p.trial_ids for p in make_packs(spec, expand(spec))] == [("t000", "t001"), ("t002", "t003")]
 
 
 def test_dry_run_shows_the_packs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     spec = write_spec(tmp_path / "packed.yaml", smoke_doc(pack=3))
     assert main([str(spec), "--dry-run", "--storage", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "per pack:   1 CPU, 0 GPU" in out
-    assert "packing:    up to 3 models per trial (train_packed): 2 packs" in out
-    assert "trial  pack  data.num_classes  optim.weight_decay  seed  status" in out
-    assert "t002   p000  16                0.01                0     to run" in out
-    assert "t003   p001  16                0.01                1     to run" in out
-    assert "4 trials in 2 packs (4 to run); dry run: nothing started" in out
+    assert "per trial:  1 CPU, 0 GPU" in out
+    assert "packing:    up to 3 models per trial, trained as one pack (train_packed)" in out
+    assert "model  trial  data.num_classes  optim.weight_decay  seed  status" in out
+    assert "t002   p000   16                0.01                0     to run" in out
+    assert "t003   p001   16                0.01                1     to run" in out
+    assert "4 models in 2 trials of up to 3 models (4 to run); dry run: nothing started" in out
     assert not (tmp_path / "smoke").exists()
 
 
@@ -140,39 +151,39 @@ def unpacked(ray_head, driver_env: dict, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def packed(ray_head, driver_env: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """``pack: 3`` with t001 (in pack p000) raising once right after its step-50 evaluation:
+    """``pack: 3`` with t001 (in pack p000) raising once right after its step-20 evaluation:
     the pack is retried by Tune and continues from its members' checkpoints (t000 and t001
-    at step 50, t002 from the start: train_packed brings it level first)."""
+    at step 20, t002 from the start: train_packed brings it level first)."""
     tmp = tmp_path_factory.mktemp("packed")
     spec = write_spec(tmp / "packed.yaml", smoke_doc(pack=3))
     args = [str(spec), "--storage", str(tmp), "--address", ray_head.address, "--no-analysis"]
-    proc = run_cli(args, dict(driver_env, ICL_SWEEP_FAULTS="t001@50"))
+    proc = run_cli(args, dict(driver_env, ICL_SWEEP_FAULTS="t001@20"))
     return {"proc": proc, "exp": tmp / "smoke", "args": args, "spec": spec}
 
 
 def test_packed_sweep_equals_the_unpacked_sweep(packed: dict, unpacked: pd.DataFrame) -> None:
     proc, exp = packed["proc"], packed["exp"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "4 trials in 2 packs of up to 3" in proc.stdout and "4/4 trials finished, 0 failed" in proc.stdout
+    assert "4 models in 2 trials of up to 3 models" in proc.stdout and "4/4 models finished, 0 failed" in proc.stdout
     got = read_results(exp)
     assert len(got) == 4 * 2 and list(got.trial_id.unique()) == ["t000", "t001", "t002", "t003"]
     assert_close_results(got, unpacked)
     # one run directory per grid point, where the unpacked sweep puts it
     trials = expand(load_spec(str(packed["spec"])))
     for t in trials:
-        run = pd.read_csv(res.run_dir(exp, t) / "metrics.csv")
-        assert list(run.step) == [50, 100]
+        run = pd.read_csv(res.run_dir(exp, t).path / "metrics.csv")
+        assert list(run.step) == [20, 40]
     table = pd.read_csv(exp / "trials.csv")
     assert list(table.trial_id) == ["t000", "t001", "t002", "t003"]
     assert list(table.status) == ["TERMINATED"] * 4 and list(table.last_step) == [STEPS] * 4
     assert list(table.pack) == ["p000", "p000", "p000", "p001"]
     # the retry of p000 resumed each member from its own newest checkpoint
     tries = {t.trial_id: [a["resumed_from_step"] for a in res.attempts(exp / t.dirname)] for t in trials}
-    assert tries == {"t000": [0, 50], "t001": [0, 50], "t002": [0, 0], "t003": [0]}
+    assert tries == {"t000": [0, 20], "t001": [0, 20], "t002": [0, 0], "t003": [0]}
     # Tune's checkpoint of a pack holds every member's checkpoint of that step (the latest kept)
     (kept,) = (exp / "p000_t000+t001+t002").glob("checkpoint_*")
     assert sorted(p.name for p in kept.iterdir()) == ["t000", "t001", "t002"]
-    assert all(checkpoint_step(p) == STEPS for p in kept.iterdir())
+    assert all(step_of(p) == STEPS for p in kept.iterdir())
 
 
 def test_rerun_of_a_finished_packed_sweep_trains_nothing(packed: dict, driver_env: dict) -> None:
@@ -187,26 +198,54 @@ def test_rerun_of_a_finished_packed_sweep_trains_nothing(packed: dict, driver_en
     assert [res.attempts(exp / t.dirname) for t in trials] == before[1]
 
 
-def test_a_diverged_model_fails_alone(ray_head, driver_env: dict, unpacked: pd.DataFrame, tmp_path: Path) -> None:
-    """Weight decay 5000 at lr 1e-3 multiplies the decayed weights by about -4 per step: that
-    model's loss becomes non-finite; its pack-mate (weight decay 0) finishes, equal to the
-    unpacked run. The diverged model is reported with its own error (no retries here: a
-    retry would train only it, as the retried pack above trains only what is unfinished)."""
-    grid = {"data.num_classes": [16], "optim.weight_decay": [0.0, 5000.0], "seed": [0]}
+def test_a_diverged_model_fails_alone(ray_head, driver_env: dict, tmp_path: Path) -> None:
+    """Weight decay 1e6 at lr 1e-3 multiplies the decayed weights by about -1000 per step: that
+    model's loss becomes non-finite (in fp32, with the linear embedder); its pack-mate
+    (weight decay 0) finishes, equal to the same model trained alone. The diverged model is
+    reported with its own error (no retries here: a retry would train only it, as the
+    retried pack above trains only what is unfinished)."""
+    grid = {"data.num_classes": [16], "optim.weight_decay": [0.0, 1.0e6], "seed": [0]}
     doc = smoke_doc(pack=2, max_failures=0, grid=grid)
+    doc["overrides"].update({"model.embedder": "linear", "train.precision": "fp32"})
     spec = write_spec(tmp_path / "diverge.yaml", doc)
     proc = run_cli([str(spec), "--storage", str(tmp_path), "--address", ray_head.address, "--no-analysis"], driver_env)
     out = proc.stdout
     assert proc.returncode == 1, out[-3000:] + proc.stderr[-3000:]
-    assert "1/2 trials finished, 1 failed" in out
-    assert "FAILED t001 (data.num_classes=16, optim.weight_decay=5000, seed=0) in pack p000 after 1 attempt(s): " in out
+    assert "1/2 models finished, 1 failed" in out
+    assert "FAILED t001 (data.num_classes=16, optim.weight_decay=1e+06, seed=0) in trial p000 after 1 attempt(s): " in out
     assert "TrainingDiverged: training loss became non-finite" in out
     exp = tmp_path / "smoke"
     table = pd.read_csv(exp / "trials.csv").set_index("trial_id")
     assert table.loc["t000", "status"] == "TERMINATED" and table.loc["t001", "status"] == "ERROR"
     assert "non-finite" in table.loc["t001", "error"]
-    got = read_results(exp)
-    first = [df[df.trial_id == "t000"].reset_index(drop=True) for df in (got, unpacked)]
-    assert_close_results(*first)
-    (t001,) = [t for t in expand(load_spec(str(spec))) if t.trial_id == "t001"]
-    assert "TrainingDiverged: training loss became non-finite" in (exp / t001.dirname / "error.txt").read_text()
+    t000, t001 = expand(load_spec(str(spec)))
+    train(build_config(t000.config), tmp_path / "alone")
+    got = without_timing(pd.read_csv(res.run_dir(exp, t000).path / "metrics.csv"))
+    pd.testing.assert_frame_equal(got, without_timing(pd.read_csv(tmp_path / "alone" / "metrics.csv")),
+                                  check_exact=False, rtol=1e-4, atol=1e-6)
+    assert "TrainingDiverged: training loss became non-finite" in (exp / t001.dirname / "diverged.txt").read_text()
+
+
+def test_a_packed_resnet_sweep_resumes_after_sigkill(embedded_env: dict, unpacked: pd.DataFrame, tmp_path: Path) -> None:
+    """``pack: 3`` on an embedded Ray, its driver SIGKILLed once a model has a checkpoint
+    (mid-sweep), then the same command to the end: the results equal the uninterrupted
+    sweep's."""
+    spec = write_spec(tmp_path / "packed.yaml", smoke_doc(pack=3))
+    args = [str(spec), "--storage", str(tmp_path), "--no-analysis", "--num-cpus", "2"]
+    exp = tmp_path / "smoke"
+    trials = expand(load_spec(str(spec)))
+    driver = start_cli(args, embedded_env, tmp_path / "run1.log")
+
+    def checkpointed() -> bool:
+        steps = [res.run_dir(exp, t).latest_step() for t in trials]
+        return any(steps) and not all(s == STEPS for s in steps)
+
+    assert wait_for(checkpointed, 240), (tmp_path / "run1.log").read_text()[-3000:]
+    driver.kill()
+    driver.wait(timeout=30)
+    kill_pids(with_descendants(pids_mentioning(embedded_env["RAY_TMPDIR"])))  # its orphaned Ray
+    assert not all(res.run_dir(exp, t).finished(STEPS) for t in trials)
+    proc = run_cli(args, embedded_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming" in proc.stdout and "4/4 models finished, 0 failed" in proc.stdout
+    assert_close_results(read_results(exp), unpacked)

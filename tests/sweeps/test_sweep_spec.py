@@ -162,9 +162,9 @@ def test_differences_name_the_keys() -> None:
 def test_dry_run_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["smoke", "--dry-run", "--storage", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "trial  data.num_classes  optim.weight_decay  seed  status" in out
-    assert "t003   64                0                   1     to run" in out
-    assert "4 trials (4 to run); dry run: nothing started" in out
+    assert "model  trial  data.num_classes  optim.weight_decay  seed  status" in out
+    assert "t003   t003   64                0                   1     to run" in out
+    assert "4 models in 4 trials of up to 1 model (4 to run); dry run: nothing started" in out
     assert not (tmp_path / "smoke").exists()
 
 

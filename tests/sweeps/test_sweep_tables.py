@@ -10,7 +10,10 @@ import pytest
 
 from icl.errors import UserError
 from sweeps import results as res
-from sweeps.runner import Fault, check_reachable, checkpoint_step, latest_step, parse_faults
+from icl.train.checkpoint import step_of
+from icl.train.rundir import RunDir
+from sweeps.faults import Fault, parse_faults
+from sweeps.ray_session import check_reachable
 from sweeps.spec import TrialSpec
 
 TRIALS = [
@@ -21,7 +24,7 @@ TRIALS = [
 
 
 def write_run(exp: Path, trial: TrialSpec, text: str) -> None:
-    run = res.run_dir(exp, trial)
+    run = res.run_dir(exp, trial).path
     run.mkdir(parents=True)
     (run / "metrics.csv").write_text(text)
 
@@ -54,24 +57,26 @@ def test_results_columns_union_keeps_trainer_order(tmp_path: Path) -> None:
 def test_trials_table(tmp_path: Path) -> None:
     write_run(tmp_path, TRIALS[0], "step,x\n25,1\n50,2\n")
     (tmp_path / TRIALS[0].dirname / res.ATTEMPTS).write_text('{"attempt": 1}\n{"attempt": 2}\n{"attem')
-    res.write_trials(tmp_path, TRIALS, {"t000": ("TERMINATED", ""), "t001": ("ERROR", "RuntimeError: boom")})
+    packs = {"p0": ("t000", "t001"), "t002": ("t002",)}
+    res.write_trials(tmp_path, TRIALS, {"t000": ("TERMINATED", ""), "t001": ("ERROR", "RuntimeError: boom")}, packs)
     rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
     assert [r["status"] for r in rows] == ["TERMINATED", "ERROR", "PENDING"]
     assert rows[0]["last_step"] == "50" and rows[0]["attempts"] == "2"
     assert rows[1]["error"] == "RuntimeError: boom"
     assert rows[2]["run_dir"] == "t002_num_classes=64_seed=0/run"
+    assert [r["pack"] for r in rows] == ["p0", "p0", "t002"]
 
 
 def test_checkpoint_steps(tmp_path: Path) -> None:
-    root = tmp_path / "run" / "checkpoints"
-    for name in ("step_000000100", "step_000000200", ".tmp-step_000000300-12"):
-        (root / name).mkdir(parents=True)
-    assert latest_step(tmp_path / "run") == 200
-    assert latest_step(tmp_path / "nothing") == 0
-    (root / "step_000000200" / "manifest.json").write_text(json.dumps({"step": 200, "files": {}}))
-    assert checkpoint_step(root / "step_000000200") == 200
-    (root / "step_000000100" / "metrics.csv").write_text("step,x\n50,1\n100,2\n")
-    assert checkpoint_step(root / "step_000000100") == 100
+    run = RunDir(tmp_path / "run")
+    for name in ("step_000000100", "step_000000200", ".tmp-step_000000300-12", "notes"):
+        (run.checkpoints_dir / name).mkdir(parents=True)
+    assert run.latest_step() == 200 and run.latest_checkpoint() == run.checkpoint_dir(200)
+    assert [p.name for p in run.checkpoints()] == ["step_000000100", "step_000000200"]
+    assert RunDir(tmp_path / "nothing").latest_step() == 0
+    (run.checkpoint_dir(200) / "manifest.json").write_text(json.dumps({"step": 200, "files": {}}))
+    assert step_of(run.checkpoint_dir(200)) == 200
+    assert step_of(run.checkpoint_dir(100)) is None  # no manifest: not a checkpoint
 
 
 def test_parse_faults() -> None:

@@ -15,8 +15,8 @@ import torch
 
 from icl.config import load_config
 from icl.train import TIMING_COLUMNS, TrainingDiverged, train
-from icl.train import loop as train_loop
 from icl.train.cli import main as train_main
+from icl.train.pack import PackedTrainer
 
 
 def science(path: Path) -> pd.DataFrame:
@@ -182,15 +182,15 @@ def test_no_intact_checkpoint_is_an_error(finished, tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    real_step = train_loop.train_step
+    real_step = PackedTrainer.step
 
-    def diverging_step(model, optimizer, data, step, cfg):
-        if step == 130:  # the weights blow up between the checkpoint at 100 and the eval at 150
+    def diverging_step(self, t):
+        if t == 131:  # the weights blow up between the checkpoint at 100 and the eval at 150
             with torch.no_grad():
-                model.head.weight.fill_(float("nan"))
-        return real_step(model, optimizer, data, step, cfg)
+                self.models[0].head.weight.fill_(float("nan"))
+        return real_step(self, t)
 
-    monkeypatch.setattr(train_loop, "train_step", diverging_step)
+    monkeypatch.setattr(PackedTrainer, "step", diverging_step)
     out = tmp_path / "nan"
     code, err = run_cli(["--config", "tiny", "--out", str(out)], capsys)
     assert code == 2 and "non-finite between steps 100 and 150" in err and "step_000000100" in err

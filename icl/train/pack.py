@@ -1,0 +1,394 @@
+"""A pack: K models of one architecture trained as one, one step at a time.
+
+Every run is a pack (``icl.train.train`` is a pack of one). The study's model is tiny
+(width 64, 17 tokens, batch 32): one model leaves a GPU almost idle, launching small kernels.
+A seeds x weight-decay grid is made of models with identical shapes, so K of them share
+every kernel: their parameters are stacked along a leading ``K`` axis and the ordinary
+:class:`~icl.model.SequenceModel` runs on all of them at once through
+``torch.func.functional_call`` under ``torch.vmap`` (a batched matmul per linear layer, a
+grouped convolution per conv layer, instead of K of each).
+
+Each model keeps everything that makes it *its own run*:
+
+- **init**: model ``k`` starts from :func:`initial_model` (seeded by its own config), then
+  is copied into the stack;
+- **data**: ``StudyData.train_batch(step)`` of its own seed, a pure function of (seed,
+  step); the pack makes all K batches in one call (``train_batch(step, seeds=[...])``);
+- **BatchNorm** (the ResNet embedder): batch statistics per model (vmap's batch-norm rule
+  normalises each model's slice of the batch on its own) and running statistics per model,
+  updated in place in a stacked ``[K, C]`` buffer exactly as ``nn.BatchNorm2d`` updates its own;
+- **optimiser**: AdamW for stacked parameters (:class:`PackedAdamW`): the update of
+  ``torch.optim.AdamW`` with one weight decay per model, on exactly the decay group of
+  :func:`icl.train.optim.decay_groups`;
+- **state**: model ``k``'s parameters and buffers *are* views into the stack, so
+  ``models[k]`` is a working ``SequenceModel`` (for evaluation, ``state_dict``,
+  ``load_state_dict``), and its optimiser state converts to and from a plain
+  ``torch.optim.AdamW`` ``state_dict``: a checkpoint does not depend on the pack it came from.
+
+Layout. All parameters of the pack live in one ``[K, N]`` tensor (model ``k``'s parameters
+are row ``k``, decayed ones first), gradients are concatenated into one ``[K, N]`` tensor,
+and the AdamW update is a handful of element-wise kernels over whole ``[K, N]`` buffers,
+whatever the number of layers. A step never synchronises with the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from icl.config import Config, flatten
+from icl.data import StudyData
+from icl.errors import UserError
+from icl.model import SequenceModel, build_model
+from icl.train.evaluate import autocast, param_dtype
+from icl.train.optim import decay_groups, lr_at, make_optimizer, set_lr
+
+# Keys in which the models of one pack may differ; every other config key must be equal.
+PER_MODEL_KEYS = ("seed", "optim.weight_decay")
+
+
+def initial_model(cfg: Config, device: torch.device | str = "cpu") -> SequenceModel:
+    """The model run ``cfg`` starts from, seeded by ``cfg.seed`` alone: a run starts from the
+    same weights whatever pack (or benchmark) it is trained in."""
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg).to(device, param_dtype(cfg))
+
+
+def check_packable(cfgs: Sequence[Config]) -> None:
+    """UserError unless ``cfgs`` can train as one pack: at least one config, all equal in
+    every key but ``seed`` and ``optim.weight_decay``."""
+    if not cfgs:
+        raise UserError("a pack needs at least one config")
+    first = flatten(cfgs[0].to_dict())
+    for i, cfg in enumerate(cfgs[1:], start=1):
+        other = flatten(cfg.to_dict())
+        diff = [k for k in first if k not in PER_MODEL_KEYS and first[k] != other[k]]
+        if diff:
+            shown = "; ".join(f"{k}: {first[k]!r} in config 0, {other[k]!r} in config {i}" for k in diff[:4])
+            raise UserError(
+                f"configs of one pack may differ only in {' and '.join(PER_MODEL_KEYS)}; they differ in "
+                f"{shown}: pack them separately"
+            )
+
+
+def data_for(cfg: Config, shared: StudyData) -> StudyData:
+    """Model ``cfg``'s data (its own training stream) over the pack's one copy of the images,
+    class split and evaluation sets (equal for every model of a pack)."""
+    data = StudyData(cfg, shared.source, shared.split, shared.bank)
+    for name in ("train_classes", "class_dist", "eval_sets"):  # equal for every model of a pack
+        data.__dict__[name] = getattr(shared, name)
+    return data
+
+
+# --------------------------------------------------------------------------- the stack
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    shape: torch.Size
+    start: int  # column range in the [K, N] buffers
+    stop: int
+
+
+class PackedModels:
+    """K models of one architecture as one ``[K, N]`` parameter tensor and stacked buffers.
+
+    After construction every model's parameters and buffers are views into the stack, so
+    ``models[k]`` holds model ``k``'s live weights, while :meth:`logits` runs all K at once.
+    Decayed parameters come first: columns ``[0, n_decay)``.
+    """
+
+    def __init__(self, models: list[SequenceModel], cfg: Config):
+        self.models = models
+        self.k = len(models)
+        model = models[0]
+        first = next(model.parameters())
+        decay, no_decay = decay_groups(model)
+        params = dict(model.named_parameters())
+        slots, col = [], 0
+        for name in decay + no_decay:
+            n = params[name].numel()
+            slots.append(Slot(name, params[name].shape, col, col + n))
+            col += n
+        self.slots = slots
+        self.n_decay = sum(s.stop - s.start for s in slots[: len(decay)])
+        self.flat = torch.empty(self.k, col, device=first.device, dtype=first.dtype)
+        with torch.no_grad():
+            for k, m in enumerate(models):
+                mp = dict(m.named_parameters())
+                for s in slots:
+                    self.flat[k, s.start : s.stop] = mp[s.name].detach().reshape(-1)
+                    mp[s.name].data = self.flat[k, s.start : s.stop].view(s.shape)
+        # Stacked leaves for the batched forward: views of the same storage.
+        self.params: dict[str, Tensor] = {
+            s.name: self.flat[:, s.start : s.stop].view(self.k, *s.shape).requires_grad_(True) for s in slots
+        }
+        # Buffers (BatchNorm running statistics, positions, a frozen projection) stacked the
+        # same way; each model's buffer is its row, so in-place updates land in the stack.
+        self.buffers: dict[str, Tensor] = {}
+        for name, _ in model.named_buffers():
+            stacked = torch.stack([dict(m.named_buffers())[name] for m in models])
+            self.buffers[name] = stacked
+            owner, _, leaf = name.rpartition(".")
+            for k, m in enumerate(models):
+                setattr(m.get_submodule(owner) if owner else m, leaf, stacked[k])
+        with torch.device("meta"):  # a weightless template for functional_call
+            self.template = build_model(cfg)
+        self.template.train()
+
+    @property
+    def n(self) -> int:
+        return self.flat.shape[1]
+
+    def logits(self, params: dict[str, Tensor], buffers: dict[str, Tensor], images: Tensor, labels: Tensor) -> Tensor:
+        """``images [K, B, 9, S, S]``, ``labels [K, B, 9]`` -> logits ``[K, B, vocab]``."""
+        if self.k == 1:  # vmap over a single model would only add dispatch overhead
+            one = {n: p[0] for n, p in params.items()}, {n: b[0] for n, b in buffers.items()}
+            return torch.func.functional_call(self.template, one, (images[0], labels[0]))[None]
+
+        def model(p, b, x, y):
+            return torch.func.functional_call(self.template, (p, b), (x, y))
+
+        # The math backend: it batches natively under vmap (forward and backward); the fused
+        # CPU kernel has no batching rule and would run the K models one after another.
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.vmap(model)(params, buffers, images, labels)
+
+    def grads_flat(self, grads: Sequence[Tensor]) -> Tensor:
+        """Per-slot gradients (autograd's order = ``self.slots``) -> one ``[K, N]`` tensor."""
+        return torch.cat([g.reshape(self.k, -1) for g in grads], dim=1)
+
+    def state_dict(self, k: int) -> dict[str, Tensor]:
+        """Model ``k``'s ``state_dict``, detached from the stack (a checkpoint must not hold
+        the other models' weights)."""
+        return {n: t.detach().clone() for n, t in self.models[k].state_dict().items()}
+
+
+class PackedAdamW:
+    """``torch.optim.AdamW`` (non-amsgrad, non-maximize) for a ``[K, N]`` parameter tensor
+    whose first ``n_decay`` columns form the decay group, with one weight decay per row.
+
+    Per update ``t`` (1-based), in the order of torch's single-tensor AdamW::
+
+        p[:, :n_decay] *= 1 - lr_t * wd_k          (decay group only; a factor 1 where wd_k = 0)
+        m = lerp(m, g, 1 - beta1);  v = v * beta2 + (1 - beta2) g^2
+        p += (-lr_t / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    The per-step scalars are computed in float64 on the host, as torch does with Python
+    floats, for a whole range of updates at once (:meth:`schedule`); the per-model decay
+    factors go to the device in one copy, so an update never synchronises.
+
+    Eager, the update runs over column chunks of ~1 MB per buffer (on the CPU all seven
+    element-wise passes then stay in cache: about 3x faster than whole-buffer passes, and
+    faster than torch's per-parameter loop) with the shared scalars as Python numbers;
+    on CUDA it is one chunk. With ``compiled`` (``torch.compile``) it is one fused function of
+    device tensors only (:func:`adam_update`).
+    """
+
+    CHUNK_ELEMENTS = 1 << 18
+
+    def __init__(self, flat: Tensor, n_decay: int, cfgs: Sequence[Config], chunk_elements: int | None = None):
+        self.flat = flat
+        self.n_decay = n_decay
+        o = cfgs[0].optim
+        self.optim = o
+        self.total_steps = cfgs[0].train.steps
+        self.beta1, self.beta2, self.eps = o.beta1, o.beta2, o.eps
+        self.weight_decay = [c.optim.weight_decay for c in cfgs]
+        self.decays = any(wd != 0 for wd in self.weight_decay)
+        self.exp_avg = torch.zeros_like(flat)
+        self.exp_avg_sq = torch.zeros_like(flat)
+        k, n = flat.shape
+        chunk = chunk_elements or (k * n if flat.device.type == "cuda" else self.CHUNK_ELEMENTS)
+        cols = max(1, chunk // k)
+        self.chunks = [(a, min(a + cols, n)) for a in range(0, n, cols)]
+        self.first = 1
+        self.host: list[tuple[float, float]] = []
+        self.table = torch.zeros(0, 2 + k, device=flat.device, dtype=flat.dtype)
+        self.compiled: Callable | None = None
+
+    def single_pass(self) -> None:
+        """Update the whole pack in one pass of each kernel, as on CUDA (on the CPU the update
+        is cache-blocked into chunks): for counting the kernels a GPU step launches."""
+        self.chunks = [(0, self.flat.shape[1])]
+
+    def schedule(self, first: int, last: int) -> None:
+        """Precompute the scalars of updates ``first..last`` (1-based; one host->device copy)."""
+        rows = []
+        for t in range(first, last + 1):
+            lr = lr_at(t, self.optim, self.total_steps)
+            step_size = lr / (1 - self.beta1**t)
+            bc2_sqrt = (1 - self.beta2**t) ** 0.5
+            rows.append([-step_size, bc2_sqrt, *[1 - lr * wd if wd != 0 else 1.0 for wd in self.weight_decay]])
+        self.host = [(r[0], r[1]) for r in rows]
+        self.table = torch.tensor(rows, dtype=torch.float64).to(self.flat.dtype).to(self.flat.device)
+        self.first = first
+
+    @torch.no_grad()
+    def step(self, t: int, grad: Tensor) -> None:
+        """Update ``t`` (1-based; must lie in the scheduled range) with gradient ``[K, N]``."""
+        i = t - self.first
+        if not 0 <= i < len(self.host):
+            raise RuntimeError(f"update {t} outside the scheduled range; call schedule() first")
+        n_decay = self.n_decay if self.decays else 0
+        if self.compiled is not None:
+            self.compiled(self.flat, self.exp_avg, self.exp_avg_sq, grad, self.table[i], n_decay,
+                          self.beta1, self.beta2, self.eps)
+            return
+        neg_step, bc2_sqrt = self.host[i]
+        decay = self.table[i, 2:, None]
+        b1, b2, eps = self.beta1, self.beta2, self.eps
+        for a, b in self.chunks:
+            p, m, v, g = self.flat[:, a:b], self.exp_avg[:, a:b], self.exp_avg_sq[:, a:b], grad[:, a:b]
+            if a < n_decay:
+                p[:, : min(b, n_decay) - a].mul_(decay)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / bc2_sqrt).add_(eps)
+            p.addcdiv_(m, denom, value=neg_step)
+
+
+@torch.no_grad()
+def adam_update(p: Tensor, m: Tensor, v: Tensor, g: Tensor, row: Tensor, n_decay: int,
+                beta1: float, beta2: float, eps: float) -> None:
+    """:class:`PackedAdamW`'s update with the per-step scalars as a device tensor ``row``
+    (``-step_size, sqrt(1 - beta2^t), decay factors [K]``): for ``torch.compile``/CUDA graphs."""
+    if n_decay:
+        p[:, :n_decay].mul_(row[2:, None])
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v.sqrt() / row[1]).add_(eps)
+    p.add_(m.mul(row[0]).div_(denom))  # = p.addcdiv_(m, denom, value=-step_size)
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class PackedTrainer:
+    """K models (already initialised) + their data + AdamW, one packed step at a time.
+
+    ``step(t)`` is update ``t`` (1-based) on batch ``t - 1`` of every model; it returns
+    per-model (loss ``[K]``, number correct ``[K]``) on the device without synchronising.
+    Call ``optimizer.schedule(a, b)`` before updates ``a..b``.
+    """
+
+    def __init__(self, models: list[SequenceModel], cfgs: Sequence[Config], datas: Sequence[StudyData],
+                 *, compile: bool = False, cuda_graphs: bool = False):
+        self.cfgs, self.datas = list(cfgs), list(datas)
+        self.pack = PackedModels(models, cfgs[0])
+        self.optimizer = PackedAdamW(self.pack.flat, self.pack.n_decay, cfgs)
+        self.device = self.pack.flat.device
+        self.cfg = cfgs[0]
+        self._leaves = [self.pack.params[s.name] for s in self.pack.slots]
+        self._losses = self._loss_fn
+        self.seeds = [c.seed for c in self.cfgs]
+        if cuda_graphs and self.device.type != "cuda":
+            raise UserError(f"CUDA graphs need a CUDA device; this pack runs on {self.device} (drop cuda_graphs)")
+        if compile or cuda_graphs:
+            mode = "reduce-overhead" if cuda_graphs else None
+            if cuda_graphs:
+                for leaf in self._leaves:  # updated in place: the graphs may read them where they are
+                    torch._dynamo.mark_static_address(leaf)
+            self._losses = torch.compile(self._loss_fn, mode=mode)
+            self.optimizer.compiled = torch.compile(adam_update, mode=mode)
+
+    @classmethod
+    def fresh(cls, cfgs: Sequence[Config], shared: StudyData, **options) -> "PackedTrainer":
+        """A pack of untrained models (each as its run starts) over one copy of the data."""
+        models = [initial_model(c, shared.device) for c in cfgs]
+        return cls(models, cfgs, [data_for(c, shared) for c in cfgs], **options)
+
+    @property
+    def models(self) -> list[SequenceModel]:
+        return self.pack.models
+
+    @property
+    def k(self) -> int:
+        return self.pack.k
+
+    def batch(self, index: int) -> tuple[Tensor, Tensor]:
+        """Every model's training batch ``index``, made by one set of kernels for the whole
+        pack: images ``[K, B, 9, S, S]``, labels ``[K, B, 9]``."""
+        data = self.datas[0]  # the models differ only in seed and weight decay
+        b = data.train_batch(index, seeds=self.seeds)
+        images = data.bank.render(b.classes, b.exemplars, self.pack.flat.dtype)
+        k = len(self.seeds)
+        return rearrange(images, "(k b) ... -> k b ...", k=k), rearrange(b.labels, "(k b) n -> k b n", k=k)
+
+    def _loss_fn(self, params: dict[str, Tensor], buffers: dict[str, Tensor], images: Tensor, labels: Tensor):
+        with autocast(self.cfg, images.device):
+            logits = self.pack.logits(params, buffers, images, labels)
+        logits = logits.to(self.pack.flat.dtype)  # the loss in fp32 (fp64) even under bf16 autocast
+        targets = labels[..., -1]
+        k, b = targets.shape
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(k, b).mean(1)
+        correct = (logits.detach().argmax(-1) == targets).sum(1)
+        return losses, correct
+
+    def losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Forward: per-model mean loss ``[K]`` (with its graph) and number correct ``[K]``."""
+        return self._losses(self.pack.params, self.pack.buffers, images, labels)
+
+    def gradient(self, losses: Tensor) -> Tensor:
+        """Backward: every model's gradient as one ``[K, N]`` tensor (the sum's gradient with
+        respect to model k's parameters is its own loss's)."""
+        return self.pack.grads_flat(torch.autograd.grad(losses.sum(), self._leaves))
+
+    def step(self, t: int) -> tuple[Tensor, Tensor]:
+        """Update ``t`` of every model; per-model (loss, number correct) on the device."""
+        images, labels = self.batch(t - 1)
+        losses, correct = self.losses(images, labels)
+        self.optimizer.step(t, self.gradient(losses))
+        return losses.detach(), correct
+
+    # ------------------------------------------------------------------ per-model state
+
+    def optimizer_state(self, k: int, t: int) -> dict:
+        """Model ``k``'s optimiser as a ``torch.optim.AdamW`` ``state_dict`` after update ``t``."""
+        model, cfg = self.pack.models[k], self.cfgs[k]
+        opt = make_optimizer(model, cfg.optim)
+        set_lr(opt, lr_at(max(t, 1), cfg.optim, cfg.train.steps))
+        params = dict(model.named_parameters())
+        for s in self.pack.slots:
+            opt.state[params[s.name]] = {
+                "step": torch.tensor(float(t)),
+                "exp_avg": self.optimizer.exp_avg[k, s.start : s.stop].view(s.shape).clone(),
+                "exp_avg_sq": self.optimizer.exp_avg_sq[k, s.start : s.stop].view(s.shape).clone(),
+            }
+        return opt.state_dict()
+
+    def load_state(self, k: int, model_state: dict, optimizer_state: dict, t: int) -> None:
+        """Put model ``k`` (weights, buffers, AdamW moments after update ``t``) into the pack,
+        from a ``state_dict`` and a ``torch.optim.AdamW`` ``state_dict``."""
+        model = self.pack.models[k]
+        model.load_state_dict(model_state)  # copies into the stack's views
+        opt = make_optimizer(model, self.cfgs[k].optim)
+        opt.load_state_dict(optimizer_state)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for s in self.pack.slots:
+                state = opt.state.get(params[s.name])
+                if not state:  # never updated (t == 0): zero moments, as a fresh AdamW
+                    continue
+                if int(state["step"]) != t:
+                    raise UserError(f"checkpoint optimiser state of {s.name} is at step {int(state['step'])}, not {t}")
+                self.optimizer.exp_avg[k, s.start : s.stop] = state["exp_avg"].reshape(-1)
+                self.optimizer.exp_avg_sq[k, s.start : s.stop] = state["exp_avg_sq"].reshape(-1)
+
+
+__all__ = [
+    "PackedTrainer",
+    "PackedModels",
+    "PackedAdamW",
+    "PER_MODEL_KEYS",
+    "check_packable",
+    "data_for",
+    "initial_model",
+]

@@ -1,0 +1,255 @@
+"""A run directory: the one place that knows its layout and keeps its books.
+
+    RUN/
+      config.yaml            the fully resolved config (a resume must match it)
+      metrics.csv            one row per evaluation
+      attention.npz          per-head diagnostics per evaluation: step [E], heads [E, L, H, 5]
+      checkpoints/
+        step_000012000/      one checkpoint (icl.train.checkpoint), the newest N kept
+
+Everything that reads or writes these paths goes through :class:`RunDir`: the training
+engine (open, restore, record an evaluation, checkpoint), the sweep driver (latest step,
+finished, install a checkpoint Ray restored, the metrics table) and the analysis.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from icl.config import Config, build_config, read_yaml, science_dict
+from icl.errors import UserError
+from icl.io import atomic_write
+from icl.train import checkpoint as ckpt
+from icl.train.evaluate import ATTN_STATS
+
+CONFIG = "config.yaml"
+METRICS = "metrics.csv"
+ATTENTION = "attention.npz"
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step_(\d{9,})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+@dataclass
+class RunState:
+    """What a run has logged so far; with the model and optimiser, what a checkpoint restores."""
+
+    step: int = 0
+    wall_s: float = 0.0
+    rows: list[dict[str, float]] = field(default_factory=list)
+    heads: list[np.ndarray] = field(default_factory=list)  # per evaluation: [L, H, 5]
+
+    @property
+    def last_row(self) -> dict[str, float]:
+        return self.rows[-1] if self.rows else {}
+
+
+@dataclass
+class Restored:
+    """A run as its newest intact checkpoint left it."""
+
+    path: Path
+    state: RunState
+    model: dict[str, Any]  # the model's state_dict
+    optimizer: dict[str, Any]  # a torch.optim.AdamW state_dict
+
+
+def config_differences(a: Config, b: Config) -> list[str]:
+    sa, sb = science_dict(a), science_dict(b)
+    return [f"{k}: {sa[k]!r} there, {sb[k]!r} here" for k in sa if sa[k] != sb.get(k)]
+
+
+class RunDir:
+    """One run's directory (it need not exist yet)."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.checkpoints_dir = self.path / CHECKPOINTS
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # ------------------------------------------------------------------ opening
+
+    def open(self, cfg: Config) -> None:
+        """Make the directory hold run ``cfg``: refuse another run's directory (or a folder of
+        other files) without touching it, write ``config.yaml``, drop half-written checkpoints."""
+        out = self.path
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file, not a directory")
+        config_path = out / CONFIG
+        if config_path.exists():
+            try:
+                saved = build_config(read_yaml(config_path))
+            except UserError as e:
+                raise UserError(f"{out} holds an unreadable run config ({e}); choose another --out") from None
+            diff = config_differences(saved, cfg)
+            if diff:
+                raise UserError(
+                    f"{out} holds a run with a different config ({'; '.join(diff[:4])}); "
+                    "resume it with the same config or choose another --out"
+                )
+        elif out.is_dir() and any(p.name != CHECKPOINTS for p in out.iterdir()):
+            raise UserError(f"--out {out} is not empty and holds no run (no {CONFIG}); choose a new directory")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write(config_path, cfg.to_yaml().encode())
+        except OSError as e:
+            raise UserError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
+        if self.checkpoints_dir.is_dir():
+            for p in self.checkpoints_dir.glob(f"{ckpt.TEMP_PREFIX}*"):  # never valid: a crash's leftovers
+                shutil.rmtree(p, ignore_errors=True)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints_dir / checkpoint_name(step)
+
+    def checkpoints(self) -> list[Path]:
+        """Checkpoint directories, oldest first (temporaries excluded; not verified)."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints_dir.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+
+    def latest_step(self) -> int:
+        """Step of the newest checkpoint directory (0: none); by name, not verified."""
+        found = self.checkpoints()
+        return int(_STEP_DIR.match(found[-1].name).group(1)) if found else 0
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def restore(self, cfg: Config) -> Restored | None:
+        """The run as its newest intact checkpoint left it; corrupt checkpoints are reported on
+        stderr and skipped. None if there is none; UserError if none of several is intact or
+        the checkpoint belongs to another config."""
+        found = self.checkpoints()
+        problems = []
+        for path in reversed(found):
+            try:
+                loaded = ckpt.load(path)
+            except Exception as e:  # verify's ValueError, or torch failing on bytes that pass
+                problems.append(f"{path.name}: {e}")
+                print(f"warning: checkpoint {path} is corrupt ({e}); trying the previous one", file=sys.stderr)
+                continue
+            return self._restored(loaded, cfg)
+        if found:
+            raise UserError(
+                f"no intact checkpoint in {self.checkpoints_dir} ({'; '.join(problems)}); move the run "
+                "directory away to start over"
+            )
+        return None
+
+    def _restored(self, loaded: ckpt.Loaded, cfg: Config) -> Restored:
+        saved = loaded.state.get("science")
+        if saved is not None and saved != science_dict(cfg):
+            diff = [k for k in saved if saved[k] != science_dict(cfg).get(k)]
+            raise UserError(f"checkpoint {loaded.path} was made with a different config ({', '.join(diff[:4])})")
+        rows = list(csv.DictReader(io.StringIO(loaded.files[METRICS].decode())))
+        with np.load(io.BytesIO(loaded.files[ATTENTION])) as z:
+            heads = list(z["heads"])
+        state = RunState(
+            step=loaded.step,
+            wall_s=float(loaded.state["wall_s"]),
+            rows=[{k: _number(v) for k, v in r.items()} for r in rows],
+            heads=heads,
+        )
+        return Restored(loaded.path, state, loaded.state["model"], loaded.state["optimizer"])
+
+    def checkpoint(self, cfg: Config, state: RunState, files: dict[str, bytes],
+                   model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> Path:
+        """Checkpoint the run at ``state.step`` with ``files`` (its logs, as :meth:`record`
+        returned them); keep the newest ``train.keep_checkpoints``."""
+        payload = {
+            "step": state.step,
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "wall_s": state.wall_s,
+            "science": science_dict(cfg),
+        }
+        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        saved = ckpt.write(self.checkpoint_dir(state.step), state.step, payload, files)
+        for old in self.checkpoints()[: -cfg.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return saved
+
+    def install(self, src: Path) -> Path | None:
+        """Copy checkpoint directory ``src`` (one Ray restored) into this run if it is newer than
+        this run's newest checkpoint (a run directory moved or lost); returns where, or None."""
+        step = ckpt.step_of(Path(src))
+        if step is None:
+            raise UserError(f"{src} is not a checkpoint directory (no readable manifest)")
+        if step <= self.latest_step():
+            return None
+        return ckpt.copy(Path(src), self.checkpoint_dir(step))
+
+    # ------------------------------------------------------------------ logs
+
+    def record(self, state: RunState) -> dict[str, bytes]:
+        """Rewrite the logs from ``state``; returns their bytes (a checkpoint keeps them too)."""
+        files = {METRICS: metrics_csv(state.rows), ATTENTION: attention_npz(state)}
+        for name, data in files.items():
+            atomic_write(self.path / name, data)
+        return files
+
+    def metrics_table(self) -> tuple[list[str], list[list[str]]]:
+        """Header and rows of ``metrics.csv`` as text; missing file -> no rows; a torn last
+        line (a file being written by another process) is dropped."""
+        try:
+            text = (self.path / METRICS).read_text()
+        except FileNotFoundError:
+            return [], []
+        rows = list(csv.reader(io.StringIO(text)))
+        if not rows:
+            return [], []
+        header, body = rows[0], rows[1:]
+        complete = text.endswith("\n")
+        body = [r for i, r in enumerate(body) if len(r) == len(header) and (complete or i < len(body) - 1)]
+        return header, body
+
+    def last_logged_step(self) -> int | None:
+        """The last evaluated step in ``metrics.csv`` (None: no evaluation yet)."""
+        header, rows = self.metrics_table()
+        if not rows or "step" not in header:
+            return None
+        return int(float(rows[-1][header.index("step")]))
+
+    def finished(self, steps: int) -> bool:
+        """Has the run logged its evaluation of step ``steps`` (its last)?"""
+        return (self.last_logged_step() or 0) >= steps
+
+
+def metrics_csv(rows: list[dict[str, float]]) -> bytes:
+    if not rows:
+        return b""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def attention_npz(state: RunState) -> bytes:
+    buf = io.BytesIO()
+    steps = np.array([int(r["step"]) for r in state.rows], dtype=np.int64)
+    heads = np.stack(state.heads).astype(np.float32) if state.heads else np.zeros((0, 0, 0, len(ATTN_STATS)), np.float32)
+    np.savez_compressed(buf, step=steps, heads=heads, stats=np.array(ATTN_STATS))
+    return buf.getvalue()
+
+
+def _number(text: str) -> float | int:
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value

@@ -1,0 +1,284 @@
+"""The sweep driver: check everything, start or join Ray, run (or resume) the packs on Ray
+Tune, then write the tables and the summary (and the analysis report).
+
+Running the same command again after any interruption (Ctrl-C, SIGKILL, a lost node, a
+preemption) continues the sweep: finished runs are kept, unfinished ones resume from their
+checkpoints, and the results equal an uninterrupted sweep's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from icl.io import atomic_write
+from sweeps import results as res
+from sweeps.experiment import (
+    REPORT_DIR,
+    SPEC_FILE,
+    check_storage_writable,
+    experiment_state,
+    finished_trials,
+    lock_experiment,
+    prune_ray_checkpoints,
+    with_runtime_paths,
+)
+from sweeps.faults import FAULTS_ENV, parse_faults
+from sweeps.ray_session import RayOptions, check_resources, check_storage_shared, start_ray
+from sweeps.spec import PackSpec, SweepSpec, TrialSpec, format_value, make_packs, saved_yaml
+from sweeps.trainable import TrialNames, make_trainable
+
+# Ray Tune settings for the driver (an explicit value in the environment wins):
+TUNE_ENV = {
+    # results.csv / trials.csv are the experiment's tables; Tune's per-trial result.json,
+    # progress.csv and TensorBoard files would only duplicate them.
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    # a spec's checkpoint.num_to_keep makes Tune save its experiment state every
+    # num_to_keep checkpoints, which is what a resume wants; do not warn about it.
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
+
+
+@dataclass
+class Outcome:
+    """How the sweep ended, per trial id: TERMINATED, ERROR or UNFINISHED, with errors."""
+
+    status: dict[str, str]
+    errors: dict[str, str]
+    wall_s: float
+
+    @property
+    def failed(self) -> list[str]:
+        return [k for k, v in self.status.items() if v == "ERROR"]
+
+    @property
+    def unfinished(self) -> list[str]:
+        return [k for k, v in self.status.items() if v == "UNFINISHED"]
+
+
+def run_sweep(
+    spec: SweepSpec, trials: Sequence[TrialSpec], opts: RayOptions, *, analysis: bool = True, out: Any = None
+) -> int:
+    """Everything that can be wrong is checked before Ray starts a trial; then fit or resume."""
+    import ray
+    from ray import tune
+
+    from sweeps.callback import ResultsCallback
+
+    out = out or sys.stdout
+    t0 = time.monotonic()
+    for var, value in TUNE_ENV.items():
+        os.environ.setdefault(var, value)
+    exp_dir = spec.exp_dir
+    packs = make_packs(spec, trials)  # a spec that cannot be packed: refused now
+    members = {p.pack_id: p.trial_ids for p in packs}
+    state = experiment_state(spec)
+    faults = parse_faults(os.environ.get(FAULTS_ENV), trials)
+    trials = with_runtime_paths(trials, spec)
+    check_storage_writable(exp_dir.parent)
+
+    held = contextlib.ExitStack()
+    start_ray(opts)
+    # ResultGrid looks for Tune's per-trial result.json, which TUNE_ENV turns off
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    try:
+        check_resources(spec)
+        if opts.address:
+            check_storage_shared(exp_dir.parent)
+
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        held.callback(lock_experiment(exp_dir).close)  # released when run_sweep returns
+        state = experiment_state(spec)  # again, under the lock
+        if not (exp_dir / SPEC_FILE).exists():
+            atomic_write(exp_dir / SPEC_FILE, saved_yaml(spec))
+        done = finished_trials(exp_dir, trials)
+        where = "cluster " + opts.address if opts.address else "embedded Ray"
+        print(
+            f"icl-sweep: {'resuming' if state == 'resume' else 'starting'} {exp_dir} on {where}: "
+            f"{_models(len(trials))} in {len(packs)} trials of up to {_models(spec.pack)}, "
+            f"{len(done)} already finished",
+            file=out,
+            flush=True,
+        )
+
+        trainable = tune.with_resources(
+            make_trainable(exp_dir, trials, packs, faults), spec.resources.as_ray()
+        )
+        # the same param space on a restore too: Tune's tuner.pkl does not keep it, and it is
+        # what Tune falls back to if its experiment state was never written. Tune's trials are
+        # the packs.
+        param_space = {"trial": tune.grid_search([p.pack_id for p in packs])}
+        if tune.Tuner.can_restore(str(exp_dir)):
+            tuner = tune.Tuner.restore(
+                str(exp_dir), trainable=trainable, param_space=param_space, resume_unfinished=True, resume_errored=True
+            )
+        else:
+            dirnames = {p.pack_id: p.dirname for p in packs}
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=spec.max_concurrent,
+                    # the next trial reuses a finished trial's worker process: no new Python,
+                    # no second `import torch` (seconds per trial on a small machine)
+                    reuse_actors=True,
+                    trial_name_creator=TrialNames(dirnames, dirs=False),
+                    trial_dirname_creator=TrialNames(dirnames, dirs=True),
+                ),
+                run_config=tune.RunConfig(
+                    name=spec.name,
+                    storage_path=str(exp_dir.parent),
+                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.checkpoint_keep),
+                    callbacks=[ResultsCallback(trials, members)],
+                    verbose=1,
+                ),
+            )
+        previous = signal.signal(signal.SIGTERM, _sigterm_to_tune)
+        try:
+            grid = tuner.fit()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        outcome = _outcome(grid, exp_dir, trials, time.monotonic() - t0, members)
+        prune_ray_checkpoints(grid)
+    except BaseException:
+        held.close()
+        raise
+    finally:
+        ray.shutdown()
+
+    with held:
+        status = {k: (v, outcome.errors.get(k, "")) for k, v in outcome.status.items()}
+        n_rows = res.write_results(exp_dir, trials)
+        res.write_trials(exp_dir, trials, status, members)
+        return _summarize(spec, trials, packs, outcome, n_rows, out, analysis=analysis)
+
+
+def _sigterm_to_tune(signum: int, frame: Any) -> None:
+    """SLURM preemption sends SIGTERM: stop like Ctrl-C (Tune saves its state), resume later."""
+    signal.raise_signal(signal.SIGUSR1 if hasattr(signal, "SIGUSR1") else signal.SIGINT)
+
+
+def _outcome(grid: Any, exp_dir: Path, trials: Sequence[TrialSpec], wall_s: float, packs: res.Packs) -> Outcome:
+    """Per model: ERROR (Tune gave up on its trial), TERMINATED (its run reached its last step,
+    read from the run directory) or UNFINISHED (interrupted: Tune marks the trials it stops
+    on Ctrl-C as terminated too, so its status alone cannot tell). A failed trial fails only
+    its models that did not finish."""
+    from sweeps.callback import LAST_STATUS
+
+    done = set(finished_trials(exp_dir, trials))
+    status = {t.trial_id: "TERMINATED" if t.trial_id in done else "UNFINISHED" for t in trials}
+    errors: dict[str, str] = {}
+    for trial_id, (state, error) in LAST_STATUS.items():
+        if trial_id in status and state == "ERROR":
+            status[trial_id] = "ERROR"
+            if error:
+                errors[trial_id] = error
+    for result in grid:  # the exception itself, where Tune kept it
+        if result.error is None:
+            continue
+        pack_id = (result.config or {}).get("trial")
+        error = res.error_line(str(result.error)) or type(result.error).__name__
+        for trial_id, (state, own) in res.member_status(exp_dir, trials, packs, {pack_id: ("ERROR", error)}).items():
+            if state == "ERROR":
+                status[trial_id] = "ERROR"
+                errors.setdefault(trial_id, own)
+    return Outcome(status, errors, wall_s)
+
+
+def _summarize(spec: SweepSpec, trials: Sequence[TrialSpec], packs: Sequence[PackSpec], outcome: Outcome,
+               n_rows: int, out: Any, *, analysis: bool) -> int:
+    exp_dir = spec.exp_dir
+    n_ok = sum(v == "TERMINATED" for v in outcome.status.values())
+    print(
+        f"\nicl-sweep: {n_ok}/{len(trials)} models finished, {len(outcome.failed)} failed, "
+        f"{len(outcome.unfinished)} unfinished ({outcome.wall_s:.1f} s)",
+        file=out,
+    )
+    by_id = {t.trial_id: t for t in trials}
+    pack_of = {m: p for p in packs for m in p.trial_ids}
+    for trial_id in outcome.failed:
+        t, pack = by_id[trial_id], pack_of[trial_id]
+        point = ", ".join(f"{k}={format_value(v)}" for k, v in t.grid.items())
+        log = exp_dir / t.dirname / res.DIVERGED_FILE  # a diverged model's own error, else its trial's
+        if not log.is_file():
+            log = exp_dir / pack.dirname / "error.txt"
+        where = f" in trial {pack.pack_id}" if len(pack.trial_ids) > 1 else ""
+        print(
+            f"  FAILED {trial_id} ({point}){where} after {len(res.attempts(exp_dir / t.dirname))} attempt(s): "
+            f"{outcome.errors.get(trial_id, '?')}\n         log: {log}",
+            file=out,
+        )
+    print(f"  experiment: {exp_dir}", file=out)
+    print(f"  results:    {exp_dir / res.RESULTS} ({n_rows} rows)", file=out)
+    print(f"  trials:     {exp_dir / res.TRIALS}", file=out)
+    print(f"  spec:       {exp_dir / SPEC_FILE}", file=out)
+    print(f"  runs:       {exp_dir}/<model>/{res.RUN}/  (config.yaml, metrics.csv, checkpoints)", file=out)
+    if outcome.unfinished:
+        print("  interrupted: run the same command again to resume", file=out, flush=True)
+        return 130
+    report = run_analysis(exp_dir) if analysis else f"skipped (--no-analysis); later: icl-analyze {exp_dir}"
+    print(f"  analysis:   {report}", file=out, flush=True)
+    return 1 if outcome.failed else 0
+
+
+def run_analysis(exp_dir: Path) -> str:
+    """Call the analysis package if it is installed; the sweep's results stand either way."""
+    try:
+        from analysis.cli import main as analyze  # type: ignore[import-not-found]
+    except ImportError:
+        return f"not available (the analysis package is not installed yet); later: icl-analyze {exp_dir}"
+    out_dir = exp_dir / REPORT_DIR
+    try:
+        code = analyze([str(exp_dir), "--out", str(out_dir)])
+    except SystemExit as e:  # cli_entry reports bad input as exit 2
+        code = e.code if isinstance(e.code, int) else 1
+    except Exception as e:  # noqa: BLE001 - a broken report must not hide finished results
+        return f"failed ({type(e).__name__}: {res.error_line(str(e))}); retry: icl-analyze {exp_dir} --out {out_dir}"
+    if code:
+        return f"failed (exit {code}); retry: icl-analyze {exp_dir} --out {out_dir}"
+    return str(out_dir)
+
+
+def dry_run_table(spec: SweepSpec, trials: Sequence[TrialSpec], out: Any = None) -> None:
+    """The model table (each model's Tune trial, its pack) and what a real run would do,
+    without starting Ray or writing files."""
+    out = out or sys.stdout
+    exp_dir = spec.exp_dir
+    packs = make_packs(spec, trials)
+    pack_of = {m: p.pack_id for p in packs for m in p.trial_ids}
+    state = experiment_state(spec)
+    done = set(finished_trials(exp_dir, trials)) if state == "resume" else set()
+    keys = list(spec.grid)
+    rows = [["model", "trial", *keys, "status"]]
+    for t in trials:
+        rows.append([t.trial_id, pack_of[t.trial_id], *(format_value(t.grid[k]) for k in keys),
+                     "finished" if t.trial_id in done else "to run"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    base = spec.base or "resolved config"
+    over = ", ".join(f"{k}={format_value(v)}" for k, v in spec.overrides.items())
+    largest = max(len(p.trial_ids) for p in packs)
+    print(f"experiment: {exp_dir} ({'exists: would resume' if state == 'resume' else 'new'})", file=out)
+    print(f"base:       {base}" + (f" + {over}" if over else ""), file=out)
+    r = spec.resources
+    print(
+        f"per trial:  {format_value(r.cpu)} CPU, {format_value(r.gpu)} GPU; max concurrent: "
+        f"{spec.max_concurrent or 'as resources allow'}; retries: {spec.max_failures}",
+        file=out,
+    )
+    print(f"packing:    up to {_models(spec.pack)} per trial, trained as one pack (train_packed)", file=out)
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+    print(f"{_models(len(trials))} in {len(packs)} trials of up to {_models(largest)} ({len(trials) - len(done)} "
+          "to run); dry run: nothing started", file=out)
+
+
+def _models(n: int) -> str:
+    return f"{n} model" + ("" if n == 1 else "s")

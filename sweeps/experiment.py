@@ -1,0 +1,155 @@
+"""An experiment directory (``STORAGE/NAME``): its layout, whether it may be (re)used, its
+lock, and the pruning of Ray's checkpoint copies.
+
+Layout::
+
+    spec.yaml          the resolved spec (checked on every resume)
+    results.csv        tidy long table, refreshed while the sweep runs (sweeps.results)
+    trials.csv         one row per grid point: status, last step, attempts, pack, error
+    report/            the analysis report
+    tNNN_<grid>/       one directory per grid point (model)
+        run/           its run directory (icl.train.rundir): config.yaml, metrics.csv, checkpoints/
+        attempts.jsonl one line per start of its pack's trial (node, pid, step resumed from)
+        diverged.txt   why its model diverged, if it did
+    <pack dirname>/    Tune's trial directory of a pack: Ray's checkpoint copies
+                       (checkpoint_*/<trial id>/...) and Tune's error file; for a pack of
+                       one grid point it is that grid point's directory
+    tuner.pkl, experiment_state-*.json, ...   Ray Tune's own state (Tuner.restore)
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import shutil
+import socket
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+from icl.config import build_config, cache_dir, data_root, read_yaml
+from icl.errors import UserError
+from sweeps import results as res
+from sweeps.spec import SweepSpec, TrialSpec, differences, identity, parse_spec
+from sweeps.trainable import STAGING_PREFIX
+
+SPEC_FILE = "spec.yaml"
+LOCK_FILE = ".icl-sweep.lock"
+REPORT_DIR = "report"
+
+
+def check_storage_writable(storage: Path) -> None:
+    """Create the storage directory and write a probe file, so a bad path fails now."""
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+        probe = storage / f".icl-sweep-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise UserError(f"storage {storage} is not writable ({reason}); choose another --storage") from None
+
+
+def experiment_state(spec: SweepSpec) -> str:
+    """'new' or 'resume'; refuses a directory holding another experiment or a different spec."""
+    exp = spec.exp_dir
+    if not exp.exists():
+        return "new"
+    if not exp.is_dir():
+        raise UserError(f"{exp} exists and is not a directory; choose another --name or --storage")
+    saved = exp / SPEC_FILE
+    if not saved.is_file():
+        if any(p.name != LOCK_FILE for p in exp.iterdir()):
+            raise UserError(
+                f"{exp} exists but holds no icl-sweep experiment (no {SPEC_FILE}); it is never "
+                "overwritten: choose another --name or --storage"
+            )
+        return "new"
+    try:
+        old = parse_spec(read_yaml(saved, "saved sweep spec"), source=saved, storage=spec.storage, name=spec.name)
+        old_id = identity(old)
+    except UserError as e:
+        raise UserError(f"cannot compare with the saved spec {saved}: {e}") from None
+    diffs = differences(old_id, identity(spec))
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise UserError(
+            f"experiment {exp} already exists with a different spec ({shown}); results are never "
+            "overwritten: re-run with the saved spec to resume, or choose another --name"
+        )
+    return "resume"
+
+
+def finished_trials(exp_dir: Path, trials: Sequence[TrialSpec]) -> list[str]:
+    """Trials whose run reached its last step (from the trainer's own metrics.csv)."""
+    return [t.trial_id for t in trials if res.run_dir(exp_dir, t).finished(int(t.config["train.steps"]))]
+
+
+def with_runtime_paths(trials: Sequence[TrialSpec], spec: SweepSpec) -> list[TrialSpec]:
+    """Absolute data/cache paths and a thread count in each trial's config.
+
+    Why: Ray runs trials in other working directories and, on a cluster, in other
+    environments (the raylet's, not this shell's), so relative paths and ``ICL_DATA_DIR``
+    would not resolve there. These are runtime keys: they do not change the science.
+    """
+    out = []
+    for t in trials:
+        cfg = build_config(t.config)
+        flat = dict(t.config)
+        flat["data.root"] = str(data_root(cfg))
+        flat["data.cache_dir"] = str(cache_dir(cfg))
+        if not flat.get("train.threads"):
+            flat["train.threads"] = max(1, int(spec.resources.cpu))
+        out.append(TrialSpec(t.trial_id, t.dirname, t.grid, flat))
+    from icl.data.omniglot import find_source  # cheap: looks for the files, checks SHA256SUMS
+
+    for root in sorted({t.config["data.root"] for t in out}):
+        find_source(Path(root))  # missing or corrupt data: one error now, not one per trial
+    return out
+
+
+
+def lock_experiment(exp_dir: Path) -> Any:
+    """One driver per experiment at a time; the lock dies with its process (even SIGKILL)."""
+    f = open(exp_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise UserError(f"experiment {exp_dir} is being run by {holder}; wait for it or stop it first") from None
+        return f  # a filesystem without locks: carry on unprotected
+    f.seek(0)
+    f.truncate()
+    f.write(f"icl-sweep pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+
+def prune_ray_checkpoints(grid: Any) -> None:
+    """Delete Ray Tune's copies of checkpoints other than each trial's latest.
+
+    Why here and not through ``CheckpointConfig(num_to_keep)``: Tune deletes an old copy as
+    soon as a new one arrives but saves its experiment state to storage only a little
+    later; a driver killed in between leaves a state naming a deleted checkpoint, and that
+    trial can then never be restored ("does not exist on storage anymore"; seen in this
+    project's SIGKILL test). After ``fit()`` returns, Tune has saved its final state and
+    waited for it, and that state names exactly these latest checkpoints (others are older,
+    or leftovers of a killed driver that no state names).
+    """
+    for result in grid:
+        if getattr(result, "path", None):  # a packed trial's staging left by a killed attempt
+            for old in Path(result.path).glob(f"{STAGING_PREFIX}*"):
+                shutil.rmtree(old, ignore_errors=True)
+        keep = getattr(result, "checkpoint", None)
+        if keep is None or not getattr(result, "path", None):
+            continue
+        keep_name = Path(keep.path).name
+        for old in Path(result.path).glob("checkpoint_*"):
+            if old.name != keep_name and re.fullmatch(r"checkpoint_\d+", old.name):
+                shutil.rmtree(old, ignore_errors=True)
