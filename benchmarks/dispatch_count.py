@@ -48,7 +48,7 @@ def measure(config: str, overrides: list[str], packs: list[int], repeats: int) -
         trainer = PackedTrainer.fresh(pack_configs(cfg, k, [0.0, 1e-3]), shared)
         trainer.optimizer.schedule(1, 100)
         trainer.optimizer.single_pass()  # AdamW as on CUDA
-        trainer.step(1)  # warm-up: caches, allocator
+        trainer.step(1)  # warm-up: caches, allocator (eager: on CUDA the graph replays this step)
         sampling = count(lambda: trainer.batch(1))
         step = count(lambda: trainer.step(2))
         t0 = time.perf_counter()

@@ -75,11 +75,9 @@ def union_ms(intervals: list[tuple[float, float]]) -> float:
 def measure(args: argparse.Namespace) -> dict:
     device = resolve(args.device)
     cfg = load_config(args.config, [*args.overrides, f"train.device={device}"])
-    if args.no_graph:
-        cfg = load_config(args.config, [*args.overrides, f"train.device={device}", "train.cuda_graph=false"])
-    trainer = PackedTrainer.fresh(pack_configs(cfg, args.pack, [0.0, 1e-3]), load_data(cfg, device))
+    trainer = PackedTrainer.fresh(pack_configs(cfg, args.pack, [0.0, 1e-3]), load_data(cfg, device),
+                                  cuda_graph=not args.no_graph)
     total = args.warmup + args.steps
-    trainer.begin(1, total)
     trainer.run(1, args.warmup)  # warm-up (and, on CUDA, the graph's capture)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
@@ -141,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     r = measure(args)
-    print(f"{r['config']} {' '.join(r['overrides'])} pack {r['pack']} on {r['device']} (graph: {r['graph']}): "
+    print(f"{' '.join([r['config'], *r['overrides']])}, pack {r['pack']} on {r['device']} (graph: {r['graph']}): "
           f"{r['wall_ms_per_step']:.2f} ms/step wall, {r['device_busy_ms_per_step']:.2f} ms busy "
           f"({100 * r['device_idle_fraction']:.0f}% idle), {r['launches_per_step']:.0f} launches/step, "
           f"{r['model_steps_per_s']:.1f} model-steps/s")

@@ -28,8 +28,9 @@ On the CPU, ``cpu_time`` holds the same figures per second of this process's CPU
 with ``--threads 1`` the steadiest comparison on a busy machine. Evaluation and checkpointing are not timed (they are the
 same for every method, and run every few thousand steps).
 
-``--compile`` wraps the trainer's loss and optimiser update in ``torch.compile``;
-``--cuda-graphs`` (CUDA only) compiles them with ``mode="reduce-overhead"`` (CUDA graphs).
+On CUDA the trainer replays its whole step as one captured CUDA graph, as the training loop
+does (``train.cuda_graph``, the default); ``--eager`` runs the same step eagerly instead.
+``--compile`` wraps the trainer's loss and optimiser update in ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -66,19 +67,19 @@ def sync(device: torch.device) -> None:
 
 
 class Method:
-    """A named step function; ``models`` model-steps per call; ``check()`` runs after a block
-    (the trainers read their accumulated loss there, as they would at an evaluation)."""
+    """A named way to run ``n`` training steps (``steps(n)``); ``models`` model-steps per step;
+    ``check()`` runs after a block (the trainers read their accumulated loss there, as they
+    would at an evaluation)."""
 
-    def __init__(self, name: str, models: int, step: Callable[[], None], check: Callable[[], None] = lambda: None):
-        self.name, self.models, self.step, self.check = name, models, step, check
+    def __init__(self, name: str, models: int, steps: Callable[[int], None], check: Callable[[], None] = lambda: None):
+        self.name, self.models, self.steps, self.check = name, models, steps, check
         self.rates: list[float] = []
         self.cpu_rates: list[float] = []  # per second of this process's CPU time
 
     def block(self, n: int, device: torch.device) -> float:
         sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(n):
-            self.step()
+        self.steps(n)
         sync(device)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
         self.check()
@@ -104,10 +105,11 @@ def baseline_method(cfg: Config, device: torch.device) -> Method:
     base = NaiveBaseline(cfg, device)
     last = [0.0]
 
-    def step() -> None:
-        last[0] = base.step()
+    def steps(n: int) -> None:
+        for _ in range(n):
+            last[0] = base.step()
 
-    return Method("baseline", 1, step, lambda: finite("baseline", last[0]))
+    return Method("baseline", 1, steps, lambda: finite("baseline", last[0]))
 
 
 def pack_configs(cfg: Config, k: int, weight_decays: list[float]) -> list[Config]:
@@ -117,22 +119,20 @@ def pack_configs(cfg: Config, k: int, weight_decays: list[float]) -> list[Config
     ]
 
 
-def trainer_method(cfg: Config, device: torch.device, k: int, weight_decays: list[float], total_steps: int,
-                   compile: bool, cuda_graphs: bool, name: str) -> Method:
-    """The training loop's step loop (without its evaluations) over a pack of ``k`` models."""
+def trainer_method(cfg: Config, device: torch.device, k: int, weight_decays: list[float], compile: bool,
+                   graph: bool, name: str) -> Method:
+    """The training loop's segments (``PackedTrainer.run``, without evaluations) over a pack of
+    ``k`` models: on CUDA one captured graph replayed per step unless ``graph`` is False."""
     trainer = PackedTrainer.fresh(pack_configs(cfg, k, weight_decays), load_data(cfg, device),
-                                  compile=compile, cuda_graphs=cuda_graphs)
-    trainer.optimizer.schedule(1, total_steps)
-    loss_sum = torch.zeros(k, device=device)
+                                  compile=compile, cuda_graph=graph)
     t = [0]
+    sums: list[torch.Tensor] = []
 
-    def step() -> None:
-        nonlocal loss_sum
-        t[0] += 1
-        loss, _ = trainer.step(t[0])
-        loss_sum += loss
+    def steps(n: int) -> None:
+        sums[:] = [trainer.run(t[0] + 1, t[0] + n)[0]]
+        t[0] += n
 
-    return Method(name, k, step, lambda: finite(name, float(loss_sum.sum())))
+    return Method(name, k, steps, lambda: finite(name, float(sums[0].sum())))
 
 
 def versions() -> dict[str, str | None]:
@@ -168,17 +168,16 @@ def measure(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve(args.device)
-    if args.cuda_graphs and device.type != "cuda":
-        raise UserError("--cuda-graphs needs --device cuda (CUDA graphs do not exist on the CPU)")
     if args.pack < 1:
         raise UserError(f"--pack must be >= 1, got {args.pack}")
     cfg = load_config(args.config, [*args.overrides, f"train.device={device}"])
-    total = args.warmup + args.repeats * args.steps
-    options = dict(weight_decays=args.weight_decays, total_steps=total, compile=args.compile,
-                   cuda_graphs=args.cuda_graphs)
-    methods = [baseline_method(cfg, device), trainer_method(cfg, device, 1, name="trainer", **options)]
+    options = dict(weight_decays=args.weight_decays, compile=args.compile)
+    graph = device.type == "cuda" and not args.eager
+    methods = [baseline_method(cfg, device), trainer_method(cfg, device, 1, name="trainer", graph=graph, **options)]
     if args.pack > 1:
-        methods.append(trainer_method(cfg, device, args.pack, name="packed", **options))
+        methods.append(trainer_method(cfg, device, args.pack, name="packed", graph=graph, **options))
+    if args.also_eager and graph:  # the same fastest trainer without its CUDA graph, in the same rounds
+        methods.append(trainer_method(cfg, device, args.pack, name="eager", graph=False, **options))
     for m in methods:  # warm-up (allocator, compilation, caches)
         debug = args.sync_debug and device.type == "cuda" and m.name != "baseline"
         if debug:  # list every host synchronisation inside the trainer's steps (the baseline has them by design)
@@ -208,7 +207,7 @@ def measure(args: argparse.Namespace) -> dict:
         "pack": args.pack,
         "weight_decays": args.weight_decays[: args.pack] if args.pack > 1 else None,
         "compile": args.compile,
-        "cuda_graphs": args.cuda_graphs,
+        "cuda_graph": device.type == "cuda" and not args.eager,
         "precision": cfg.train.precision if device.type == "cuda" else "fp32",
         "batch_size": bs,
         "model": {"embedder": cfg.model.embedder, "layers": cfg.model.layers, "d_model": cfg.model.d_model,
@@ -241,6 +240,9 @@ def measure(args: argparse.Namespace) -> dict:
             **({"unpacked_steps_per_s": cpu["trainer"], "packed_vs_unpacked": cpu["packed"] / cpu["trainer"]}
                if args.pack > 1 else {}),
         }
+    if "eager" in med:
+        result["eager_steps_per_s"] = med["eager"]
+        result["graph_vs_eager"] = med[fast] / med["eager"]
     if args.pack > 1:
         result["unpacked_steps_per_s"] = med["trainer"]
         result["packed_vs_unpacked"] = med["packed"] / med["trainer"]
@@ -261,7 +263,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--weight-decays", type=float, nargs="+", default=list(DEFAULT_WEIGHT_DECAYS))
     p.add_argument("--compile", action="store_true", help="torch.compile the trainer")
-    p.add_argument("--cuda-graphs", action="store_true", help="packed trainer as CUDA graphs (CUDA only)")
+    p.add_argument("--eager", action="store_true",
+                   help="CUDA: run the trainer's steps eagerly, not as the captured CUDA graph (the default)")
+    p.add_argument("--also-eager", action="store_true",
+                   help="CUDA: also time the (packed) trainer without its CUDA graph, in the same rounds")
     p.add_argument("--sync-debug", action="store_true",
                    help="CUDA: warn at every host synchronisation during the trainers' warm-up steps")
     p.add_argument("--json", type=Path, default=None, help="write the result here")

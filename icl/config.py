@@ -83,6 +83,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 (autocast, GPU) | fp64 (numerical checks)
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    cuda_graph: bool = True  # CUDA: replay each training step as one captured CUDA graph
+    compile: bool = False  # torch.compile the step's forward/backward and AdamW (minutes to compile)
 
 
 @dataclass
@@ -103,7 +105,9 @@ class Config:
 
 # Keys that may differ between a run directory's saved config and a resumed run's config:
 # where the data lives and which device runs it do not change the science.
-RUNTIME_KEYS = frozenset({"data.root", "data.cache_dir", "train.device", "train.threads"})
+RUNTIME_KEYS = frozenset(
+    {"data.root", "data.cache_dir", "train.device", "train.threads", "train.cuda_graph", "train.compile"}
+)
 
 
 # --------------------------------------------------------------------------- loading

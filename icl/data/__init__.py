@@ -44,8 +44,10 @@ class StudyData:
         """Zipf weights over the training list, as exact integer masses."""
         return Categorical.from_weights(zipf_weights(self.split.num_classes, self.cfg.data.zipf_exponent, self.device))
 
-    def train_batch(self, step: int, batch_size: int | None = None, seeds: Sequence[int] | None = None) -> Sequences:
-        """The training batch of ``step``: a pure function of (config, seed, step).
+    def train_batch(self, step: int | torch.Tensor, batch_size: int | None = None,
+                    seeds: Sequence[int] | None = None) -> Sequences:
+        """The training batch of ``step``: a pure function of (config, seed, step). ``step``
+        may be a 0-d int64 tensor on the device (a CUDA graph's step counter).
 
         With ``seeds``, the batches of several runs that differ only in their seed, made by
         one set of kernels and stacked: rows ``k*B .. (k+1)*B - 1`` are ``seeds[k]``'s batch,

@@ -70,12 +70,14 @@ def _seed_keys(seeds: tuple[int, ...], device: torch.device) -> Tensor:
     return torch.tensor([hash32(s) for s in seeds], dtype=torch.int64, device=device).view(-1, 1, 1)
 
 
-def check_key(seed: int, step: int) -> None:
-    if not (0 <= seed <= MASK32 and 0 <= step <= MASK32):
+def check_key(seed: int, step: int | Tensor) -> None:
+    """Seeds and steps must be 32-bit words. A step held in a device tensor (a captured CUDA
+    graph's counter) is not read back to be checked: that would synchronise."""
+    if not (0 <= seed <= MASK32 and (isinstance(step, Tensor) or 0 <= step <= MASK32)):
         raise ValueError(f"seeds and steps must lie in 0..2^32-1, got seed {seed}, step {step}")
 
 
-def random_words(seeds: int | Sequence[int], step: int, stream: str, rows: int,
+def random_words(seeds: int | Sequence[int], step: int | Tensor, stream: str, rows: int,
                  device: torch.device | str = "cpu") -> Tensor:
     """The random words of ``rows`` sequences for each seed: ``[K, rows, WORDS]`` int64 in
     ``[0, 2^32)`` (``[rows, WORDS]`` for a single int seed). Model ``k``'s words equal

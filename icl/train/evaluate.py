@@ -100,10 +100,17 @@ def param_dtype(cfg: Config) -> torch.dtype:
     return torch.float64 if cfg.train.precision == "fp64" else torch.float32
 
 
-def autocast(cfg: Config, device: torch.device):
-    """bf16 autocast on CUDA when ``train.precision`` is bf16; a no-op otherwise."""
-    enabled = cfg.train.precision == "bf16" and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+def mixed_precision(cfg: Config, device: torch.device) -> bool:
+    """bf16 autocast: on CUDA when ``train.precision`` is bf16."""
+    return cfg.train.precision == "bf16" and device.type == "cuda"
+
+
+def autocast(cfg: Config, device: torch.device, enabled: bool | None = None):
+    """bf16 autocast where :func:`mixed_precision` says (or ``enabled``). Its weight-cast cache is
+    off: the trainer hands autocast bf16 weights already (nothing to cache), and a cache is
+    unsafe under CUDA-graph capture."""
+    on = mixed_precision(cfg, device) if enabled is None else enabled
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on, cache_enabled=False)
 
 
 def evaluate(model: SequenceModel, data: StudyData, cfg: Config) -> tuple[dict[str, float], np.ndarray]:

@@ -124,8 +124,6 @@ def train_packed(
     *,
     on_eval: OnEval | None = None,
     progress: bool | None = None,
-    compile: bool = False,
-    cuda_graphs: bool = False,
 ) -> list[dict[str, float]]:
     """Train (or resume) K runs as one pack; model ``k`` writes ``out_dirs[k]``. Returns each
     model's last metrics row.
@@ -143,8 +141,6 @@ def train_packed(
     check_packable(cfgs)
     t = cfgs[0].train
     device = resolve_device(t.device)
-    if cuda_graphs and device.type != "cuda":
-        raise UserError(f"CUDA graphs need a CUDA device; train.device={t.device} runs on {device} (drop cuda_graphs)")
     for cfg, run in zip(cfgs, runs):
         run.open(cfg)
     if t.threads:
@@ -168,7 +164,7 @@ def train_packed(
         ahead = [at[k] for k in todo if at[k] > start]
         group = [Member(k, cfgs[k], runs[k], datas[k], restored[k]) for k in todo if at[k] == start]
         segment = Segment(group, device, start, stop=min(ahead) if ahead else t.steps,
-                          on_eval=on_eval, progress=progress, compile=compile, cuda_graphs=cuda_graphs)
+                          on_eval=on_eval, progress=progress)
         for m in segment.run():
             if m.diverged:
                 diverged[m.k] = m.diverged
@@ -203,13 +199,12 @@ class Segment:
     evaluation at every ``train.eval_every`` step and at ``stop``."""
 
     def __init__(self, members: list[Member], device: torch.device, start: int, stop: int, *,
-                 on_eval: OnEval | None, progress: bool | None, compile: bool, cuda_graphs: bool):
+                 on_eval: OnEval | None, progress: bool | None):
         self.members, self.start, self.stop = members, start, stop
         self.train_cfg = members[0].cfg.train
         self.on_eval = on_eval
         models = [initial_model(m.cfg, device) for m in members]  # as each run starts
-        self.trainer = PackedTrainer(models, [m.cfg for m in members], [m.data for m in members],
-                                     compile=compile, cuda_graphs=cuda_graphs)
+        self.trainer = PackedTrainer(models, [m.cfg for m in members], [m.data for m in members])
         for i, m in enumerate(members):
             m.state = m.restored.state if m.restored else RunState()
             if m.restored:
@@ -226,27 +221,19 @@ class Segment:
 
     def run(self) -> list[Member]:
         """Train and evaluate up to ``stop``; returns the members (``state`` and ``diverged`` set)."""
-        trainer, k = self.trainer, self.trainer.k
+        trainer = self.trainer
         for model in trainer.models:
             model.train()
-        alive = list(range(k))
-        loss_sum = torch.zeros(k, device=trainer.device)
-        correct_sum = torch.zeros(k, device=trainer.device, dtype=torch.long)
+        alive = list(range(trainer.k))
         step = self.start
         for boundary in self.boundaries():
             first, seg_start = step + 1, time.perf_counter()
-            trainer.optimizer.schedule(first, boundary)
-            for step in range(first, boundary + 1):
-                loss, correct = trainer.step(step)
-                loss_sum += loss
-                correct_sum += correct
-                self.bar.tick(step)
+            loss_sum, correct_sum = trainer.run(first, boundary, tick=self.bar.tick)
             train_s = time.perf_counter() - seg_start
+            step = boundary
             alive = self.evaluate(step, boundary - first + 1, alive, loss_sum, correct_sum, train_s)
             if not alive:
                 break
-            loss_sum.zero_()
-            correct_sum.zero_()
         self.bar.close()
         return self.members
 

@@ -39,14 +39,14 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from icl.config import Config, flatten
 from icl.data import StudyData
 from icl.errors import UserError
 from icl.model import SequenceModel, build_model
-from icl.train.evaluate import autocast, param_dtype
+from icl.train.evaluate import autocast, mixed_precision, param_dtype
 from icl.train.optim import decay_groups, lr_at, make_optimizer, set_lr
 
 # Keys in which the models of one pack may differ; every other config key must be equal.
@@ -97,28 +97,48 @@ class Slot:
     stop: int
 
 
+def autocast_weights(model: nn.Module) -> set[str]:
+    """The parameters bf16 autocast casts at every use: those of Linear and Conv layers."""
+    return {
+        f"{mod_name}.{name}" if mod_name else name
+        for mod_name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))
+        for name, _ in module.named_parameters(recurse=False)
+    }
+
+
 class PackedModels:
     """K models of one architecture as one ``[K, N]`` parameter tensor and stacked buffers.
 
     After construction every model's parameters and buffers are views into the stack, so
     ``models[k]`` holds model ``k``'s live weights, while :meth:`logits` runs all K at once.
-    Decayed parameters come first: columns ``[0, n_decay)``.
+    Columns: decayed parameters first (``[0, n_decay)``), then the other parameters bf16
+    autocast would cast (``[0, n_cast)`` in all), then the rest (norms, embedding tables).
+
+    With ``low_precision`` (bf16 training on a GPU) the forward reads the castable columns
+    from a bf16 copy, ``shadow``, refreshed from the fp32 weights in one kernel per step
+    (:meth:`refresh`), and constant matmul buffers (the frozen projection) from bf16 copies
+    made once: autocast then finds its operands in bf16 already and casts no weight, where it
+    would launch a cast per weight per step. The numbers are autocast's: the same rounding of
+    the same fp32 weights, and their gradients come back in bf16 as autocast's cast returns them.
     """
 
-    def __init__(self, models: list[SequenceModel], cfg: Config):
+    def __init__(self, models: list[SequenceModel], cfg: Config, low_precision: torch.dtype | None = None):
         self.models = models
         self.k = len(models)
         model = models[0]
         first = next(model.parameters())
         decay, no_decay = decay_groups(model)
+        castable = autocast_weights(model)
+        order = decay + [n for n in no_decay if n in castable] + [n for n in no_decay if n not in castable]
         params = dict(model.named_parameters())
         slots, col = [], 0
-        for name in decay + no_decay:
+        for name in order:
             n = params[name].numel()
             slots.append(Slot(name, params[name].shape, col, col + n))
             col += n
         self.slots = slots
         self.n_decay = sum(s.stop - s.start for s in slots[: len(decay)])
+        self.n_cast = sum(s.stop - s.start for s in slots if s.name in castable) if low_precision else 0
         self.flat = torch.empty(self.k, col, device=first.device, dtype=first.dtype)
         with torch.no_grad():
             for k, m in enumerate(models):
@@ -139,9 +159,29 @@ class PackedModels:
             owner, _, leaf = name.rpartition(".")
             for k, m in enumerate(models):
                 setattr(m.get_submodule(owner) if owner else m, leaf, stacked[k])
+        # What the forward reads: the fp32 leaves, or bf16 ones for the castable columns.
+        self.shadow = self.flat.new_empty(self.k, self.n_cast, dtype=low_precision or self.flat.dtype)
+        self.inputs = dict(self.params)
+        self.forward_buffers = dict(self.buffers)
+        self.n_cast_slots = sum(1 for s in slots if s.stop <= self.n_cast)
+        if low_precision:
+            for s in slots[: self.n_cast_slots]:
+                self.inputs[s.name] = self.shadow[:, s.start : s.stop].view(self.k, *s.shape).requires_grad_(True)
+            for mod_name, module in model.named_modules():
+                for leaf in getattr(module, "LOW_PRECISION_BUFFERS", ()):
+                    name = f"{mod_name}.{leaf}" if mod_name else leaf
+                    self.forward_buffers[name] = self.buffers[name].to(low_precision)
+            self.refresh()
+        self.leaves = [self.inputs[s.name] for s in slots]  # what gradients are taken with respect to
         with torch.device("meta"):  # a weightless template for functional_call
             self.template = build_model(cfg)
         self.template.train()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Bring the bf16 copy of the castable weights up to date (one kernel; none in fp32)."""
+        if self.n_cast:
+            self.shadow.copy_(self.flat[:, : self.n_cast])
 
     @property
     def n(self) -> int:
@@ -150,7 +190,8 @@ class PackedModels:
     def logits(self, params: dict[str, Tensor], buffers: dict[str, Tensor], images: Tensor, labels: Tensor) -> Tensor:
         """``images [K, B, 9, S, S]``, ``labels [K, B, 9]`` -> logits ``[K, B, vocab]``."""
         if self.k == 1:  # vmap over a single model would only add dispatch overhead
-            one = {n: p[0] for n, p in params.items()}, {n: b[0] for n, b in buffers.items()}
+            # (views, not p[0]: the gradient of a view is a view, of a select a new tensor)
+            one = {n: p.view(p.shape[1:]) for n, p in params.items()}, {n: b[0] for n, b in buffers.items()}
             return torch.func.functional_call(self.template, one, (images[0], labels[0]))[None]
 
         def model(p, b, x, y):
@@ -162,8 +203,14 @@ class PackedModels:
             return torch.vmap(model)(params, buffers, images, labels)
 
     def grads_flat(self, grads: Sequence[Tensor]) -> Tensor:
-        """Per-slot gradients (autograd's order = ``self.slots``) -> one ``[K, N]`` tensor."""
-        return torch.cat([g.reshape(self.k, -1) for g in grads], dim=1)
+        """Per-slot gradients (autograd's order = ``self.slots``) -> one ``[K, N]`` tensor in the
+        parameters' dtype. The bf16 gradients of the castable columns are joined first and
+        widened in one kernel (a concatenation of mixed dtypes would cast them one by one)."""
+        flat = [g.reshape(self.k, -1) for g in grads]
+        if not self.n_cast:
+            return torch.cat(flat, dim=1)
+        n = self.n_cast_slots
+        return torch.cat([torch.cat(flat[:n], dim=1).to(self.flat.dtype), *flat[n:]], dim=1)
 
     def state_dict(self, k: int) -> dict[str, Tensor]:
         """Model ``k``'s ``state_dict``, detached from the stack (a checkpoint must not hold
@@ -185,14 +232,19 @@ class PackedAdamW:
     floats, for a whole range of updates at once (:meth:`schedule`); the per-model decay
     factors go to the device in one copy, so an update never synchronises.
 
-    Eager, the update runs over column chunks of ~1 MB per buffer (on the CPU all seven
-    element-wise passes then stay in cache: about 3x faster than whole-buffer passes, and
-    faster than torch's per-parameter loop) with the shared scalars as Python numbers;
-    on CUDA it is one chunk. With ``compiled`` (``torch.compile``) it is one fused function of
-    device tensors only (:func:`adam_update`).
+    The scalars of a range live in ``table`` (``[rows, 2 + K]`` on the device: ``-step_size,
+    sqrt(1 - beta2^t)``, the K decay factors), a buffer that stays where it is, so a captured
+    CUDA graph can read row ``i`` through a device index (:meth:`step_at`).
+
+    Eager (:meth:`step`), the update runs over column chunks of ~1 MB per buffer (on the CPU
+    all seven element-wise passes then stay in cache: about 3x faster than whole-buffer
+    passes, and faster than torch's per-parameter loop) with the shared scalars as Python
+    numbers; on CUDA it is one chunk. :meth:`step_at` and ``compiled`` (``torch.compile``) run
+    one function of device tensors only (:func:`adam_update`).
     """
 
     CHUNK_ELEMENTS = 1 << 18
+    MIN_ROWS = 8  # of the scalar table (a CUDA graph's warm-up reads a few rows past a short range)
 
     def __init__(self, flat: Tensor, n_decay: int, cfgs: Sequence[Config], chunk_elements: int | None = None):
         self.flat = flat
@@ -211,7 +263,8 @@ class PackedAdamW:
         self.chunks = [(a, min(a + cols, n)) for a in range(0, n, cols)]
         self.first = 1
         self.host: list[tuple[float, float]] = []
-        self.table = torch.zeros(0, 2 + k, device=flat.device, dtype=flat.dtype)
+        rows = max(self.MIN_ROWS, cfgs[0].train.eval_every)  # the longest range the training loop asks for
+        self.table = torch.zeros(rows, 2 + k, device=flat.device, dtype=flat.dtype)
         self.compiled: Callable | None = None
 
     def single_pass(self) -> None:
@@ -219,8 +272,9 @@ class PackedAdamW:
         is cache-blocked into chunks): for counting the kernels a GPU step launches."""
         self.chunks = [(0, self.flat.shape[1])]
 
-    def schedule(self, first: int, last: int) -> None:
-        """Precompute the scalars of updates ``first..last`` (1-based; one host->device copy)."""
+    def schedule(self, first: int, last: int) -> bool:
+        """Precompute the scalars of updates ``first..last`` (1-based; one host->device copy) into
+        ``table``; True if the table had to grow (it moved: a captured graph must be captured again)."""
         rows = []
         for t in range(first, last + 1):
             lr = lr_at(t, self.optim, self.total_steps)
@@ -228,8 +282,13 @@ class PackedAdamW:
             bc2_sqrt = (1 - self.beta2**t) ** 0.5
             rows.append([-step_size, bc2_sqrt, *[1 - lr * wd if wd != 0 else 1.0 for wd in self.weight_decay]])
         self.host = [(r[0], r[1]) for r in rows]
-        self.table = torch.tensor(rows, dtype=torch.float64).to(self.flat.dtype).to(self.flat.device)
+        grew = len(rows) > self.table.shape[0]
+        if grew:
+            self.table = self.table.new_zeros(len(rows), self.table.shape[1])
+        rows += [rows[-1]] * (self.table.shape[0] - len(rows))  # harmless rows past the range
+        self.table.copy_(torch.tensor(rows, dtype=torch.float64).to(self.flat.dtype))
         self.first = first
+        return grew
 
     @torch.no_grad()
     def step(self, t: int, grad: Tensor) -> None:
@@ -255,6 +314,16 @@ class PackedAdamW:
             p.addcdiv_(m, denom, value=neg_step)
 
 
+    @torch.no_grad()
+    def step_at(self, index: Tensor, grad: Tensor) -> None:
+        """The update of table row ``index`` (a ``[1]`` int64 device tensor): nothing read on the
+        host, so a CUDA graph can capture it."""
+        n_decay = self.n_decay if self.decays else 0
+        update = self.compiled or adam_update
+        update(self.flat, self.exp_avg, self.exp_avg_sq, grad, self.table.index_select(0, index)[0], n_decay,
+               self.beta1, self.beta2, self.eps)
+
+
 @torch.no_grad()
 def adam_update(p: Tensor, m: Tensor, v: Tensor, g: Tensor, row: Tensor, n_decay: int,
                 beta1: float, beta2: float, eps: float) -> None:
@@ -272,32 +341,43 @@ def adam_update(p: Tensor, m: Tensor, v: Tensor, g: Tensor, row: Tensor, n_decay
 
 
 class PackedTrainer:
-    """K models (already initialised) + their data + AdamW, one packed step at a time.
+    """K models (already initialised) + their data + AdamW, trained one packed step at a time.
 
-    ``step(t)`` is update ``t`` (1-based) on batch ``t - 1`` of every model; it returns
-    per-model (loss ``[K]``, number correct ``[K]``) on the device without synchronising.
-    Call ``optimizer.schedule(a, b)`` before updates ``a..b``.
+    :meth:`run` performs updates ``first..last`` (1-based; update ``t`` trains on batch
+    ``t - 1`` of every model, as the training loop numbers them) and returns the per-model
+    sums of loss and of correct answers, on the device, without synchronising.
+
+    On CUDA (``train.cuda_graph``, the default) one whole step is captured once as a CUDA graph
+    (:meth:`static_step`: sampling, rendering, forward, loss, backward, AdamW, the sums) and
+    replayed for every update: one launch per step instead of ~1,000 kernels. Everything the
+    step reads lives in fixed device buffers: the weights and optimiser moments, the step
+    counter ``t_dev`` (the batch index), the row counter ``i_dev`` into AdamW's scalar table
+    (the learning-rate schedule), the sums. Evaluation and checkpoints stay eager, between
+    runs, reading and writing the same buffers. Elsewhere (the CPU, or ``cuda_graph: false``)
+    :meth:`step` runs eagerly with the step's scalars as host numbers.
     """
 
     def __init__(self, models: list[SequenceModel], cfgs: Sequence[Config], datas: Sequence[StudyData],
-                 *, compile: bool = False, cuda_graphs: bool = False):
+                 *, compile: bool | None = None, cuda_graph: bool | None = None, mixed: bool | None = None):
         self.cfgs, self.datas = list(cfgs), list(datas)
-        self.pack = PackedModels(models, cfgs[0])
+        self.cfg = cfg = cfgs[0]
+        device = next(models[0].parameters()).device
+        self.mixed = mixed_precision(cfg, device) if mixed is None else mixed
+        self.pack = PackedModels(models, cfg, torch.bfloat16 if self.mixed else None)
         self.optimizer = PackedAdamW(self.pack.flat, self.pack.n_decay, cfgs)
-        self.device = self.pack.flat.device
-        self.cfg = cfgs[0]
-        self._leaves = [self.pack.params[s.name] for s in self.pack.slots]
-        self._losses = self._loss_fn
+        self.device = device
         self.seeds = [c.seed for c in self.cfgs]
-        if cuda_graphs and self.device.type != "cuda":
-            raise UserError(f"CUDA graphs need a CUDA device; this pack runs on {self.device} (drop cuda_graphs)")
-        if compile or cuda_graphs:
-            mode = "reduce-overhead" if cuda_graphs else None
-            if cuda_graphs:
-                for leaf in self._leaves:  # updated in place: the graphs may read them where they are
-                    torch._dynamo.mark_static_address(leaf)
-            self._losses = torch.compile(self._loss_fn, mode=mode)
-            self.optimizer.compiled = torch.compile(adam_update, mode=mode)
+        self._losses = self._loss_fn
+        if cfg.train.compile if compile is None else compile:
+            self._losses = torch.compile(self._loss_fn)
+            self.optimizer.compiled = torch.compile(adam_update)
+        self.graphed = device.type == "cuda" and (cfg.train.cuda_graph if cuda_graph is None else cuda_graph)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        k = self.pack.k
+        self.loss_sum = torch.zeros(k, device=device, dtype=self.pack.flat.dtype)
+        self.correct_sum = torch.zeros(k, device=device, dtype=torch.long)
+        self.t_dev = torch.zeros((), device=device, dtype=torch.long)  # the update a static step makes
+        self.i_dev = torch.zeros(1, device=device, dtype=torch.long)  # its row in the optimiser's table
 
     @classmethod
     def fresh(cls, cfgs: Sequence[Config], shared: StudyData, **options) -> "PackedTrainer":
@@ -313,9 +393,9 @@ class PackedTrainer:
     def k(self) -> int:
         return self.pack.k
 
-    def batch(self, index: int) -> tuple[Tensor, Tensor]:
-        """Every model's training batch ``index``, made by one set of kernels for the whole
-        pack: images ``[K, B, 9, S, S]``, labels ``[K, B, 9]``."""
+    def batch(self, index: int | Tensor) -> tuple[Tensor, Tensor]:
+        """Every model's training batch ``index`` (an int, or a 0-d device tensor), made by one
+        set of kernels for the whole pack: images ``[K, B, 9, S, S]``, labels ``[K, B, 9]``."""
         data = self.datas[0]  # the models differ only in seed and weight decay
         b = data.train_batch(index, seeds=self.seeds)
         images = data.bank.render(b.classes, b.exemplars, self.pack.flat.dtype)
@@ -323,7 +403,7 @@ class PackedTrainer:
         return rearrange(images, "(k b) ... -> k b ...", k=k), rearrange(b.labels, "(k b) n -> k b n", k=k)
 
     def _loss_fn(self, params: dict[str, Tensor], buffers: dict[str, Tensor], images: Tensor, labels: Tensor):
-        with autocast(self.cfg, images.device):
+        with autocast(self.cfg, images.device, enabled=self.mixed):
             logits = self.pack.logits(params, buffers, images, labels)
         logits = logits.to(self.pack.flat.dtype)  # the loss in fp32 (fp64) even under bf16 autocast
         targets = labels[..., -1]
@@ -334,19 +414,78 @@ class PackedTrainer:
 
     def losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Forward: per-model mean loss ``[K]`` (with its graph) and number correct ``[K]``."""
-        return self._losses(self.pack.params, self.pack.buffers, images, labels)
+        self.pack.refresh()
+        return self._losses(self.pack.inputs, self.pack.forward_buffers, images, labels)
 
     def gradient(self, losses: Tensor) -> Tensor:
         """Backward: every model's gradient as one ``[K, N]`` tensor (the sum's gradient with
         respect to model k's parameters is its own loss's)."""
-        return self.pack.grads_flat(torch.autograd.grad(losses.sum(), self._leaves))
+        return self.pack.grads_flat(torch.autograd.grad(losses.sum(), self.pack.leaves))
 
     def step(self, t: int) -> tuple[Tensor, Tensor]:
-        """Update ``t`` of every model; per-model (loss, number correct) on the device."""
+        """Update ``t`` of every model, eagerly (``optimizer.schedule`` must cover ``t``); per-model
+        (loss, number correct) on the device."""
         images, labels = self.batch(t - 1)
         losses, correct = self.losses(images, labels)
         self.optimizer.step(t, self.gradient(losses))
         return losses.detach(), correct
+
+    def static_step(self) -> None:
+        """Update ``t_dev`` of every model with the scalars of table row ``i_dev``, adding loss and
+        correct answers to the sums and advancing both counters: a step that reads nothing on the
+        host and keeps every tensor it touches where it is, so a CUDA graph can capture it."""
+        images, labels = self.batch(self.t_dev - 1)
+        losses, correct = self.losses(images, labels)
+        self.optimizer.step_at(self.i_dev, self.gradient(losses))
+        with torch.no_grad():
+            self.loss_sum += losses.detach()
+            self.correct_sum += correct
+            self.t_dev += 1
+            self.i_dev += 1
+
+    def run(self, first: int, last: int, tick: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
+        """Updates ``first..last`` of every model (``tick(t)`` after each, for progress); returns
+        the per-model sums of loss and of correct answers ``[K]`` over them, on the device (the
+        trainer's own buffers: read them before the next run)."""
+        grew = self.optimizer.schedule(first, last)
+        self.loss_sum.zero_()
+        self.correct_sum.zero_()
+        if self.graphed:
+            self.t_dev.fill_(first)
+            self.i_dev.fill_(0)
+            if self.graph is None or grew:
+                self._capture()
+        for t in range(first, last + 1):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                loss, correct = self.step(t)
+                self.loss_sum += loss
+                self.correct_sum += correct
+            if tick is not None:
+                tick(t)
+        return self.loss_sum, self.correct_sum
+
+    def _capture(self) -> None:
+        """Capture :meth:`static_step` as a CUDA graph. Capturing needs a few eager steps first
+        (on a side stream: lazy initialisation, allocator pools); they change the weights, the
+        moments, BatchNorm statistics, counters and sums, which are put back afterwards, so
+        capturing leaves the run where it was."""
+        state = [self.pack.flat, self.optimizer.exp_avg, self.optimizer.exp_avg_sq, *self.pack.buffers.values(),
+                 self.loss_sum, self.correct_sum, self.t_dev, self.i_dev]
+        saved = [x.clone() for x in state]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.static_step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        with torch.no_grad():
+            for x, y in zip(state, saved):
+                x.copy_(y)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_step()
 
     # ------------------------------------------------------------------ per-model state
 

@@ -43,7 +43,7 @@ def test_benchmark_writes_its_json(throughput, tmp_path, pack):
     assert throughput.main(args) == 0
     r = json.loads(out.read_text())
     assert KEYS <= set(r)
-    assert r["config"] == "tiny" and r["device"] == "cpu" and r["pack"] == pack
+    assert r["config"] == "tiny" and r["device"] == "cpu" and r["pack"] == pack and r["cuda_graph"] is False
     assert {"torch", "python", "numpy", "ray"} <= set(r["versions"]) and r["versions"]["torch"] == torch.__version__
     assert r["ratio"] == pytest.approx(r["trainer_steps_per_s"] / r["baseline_steps_per_s"])
     assert all(len(v) == 2 for v in r["blocks_model_steps_per_s"].values())
@@ -51,9 +51,11 @@ def test_benchmark_writes_its_json(throughput, tmp_path, pack):
         assert {"unpacked_steps_per_s", "packed_vs_unpacked"} <= set(r) and r["weight_decays"] == [0.0, 3e-4]
 
 
-def test_cuda_graphs_on_the_cpu_is_a_clear_error(throughput, capsys):
-    assert throughput.main(["--config", "tiny", "--cuda-graphs", "--steps", "1", "--repeats", "1"]) == 2
-    assert "CUDA graphs" in capsys.readouterr().err
+def test_a_cuda_device_that_is_not_there_is_a_clear_error(throughput, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert throughput.main(["--config", "tiny", "--device", "cuda", "--steps", "1", "--repeats", "1"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_baseline_samples_the_study_sequences():

@@ -1,0 +1,167 @@
+"""The packed step as the GPU runs it: the static-buffer step a CUDA graph captures equals the
+eager step, bf16 training reads bf16 weight copies instead of casting every weight every step
+(with autocast's numbers), and on a GPU N graph replays equal N eager steps."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from icl.config import load_config
+from icl.data import load_data
+from icl.train.evaluate import autocast
+from icl.train.kernels import KernelCounter
+from icl.train.optim import lr_at, make_optimizer, set_lr
+from icl.train.pack import PackedTrainer, data_for, initial_model
+
+RUN = ["train.steps=40", "train.eval_every=20", "train.threads=1"]
+GRID = [(0, 0.0), (1, 0.1), (2, 0.5)]
+
+
+def configs(k, extra=()):
+    return [load_config("tiny", [*RUN, *extra, f"seed={s}", f"optim.weight_decay={wd}"]) for s, wd in GRID[:k]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def state(trainer: PackedTrainer) -> list[torch.Tensor]:
+    return [trainer.pack.flat, trainer.optimizer.exp_avg, trainer.optimizer.exp_avg_sq,
+            *trainer.pack.buffers.values()]
+
+
+def assert_states_close(a: PackedTrainer, b: PackedTrainer, rtol: float) -> None:
+    for x, y in zip(state(a), state(b), strict=True):
+        x, y = x.double(), y.double()
+        assert (x - y).abs().max() <= rtol * x.abs().max().clamp_min(1e-12)
+
+
+@pytest.mark.parametrize("embedder, k, precision", [("linear", 1, "fp32"), ("linear", 3, "fp32"), ("resnet", 3, "fp64")])
+def test_the_static_step_a_graph_captures_equals_the_eager_step(embedder, k, precision):
+    cfgs = configs(k, [f"model.embedder={embedder}", f"train.precision={precision}"])
+    data = load_data(cfgs[0])
+    eager, static = PackedTrainer.fresh(cfgs, data), PackedTrainer.fresh(cfgs, data)
+    steps = 6
+    sums = [x.clone() for x in eager.run(1, steps)]
+    static.optimizer.schedule(1, steps)
+    static.t_dev.fill_(1)
+    for _ in range(steps):
+        static.static_step()
+    assert int(static.t_dev) == steps + 1 and int(static.i_dev) == steps
+    assert_states_close(static, eager, 1e-5 if precision == "fp32" else 1e-12)
+    torch.testing.assert_close(static.loss_sum, sums[0], rtol=1e-5, atol=0)
+    assert torch.equal(static.correct_sum, sums[1])
+
+
+def test_the_static_step_never_waits_for_the_device():
+    trainer = PackedTrainer.fresh(configs(2), load_data(configs(2)[0]))
+    trainer.optimizer.schedule(1, 4)
+    trainer.t_dev.fill_(1)
+    trainer.static_step()  # caches
+    with KernelCounter() as counter:
+        trainer.static_step()
+    assert counter.syncs == [] and counter.kernels > 0
+
+
+def autocast_reference(cfg, data, steps: int):
+    """Today's bf16 training, written plainly: fp32 weights under torch.autocast (which casts
+    every weight to bf16 at every use), torch.optim.AdamW."""
+    model = initial_model(cfg).train()
+    opt = make_optimizer(model, cfg.optim, fused=False)
+    losses = []
+    for t in range(1, steps + 1):
+        set_lr(opt, lr_at(t, cfg.optim, cfg.train.steps))
+        batch = data.train_batch(t - 1)
+        with autocast(cfg, torch.device("cpu"), enabled=True):
+            logits = model(data.bank.render(batch.classes, batch.exemplars), batch.labels)
+        loss = F.cross_entropy(logits.float(), batch.targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return model, losses
+
+
+@pytest.mark.parametrize("embedder, k", [("linear", 1), ("frozen", 1), ("linear", 3)])
+def test_bf16_training_reads_bf16_copies_with_autocasts_numbers(embedder, k):
+    """CPU autocast stands in for CUDA's (the same rule: Linear/Conv operands in bf16). With
+    bf16 copies, a model alone computes exactly what autocast computes from fp32 weights (the
+    same trainer with the copies switched off), and its losses are those of plain PyTorch
+    under autocast. Under vmap (K > 1) autocast leaves the bias additions of the batched
+    Linear layers in fp32 while the copies make them bf16, as they are for a model alone: the
+    losses then agree to bf16 rounding."""
+    cfgs = configs(k, [f"model.embedder={embedder}"])
+    data = load_data(cfgs[0])
+    ours = PackedTrainer.fresh(cfgs, data, mixed=True)
+    assert ours.pack.shadow.dtype == torch.bfloat16 and ours.pack.n_cast > ours.pack.n_decay
+    casting = PackedTrainer.fresh(cfgs, data)  # fp32 weights, no copies ...
+    casting.mixed = True  # ... under autocast: a cast per weight per use
+    steps = 5
+    for t in range(1, steps + 1):
+        a, b = ours.run(t, t), casting.run(t, t)
+        if k == 1:
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        else:
+            torch.testing.assert_close(a[0], b[0], rtol=2e-3, atol=0)
+    if k == 1:
+        assert torch.equal(ours.pack.flat, casting.pack.flat)
+        assert torch.equal(ours.optimizer.exp_avg_sq, casting.optimizer.exp_avg_sq)
+        _, theirs = autocast_reference(cfgs[0], data, steps)
+        mine = PackedTrainer.fresh(cfgs, data, mixed=True)
+        assert [float(mine.run(t, t)[0][0]) for t in range(1, steps + 1)] == pytest.approx(theirs, rel=1e-3)
+
+
+class CastShapes(KernelCounter):
+    """Also records the shape of every tensor cast to another dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) == "aten._to_copy.default":
+            self.shapes.append(tuple(args[0].shape))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def test_bf16_training_casts_no_weight():
+    """Plain autocast casts every Linear weight and bias at every step (and their gradients
+    back); a bf16 step of the pack casts activations only, and its weight copies are
+    refreshed by one kernel for all of them."""
+    cfg = configs(1, ["model.layers=4"])[0]
+    data = load_data(cfg)
+    trainer = PackedTrainer.fresh([cfg], data, mixed=True)
+    trainer.optimizer.schedule(1, 3)
+    trainer.step(1)
+    with CastShapes() as ours:
+        trainer.step(2)
+    model = initial_model(cfg)
+    weights = {tuple(p.shape) for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
+    batch = data.train_batch(0)
+    with CastShapes() as plain:
+        with autocast(cfg, torch.device("cpu"), enabled=True):
+            logits = model(data.bank.render(batch.classes, batch.exemplars), batch.labels)
+        F.cross_entropy(logits.float(), batch.targets).backward()
+    linears = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert sum(shape in weights for shape in plain.shapes) >= 2 * linears  # weight and bias of every Linear
+    assert not [shape for shape in ours.shapes if shape in weights], ours.shapes
+    assert ours.ops["aten.copy_.default"] <= 2  # the refresh of all copies (and nothing per weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("embedder, k, precision", [("frozen", 1, "bf16"), ("linear", 3, "fp32"), ("resnet", 3, "bf16")])
+def test_graph_replays_equal_eager_steps_on_cuda(embedder, k, precision):
+    cfgs = configs(k, [f"model.embedder={embedder}", "train.device=cuda", f"train.precision={precision}"])
+    data = load_data(cfgs[0], "cuda")
+    graphed, eager = PackedTrainer.fresh(cfgs, data), PackedTrainer.fresh(cfgs, data, cuda_graph=False)
+    assert graphed.graphed and not eager.graphed
+    for first, last in ((1, 7), (8, 20)):  # two runs: the second replays the graph captured by the first
+        a = [x.clone() for x in graphed.run(first, last)]
+        b = eager.run(first, last)
+        torch.testing.assert_close(a[0], b[0], rtol=1e-4, atol=1e-6)
+        assert torch.equal(a[1], b[1])
+    assert graphed.graph is not None
+    assert_states_close(graphed, eager, 1e-4)
