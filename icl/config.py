@@ -85,6 +85,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
     cuda_graph: bool = True  # CUDA: replay each training step as one captured CUDA graph
     compile: bool = False  # torch.compile the step's forward/backward and AdamW (minutes to compile)
+    pack_forward: str = "auto"  # vmap (one batched forward per pack) | loop (model by model) | auto
 
 
 @dataclass
@@ -106,7 +107,8 @@ class Config:
 # Keys that may differ between a run directory's saved config and a resumed run's config:
 # where the data lives and which device runs it do not change the science.
 RUNTIME_KEYS = frozenset(
-    {"data.root", "data.cache_dir", "train.device", "train.threads", "train.cuda_graph", "train.compile"}
+    {"data.root", "data.cache_dir", "train.device", "train.threads", "train.cuda_graph", "train.compile",
+     "train.pack_forward"}
 )
 
 
@@ -325,6 +327,8 @@ def validate(cfg: Config) -> None:
     )
     _require(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _require(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+    forwards = ("auto", "vmap", "loop")
+    _require(t.pack_forward in forwards, f"train.pack_forward must be one of {', '.join(forwards)}, got {t.pack_forward!r}")
 
 
 # --------------------------------------------------------------------------- paths

@@ -60,6 +60,14 @@ def initial_model(cfg: Config, device: torch.device | str = "cpu") -> SequenceMo
     return build_model(cfg).to(device, param_dtype(cfg))
 
 
+def batched_forward(cfg: Config, device: torch.device) -> bool:
+    """``train.pack_forward``: ``vmap`` (batched) or ``loop`` (each model on its own); ``auto``
+    batches on a GPU, where one set of kernels for the whole pack saves launches, and loops on
+    the CPU, where there are no launches to save."""
+    mode = cfg.train.pack_forward
+    return mode == "vmap" or (mode == "auto" and device.type == "cuda")
+
+
 def check_packable(cfgs: Sequence[Config]) -> None:
     """UserError unless ``cfgs`` can train as one pack: at least one config, all equal in
     every key but ``seed`` and ``optim.weight_decay``."""
@@ -110,11 +118,21 @@ class PackedModels:
     """K models of one architecture as one ``[K, N]`` parameter tensor and stacked buffers.
 
     After construction every model's parameters and buffers are views into the stack, so
-    ``models[k]`` holds model ``k``'s live weights, while :meth:`logits` runs all K at once.
-    Columns: decayed parameters first (``[0, n_decay)``), then the other parameters bf16
-    autocast would cast (``[0, n_cast)`` in all), then the rest (norms, embedding tables).
+    ``models[k]`` holds model ``k``'s live weights. Columns: decayed parameters first
+    (``[0, n_decay)``), then the other parameters bf16 autocast would cast, then the rest
+    (norms, embedding tables).
 
-    With ``low_precision`` (bf16 training on a GPU) the forward reads the castable columns
+    :meth:`logits` runs the K models in one of two ways, with the same numbers:
+
+    - ``batched`` (the GPU's): the weightless template under ``torch.func.functional_call``
+      and ``torch.vmap`` over stacked parameter views: one set of kernels for the pack (a
+      batched matmul per linear layer, a grouped convolution per conv layer, BatchNorm over
+      ``K x C`` channels, so statistics stay per model);
+    - not batched (the CPU's): each model's own module, one after the other. Without kernel
+      launches to amortise, vmap's batching rules cost more than they save on the CPU (the
+      ResNet at K = 3: 0.55x the per-model rate of a loop, benchmarks/README.md).
+
+    With ``low_precision`` (bf16 training, batched) the forward reads the castable columns
     from a bf16 copy, ``shadow``, refreshed from the fp32 weights in one kernel per step
     (:meth:`refresh`), and constant matmul buffers (the frozen projection) from bf16 copies
     made once: autocast then finds its operands in bf16 already and casts no weight, where it
@@ -122,9 +140,12 @@ class PackedModels:
     the same fp32 weights, and their gradients come back in bf16 as autocast's cast returns them.
     """
 
-    def __init__(self, models: list[SequenceModel], cfg: Config, low_precision: torch.dtype | None = None):
+    def __init__(self, models: list[SequenceModel], cfg: Config, *, batched: bool = True,
+                 low_precision: torch.dtype | None = None):
         self.models = models
         self.k = len(models)
+        self.batched = batched
+        low_precision = low_precision if batched else None
         model = models[0]
         first = next(model.parameters())
         decay, no_decay = decay_groups(model)
@@ -172,7 +193,11 @@ class PackedModels:
                     name = f"{mod_name}.{leaf}" if mod_name else leaf
                     self.forward_buffers[name] = self.buffers[name].to(low_precision)
             self.refresh()
-        self.leaves = [self.inputs[s.name] for s in slots]  # what gradients are taken with respect to
+        # what gradients are taken with respect to: stacked views, or each model's own parameters
+        if batched:
+            self.leaves = [self.inputs[s.name] for s in slots]
+        else:
+            self.leaves = [dict(m.named_parameters())[s.name] for m in models for s in slots]
         with torch.device("meta"):  # a weightless template for functional_call
             self.template = build_model(cfg)
         self.template.train()
@@ -187,25 +212,26 @@ class PackedModels:
     def n(self) -> int:
         return self.flat.shape[1]
 
-    def logits(self, params: dict[str, Tensor], buffers: dict[str, Tensor], images: Tensor, labels: Tensor) -> Tensor:
+    def logits(self, images: Tensor, labels: Tensor) -> Tensor:
         """``images [K, B, 9, S, S]``, ``labels [K, B, 9]`` -> logits ``[K, B, vocab]``."""
-        if self.k == 1:  # vmap over a single model would only add dispatch overhead
-            # (views, not p[0]: the gradient of a view is a view, of a select a new tensor)
-            one = {n: p.view(p.shape[1:]) for n, p in params.items()}, {n: b[0] for n, b in buffers.items()}
-            return torch.func.functional_call(self.template, one, (images[0], labels[0]))[None]
+        if not self.batched:
+            return torch.stack([m(x, y) for m, x, y in zip(self.models, images, labels)])
 
         def model(p, b, x, y):
             return torch.func.functional_call(self.template, (p, b), (x, y))
 
         # The math backend: it batches natively under vmap (forward and backward); the fused
-        # CPU kernel has no batching rule and would run the K models one after another.
+        # kernels have no batching rule and would run the K models one after another.
         with sdpa_kernel(SDPBackend.MATH):
-            return torch.vmap(model)(params, buffers, images, labels)
+            return torch.vmap(model)(self.inputs, self.forward_buffers, images, labels)
 
     def grads_flat(self, grads: Sequence[Tensor]) -> Tensor:
-        """Per-slot gradients (autograd's order = ``self.slots``) -> one ``[K, N]`` tensor in the
-        parameters' dtype. The bf16 gradients of the castable columns are joined first and
-        widened in one kernel (a concatenation of mixed dtypes would cast them one by one)."""
+        """Gradients in the order of ``leaves`` -> one ``[K, N]`` tensor in the parameters'
+        dtype. Batched, the bf16 gradients of the castable columns are joined first and widened
+        in one kernel (a concatenation of mixed dtypes would cast them one by one)."""
+        if not self.batched:
+            n = len(self.slots)  # model k's gradients are grads[k * n : (k + 1) * n]
+            return torch.stack([torch.cat([g.reshape(-1) for g in grads[k * n : (k + 1) * n]]) for k in range(self.k)])
         flat = [g.reshape(self.k, -1) for g in grads]
         if not self.n_cast:
             return torch.cat(flat, dim=1)
@@ -363,7 +389,8 @@ class PackedTrainer:
         self.cfg = cfg = cfgs[0]
         device = next(models[0].parameters()).device
         self.mixed = mixed_precision(cfg, device) if mixed is None else mixed
-        self.pack = PackedModels(models, cfg, torch.bfloat16 if self.mixed else None)
+        self.pack = PackedModels(models, cfg, batched=batched_forward(cfg, device),
+                                 low_precision=torch.bfloat16 if self.mixed else None)
         self.optimizer = PackedAdamW(self.pack.flat, self.pack.n_decay, cfgs)
         self.device = device
         self.seeds = [c.seed for c in self.cfgs]
@@ -402,9 +429,9 @@ class PackedTrainer:
         k = len(self.seeds)
         return rearrange(images, "(k b) ... -> k b ...", k=k), rearrange(b.labels, "(k b) n -> k b n", k=k)
 
-    def _loss_fn(self, params: dict[str, Tensor], buffers: dict[str, Tensor], images: Tensor, labels: Tensor):
+    def _loss_fn(self, images: Tensor, labels: Tensor):
         with autocast(self.cfg, images.device, enabled=self.mixed):
-            logits = self.pack.logits(params, buffers, images, labels)
+            logits = self.pack.logits(images, labels)
         logits = logits.to(self.pack.flat.dtype)  # the loss in fp32 (fp64) even under bf16 autocast
         targets = labels[..., -1]
         k, b = targets.shape
@@ -415,7 +442,7 @@ class PackedTrainer:
     def losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Forward: per-model mean loss ``[K]`` (with its graph) and number correct ``[K]``."""
         self.pack.refresh()
-        return self._losses(self.pack.inputs, self.pack.forward_buffers, images, labels)
+        return self._losses(images, labels)
 
     def gradient(self, losses: Tensor) -> Tensor:
         """Backward: every model's gradient as one ``[K, N]`` tensor (the sum's gradient with

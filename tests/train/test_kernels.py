@@ -33,7 +33,7 @@ def test_counter_sees_kernels_syncs_and_device_copies():
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = load_config("tiny", ["train.device=cpu"])
+    cfg = load_config("tiny", ["train.device=cpu", "train.pack_forward=vmap"])  # the GPU's batched forward
     return cfg, load_data(cfg)
 
 

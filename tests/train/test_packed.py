@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from icl.config import load_config
+from icl.config import load_config, science_dict
 from icl.errors import UserError
 import torch.nn.functional as F
 
@@ -27,6 +27,9 @@ GRID = [(0, 0.0), (1, 0.1), (2, 0.5)]  # (seed, weight decay) of the three packe
 # weights of one model alone grows to 3e-3 in 20 steps), while in fp64 a pack of 3 and a
 # model alone stay within 1e-12 of each other over 100 steps.
 SETUPS = {"linear": ["model.embedder=linear"], "resnet": ["model.embedder=resnet", "train.precision=fp64"]}
+# Packs run the GPU's batched forward (vmap) here; a model alone runs its own module (the
+# CPU's default, pack_forward=auto), the plain reference.
+VMAP = "train.pack_forward=vmap"
 
 
 def configs(grid=GRID, extra=()):
@@ -80,11 +83,11 @@ def runs(request, tmp_path_factory):
     """The three models of GRID trained packed (one call) and each alone with icl.train.train,
     with the linear embedder and with the ResNet (BatchNorm statistics per model)."""
     root = tmp_path_factory.mktemp(f"packed-{request.param}")
-    cfgs = configs(extra=SETUPS[request.param])
+    cfgs = configs(extra=[*SETUPS[request.param], VMAP])
     calls = []
     results = train_packed(cfgs, [root / f"packed{k}" for k in range(3)],
                            on_eval=lambda k, row, ck: calls.append((k, int(row["step"]), ck)))
-    for k, cfg in enumerate(cfgs):
+    for k, cfg in enumerate(configs(extra=SETUPS[request.param])):
         train(cfg, root / f"alone{k}")
     return root, cfgs, results, calls
 
@@ -93,7 +96,7 @@ def test_packed_models_equal_the_same_models_trained_alone(runs):
     root, cfgs, results, _ = runs
     for k, cfg in enumerate(cfgs):
         packed, alone = root / f"packed{k}", root / f"alone{k}"
-        assert (packed / "config.yaml").read_text() == (alone / "config.yaml").read_text()
+        assert science_dict(load_config(str(packed / "config.yaml"))) == science_dict(load_config(str(alone / "config.yaml")))
         a, p = science(alone), science(packed)
         assert list(p.columns) == list(a.columns) and list(p["step"]) == [20, 40]
         pd.testing.assert_frame_equal(p, a, check_exact=False, rtol=rtol(cfg), atol=1e-6)
@@ -176,9 +179,9 @@ def test_models_checkpointed_at_different_steps_are_brought_level(runs, tmp_path
 
 def test_frozen_embedder_packs_and_keeps_each_models_projection(tmp_path):
     grid = [(3, 0.0), (4, 0.2)]
-    cfgs = configs(grid, ["model.embedder=frozen"])
+    cfgs = configs(grid, ["model.embedder=frozen", VMAP])
     train_packed(cfgs, [tmp_path / f"p{k}" for k in range(2)])
-    for k, cfg in enumerate(cfgs):
+    for k, cfg in enumerate(configs(grid, ["model.embedder=frozen"])):
         train(cfg, tmp_path / f"a{k}")
         pd.testing.assert_frame_equal(science(tmp_path / f"p{k}"), science(tmp_path / f"a{k}"),
                                       check_exact=False, rtol=rtol(cfg), atol=1e-6)
@@ -214,9 +217,11 @@ def plain_pytorch(cfg, data, steps: int):
     return model, opt
 
 
-@pytest.mark.parametrize("embedder, k", [("linear", 1), ("linear", 3), ("resnet", 1), ("resnet", 3)])
-def test_a_pack_equals_plain_pytorch_batchnorm_statistics_and_adamw_moments_included(embedder, k):
-    cfgs = configs(GRID[:k], SETUPS[embedder])
+@pytest.mark.parametrize("embedder, k, forward", [
+    ("linear", 1, "loop"), ("linear", 3, "vmap"), ("resnet", 1, "vmap"), ("resnet", 3, "vmap"), ("resnet", 3, "loop"),
+])
+def test_a_pack_equals_plain_pytorch_batchnorm_statistics_and_adamw_moments_included(embedder, k, forward):
+    cfgs = configs(GRID[:k], [*SETUPS[embedder], f"train.pack_forward={forward}"])
     data = load_data(cfgs[0])
     steps = 12
     trainer = PackedTrainer.fresh(cfgs, data)
