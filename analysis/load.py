@@ -8,6 +8,7 @@ so a notebook user can filter it with pandas before passing it on.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -19,6 +20,7 @@ import pandas as pd
 
 from icl.config import RUNTIME_KEYS, build_config, flatten, get_key, read_yaml, valid_keys
 from icl.errors import UserError
+from icl.inputs import read_text
 
 CLASS_KEY = "data.num_classes"
 WD_KEY = "optim.weight_decay"
@@ -99,14 +101,13 @@ def _run_source(run: Path) -> Source:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
+    text = read_text(path, "results table")
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(io.StringIO(text))
     except pd.errors.EmptyDataError:
         raise UserError(f"{path} is empty: no evaluations recorded yet; wait for the first evaluation") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+    except (pd.errors.ParserError, ValueError) as e:
         raise UserError(f"{path} is not a readable CSV ({str(e).splitlines()[0]}); check the file") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
     if df.empty:
         raise UserError(f"{path} has a header but no rows: no evaluations recorded yet")
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]

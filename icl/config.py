@@ -17,6 +17,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from icl.errors import UserError
+from icl.inputs import parse_yaml, read_yaml, user_path
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -112,24 +113,6 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def read_yaml(path: Path, what: str = "config") -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{what} {path} is not valid YAML{where}: fix the syntax") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{what} {path} must be a mapping of keys to values, got {type(data).__name__}")
-    return data
-
-
 def config_source(name_or_path: str) -> dict[str, Any]:
     """The raw mapping of a preset name or a YAML file path."""
     path = Path(name_or_path)
@@ -153,8 +136,8 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if not sep or not key.strip():
             raise UserError(f"--set {item!r} must look like key=value, e.g. --set data.num_classes=100")
         try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
+            out[key.strip()] = parse_yaml(value, f"--set {key.strip()}") if value.strip() else None
+        except UserError:  # not YAML: the text itself (the key's type check decides)
             out[key.strip()] = value
     return out
 
@@ -327,8 +310,9 @@ def validate(cfg: Config) -> None:
 
 def data_root(cfg: Config) -> Path:
     """``data.root``, else ``$ICL_DATA_DIR``, else ``data/`` in the checkout; absolute."""
-    root = cfg.data.root or os.environ.get("ICL_DATA_DIR") or str(PROJECT_ROOT / "data")
-    return Path(root).expanduser().resolve()
+    if cfg.data.root:
+        return user_path(cfg.data.root, "data.root")
+    return user_path(os.environ.get("ICL_DATA_DIR") or PROJECT_ROOT / "data", "ICL_DATA_DIR")
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -336,8 +320,9 @@ def cache_dir(cfg: Config) -> Path:
 
     Not under the data root: a shared dataset folder is often read-only.
     """
-    d = cfg.data.cache_dir or os.environ.get("ICL_CACHE_DIR") or "~/.cache/icl"
-    return Path(d).expanduser().resolve()
+    if cfg.data.cache_dir:
+        return user_path(cfg.data.cache_dir, "data.cache_dir")
+    return user_path(os.environ.get("ICL_CACHE_DIR") or "~/.cache/icl", "ICL_CACHE_DIR")
 
 
 def science_dict(cfg: Config) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from icl.config import (
     valid_keys,
 )
 from icl.errors import UserError
+from icl.inputs import user_path
 
 SPEC_DIR = Path(__file__).resolve().parent
 DEFAULT_STORAGE = "experiments"
@@ -138,7 +139,7 @@ def shipped_specs() -> list[str]:
 
 def resolve_spec_path(name_or_path: str) -> Path:
     """A path to a YAML file, or the name of a spec shipped in ``sweeps/`` (``smoke``)."""
-    path = Path(name_or_path).expanduser()
+    path = user_path(name_or_path, "sweep spec")
     if path.suffix in (".yaml", ".yml") or path.exists() or "/" in name_or_path:
         if not path.is_file():
             raise UserError(f"sweep spec {path} does not exist (shipped specs: {', '.join(shipped_specs())})")
@@ -239,6 +240,7 @@ def parse_spec(
             f"storage {spec_storage!r} is a URI; the trainer writes run directories with plain file "
             "I/O, so give a (shared) filesystem path"
         )
+    user_path(spec_storage, f"{where}: storage")  # refused now if it cannot name a folder
 
     spec = SweepSpec(
         name=spec_name,
@@ -269,9 +271,10 @@ def _base(raw: dict[str, Any], source: Path | None, where: str) -> tuple[str | N
     if base is None:
         raise UserError(f"{where}: missing `base:` (a preset: {', '.join(presets())}; or a config .yaml path)")
     if base.endswith((".yaml", ".yml")) or "/" in base:
-        path = Path(base).expanduser()
-        if not path.is_absolute() and source is not None:
+        path = Path(base)
+        if not base.startswith("~") and not path.is_absolute() and source is not None:
             path = source.parent / path
+        path = user_path(path, f"{where}: base config file")
         if not path.is_file():
             raise UserError(f"{where}: base config file {path} does not exist")
         base = str(path.resolve())

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from icl.config import N_DRAWERS
 from icl.errors import UserError
+from icl.inputs import read_text
 from icl.io import atomic_write
 
 NPZ_FILES = ("images_background.npz", "images_evaluation.npz")
@@ -88,7 +89,7 @@ def _npz_fingerprint(root: Path) -> str:
     sums = root / "SHA256SUMS"
     if sums.is_file():
         expected = {}
-        for line in sums.read_text().splitlines():
+        for line in read_text(sums, "checksum file").splitlines():
             parts = line.split()
             if len(parts) == 2:
                 expected[parts[1].lstrip("*")] = parts[0]
