@@ -359,7 +359,10 @@ def merged_flat(spec: SweepSpec) -> dict[str, Any]:
 
 
 def expand(spec: SweepSpec) -> list[TrialSpec]:
-    """The trials in grid order; builds and validates every trial's config now, before Ray."""
+    """The trials in grid order; builds and validates every trial's config now, before Ray,
+    with the checks a trial makes when it starts (config ranges, the model fitting in memory)."""
+    from icl.machine import check_model_fits_host  # imports torch: only once there are trials
+
     keys = list(spec.grid)
     points = list(product(*(spec.grid[k] for k in keys)))
     width = max(3, len(str(len(points) - 1)))
@@ -371,6 +374,7 @@ def expand(spec: SweepSpec) -> list[TrialSpec]:
         trial_id = f"t{index:0{width}d}"
         try:
             cfg = build_config(spec.base_config, {**spec.overrides, **point})
+            check_model_fits_host(cfg)
         except UserError as e:
             raise UserError(f"trial {trial_id} ({_fmt_point(point)}): {e}") from None
         coerced = {k: get_key(cfg, k) for k in keys}
