@@ -9,6 +9,8 @@ from analysis.report import default_out
 from analysis.summary import ONSET_THRESHOLD
 from analysis.verdict import COLLAPSE_FRACTION, RATIO
 from icl.errors import ArgumentParser, UserError, cli_entry
+from icl.inputs import user_path
+from icl.io import check_writable, remove_stale_temporaries
 
 DESCRIPTION = """\
 Analyse sweep results (STORAGE/NAME with results.csv), single runs (RUN with metrics.csv and
@@ -57,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 10 <= args.dpi <= 600:
         raise UserError(f"--dpi must be between 10 and 600, got {args.dpi}")
 
-    out = Path(args.out) if args.out else default_out(args.paths)
+    out = user_path(args.out, "--out") if args.out else default_out(args.paths)
     _check_out(out, args.paths)
+    check_writable(out, "--out", folder=True)
+    remove_stale_temporaries(out)  # left by a report killed while it was written
     df = load_results(args.paths)
 
     import matplotlib
