@@ -43,6 +43,7 @@ class DataConfig:
     zipf_exponent: float = 0.0
     augment: bool = False
     image_size: int = 105
+    custom: bool = False  # true: the data root holds a dataset other than Omniglot's 964 + 659 characters
 
 
 @dataclass
@@ -104,7 +105,7 @@ class Config:
 
 # Keys that may differ between a run directory's saved config and a resumed run's config:
 # where the data lives and which device runs it do not change the science.
-RUNTIME_KEYS = frozenset({"data.root", "data.cache_dir", "train.device", "train.threads"})
+RUNTIME_KEYS = frozenset({"data.root", "data.cache_dir", "data.custom", "train.device", "train.threads"})
 
 
 # --------------------------------------------------------------------------- loading

@@ -221,7 +221,7 @@ def test_corrupt_data_file(capsys, tmp_path, monkeypatch, omniglot_dir, damage, 
 def test_corrupt_cache_is_rebuilt_with_a_warning(capsys, tmp_path, omniglot_subset):
     # a small real-data pair (90 + 2 characters) keeps the rebuild cheap
     argv = ["info", "--config", "tiny", "--set", f"data.root={omniglot_subset(90, 2)}",
-            "--set", f"data.cache_dir={tmp_path}", "--set", "data.n_holdout=10"]
+            "--set", f"data.cache_dir={tmp_path}", "--set", "data.n_holdout=10", "--set", "data.custom=true"]
     code, out, err = run(capsys, *argv)
     assert code == 0 and err == "" and "92 x 20 drawers" in out
     npy = Path(out.split("cache:")[1].strip())
@@ -323,3 +323,13 @@ def test_a_stale_temporary_of_the_output_is_removed(capsys, tmp_path):
     stale.write_bytes(b"half")
     code, _, _ = run(capsys, "sample", "--config", "tiny", "--split", "iwl", "-n", "2", "--out", str(out))
     assert code == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+
+
+def test_a_dataset_that_is_not_omniglot_needs_data_custom(capsys, tmp_path, omniglot_subset):
+    root = omniglot_subset(90, 2)
+    argv = ["info", "--config", "tiny", "--set", f"data.root={root}", "--set", f"data.cache_dir={tmp_path}",
+            "--set", "data.n_holdout=10"]
+    code, _, err = run(capsys, *argv)
+    assert_user_error(code, err, str(root / NPZ_FILES[0]), "90 characters", "964", "data.custom=true")
+    code, out, err = run(capsys, *argv, "--set", "data.custom=true")
+    assert code == 0 and "92 x 20 drawers" in out
