@@ -22,8 +22,6 @@ is still running (cells behind or short of seeds are flagged)."""
 
 def _check_out(out: Path, paths: list[str]) -> None:
     """The report never lands on top of its inputs: refuse an --out that holds an input CSV."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory; choose a directory")
     target = out.resolve()
     for p in map(Path, paths):
         for holder in (p, p.parent) if p.is_file() else (p,):
@@ -61,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out = user_path(args.out, "--out") if args.out else default_out(args.paths)
     _check_out(out, args.paths)
-    check_writable(out, "--out", folder=True)
-    remove_stale_temporaries(out)  # left by a report killed while it was written
     df = load_results(args.paths)
+    check_writable(out, "--out", folder=True)  # before the plots: they are the slow part
+    remove_stale_temporaries(out)  # left by a report killed while it was written
 
     import matplotlib
 

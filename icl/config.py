@@ -244,6 +244,18 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     raise TypeError(f"unsupported config type {hint} for {key}")
 
 
+def check_value(key: str, value: Any) -> Any:
+    """``value`` as config key ``key`` takes it (type-checked, finite, in its range), for
+    readers of values that come from elsewhere than a config (a results table's columns)."""
+    cfg = Config()
+    set_key(cfg, key, value)
+    taken = get_key(cfg, key)
+    rng = RANGES.get(key)
+    if rng is not None and taken not in rng:
+        raise UserError(rng.problem(key, taken))
+    return taken
+
+
 def _number(key: str, text: str, what: str) -> float:
     try:
         return float(text)
@@ -407,6 +419,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "build_config",
+    "check_value",
     "load_config",
     "config_from_dict",
     "parse_overrides",
