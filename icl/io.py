@@ -23,6 +23,7 @@ import errno
 import fcntl
 import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,18 @@ def _write_payload(fd: int, tmp: Path, data: Payload) -> None:
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
 
 
+def _refuse_special(path: Path) -> None:
+    """A folder, device, pipe or socket is never replaced by a file (``--out /dev/null`` as root)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if stat.S_ISDIR(mode):
+        raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise OSError(errno.EEXIST, "exists and is not a regular file")
+
+
 def atomic_write(path: Path | str, data: Payload) -> None:
     """Write ``data`` (bytes, text, or a function writing to a binary file) to ``path``,
     creating its folder if needed. Raises :class:`OutputError` (an ``OSError``) naming
@@ -93,6 +106,7 @@ def atomic_write(path: Path | str, data: Payload) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
         except FileExistsError:  # the folder's name is taken by a file
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
+        _refuse_special(path)
         remove_stale_temporaries(path.parent, only=path.name)
         fd, tmp = _locked_temporary(path.parent, path.name)
         _write_payload(fd, tmp, data)
@@ -199,6 +213,8 @@ def check_writable(path: Path | str, what: str, *, folder: bool = False) -> Path
     else:
         if path.is_dir():
             raise UserError(f"{what} {path} is a folder; give a file name")
+        if path.exists() and not path.is_file():
+            raise UserError(f"{what} {path} is not a regular file (a device, pipe or socket); give a file name")
         probe_in = path.parent
         if not probe_in.is_dir():
             raise UserError(f"{what} folder {probe_in} does not exist: create it first")

@@ -147,6 +147,7 @@ def test_check_writable(tmp_path: Path):
         (tmp_path / "file", {"folder": True}, "not a folder"),
         (tmp_path / "file" / "x" / "y", {"folder": True}, "is a file"),
         (Path("/proc/x.npz"), {}, "cannot write --out /proc/x.npz"),
+        (Path("/dev/null"), {}, "not a regular file"),
     ]
     for path, kwargs, words in cases:
         with pytest.raises(UserError, match=words):
@@ -161,3 +162,12 @@ def test_check_writable_on_a_read_only_file_system(tmpfs):
     with pytest.raises(OutputError) as e:
         atomic_write(read_only / "x.npz", b"x")
     assert e.value.errno == errno.EROFS and "read-only" in describe_os_error(e.value)
+
+
+def test_a_device_or_pipe_is_never_replaced(tmp_path: Path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OutputError) as e:
+        atomic_write(fifo, "x")
+    assert e.value.filename == str(fifo) and "not a regular file" in describe_os_error(e.value)
+    assert fifo.is_fifo() and leftovers(tmp_path) == []
