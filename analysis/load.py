@@ -36,6 +36,7 @@ REQUIRED_COLUMNS = ("step", *REQUIRED_METRICS)
 _NUMERIC_LOGS = ("sequences", "train_loss", "lr", "icl_acc_all", "icl_train_acc", "ece", "steps_per_s",
                  "sequences_per_s", "eval_s", "wall_s")  # the trainer's other numeric columns
 
+MAX_TABLE_BYTES = 4 << 30  # a results table this large is not one this project wrote
 RESULTS_CSV = "results.csv"  # a sweep's tidy table, STORAGE/NAME/results.csv
 METRICS_CSV = "metrics.csv"  # a single run's evaluations, RUN/metrics.csv
 CONFIG_YAML = "config.yaml"  # a run's resolved config
@@ -104,7 +105,7 @@ def _run_source(run: Path) -> Source:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
-    text = read_text(path, "results table")
+    text = read_text(path, "results table", limit=MAX_TABLE_BYTES)
     try:
         df = pd.read_csv(io.StringIO(text))
     except pd.errors.EmptyDataError:

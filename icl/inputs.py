@@ -24,7 +24,7 @@ import yaml
 
 from icl.errors import UserError, os_error_advice
 
-MAX_INPUT_BYTES = 64 << 20  # a config, spec or results table is far smaller; refuse a runaway file
+MAX_INPUT_BYTES = 64 << 20  # a config or spec is far smaller: refuse a runaway file
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -70,16 +70,17 @@ def parse_yaml(text: str, where: str) -> Any:
         raise UserError(f"{where} holds a value YAML cannot build ({e}); quote it to make it text") from None
 
 
-def read_bytes(path: Path | str, what: str) -> bytes:
-    """The file's bytes; :class:`UserError` saying why it cannot be read."""
+def read_bytes(path: Path | str, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
+    """The file's bytes; :class:`UserError` saying why it cannot be read, or that it is
+    larger than ``limit`` (a runaway or wrong file, read no further)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_INPUT_BYTES + 1)
+            data = f.read(limit + 1)
     except OSError as e:
         raise UserError(f"cannot read {what} {path}: {e.strerror or e}; {os_error_advice(e, 'read')}") from None
-    if len(data) > MAX_INPUT_BYTES:
-        raise UserError(f"{what} {path} is larger than {MAX_INPUT_BYTES >> 20} MiB; is it the right file?")
+    if len(data) > limit:
+        raise UserError(f"{what} {path} is larger than {limit >> 20} MiB; is it the right file?")
     return data
 
 
@@ -93,9 +94,9 @@ def decode(data: bytes, where: str) -> str:
         ) from None
 
 
-def read_text(path: Path | str, what: str = "file") -> str:
+def read_text(path: Path | str, what: str = "file", limit: int = MAX_INPUT_BYTES) -> str:
     """A text file, decoded strictly as UTF-8."""
-    return decode(read_bytes(path, what), f"{what} {path}")
+    return decode(read_bytes(path, what, limit), f"{what} {path}")
 
 
 def read_yaml(path: Path | str, what: str = "config") -> dict[str, Any]:
