@@ -119,6 +119,8 @@ def config_source(name_or_path: str) -> dict[str, Any]:
     """The raw mapping of a preset name or a YAML file path."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.exists() and not path.is_file():
+            raise UserError(f"config file {path} is not a regular file (a folder, device or pipe); give a .yaml file")
         if not path.is_file():
             raise UserError(f"config file {path} does not exist (presets: {', '.join(presets())})")
         return read_yaml(path)
@@ -313,7 +315,7 @@ RANGES: dict[str, Range] = {
     "model.mlp": Range(1, 65536),
     "model.max_timescale": Range(1.0, 1e6),
     "optim.lr": Range(0.0, 10.0, low_open=True),
-    "optim.weight_decay": Range(0.0, 100.0),
+    "optim.weight_decay": Range(0.0, 1e4),
     "optim.warmup_steps": Range(0, U32, high_open=True),
     "optim.beta1": Range(0.0, 1.0, high_open=True),
     "optim.beta2": Range(0.0, 1.0, high_open=True),
@@ -323,7 +325,7 @@ RANGES: dict[str, Range] = {
     "train.eval_every": Range(1, U32, high_open=True),
     "train.checkpoint_every": Range(1, U32, high_open=True, why="a multiple of train.eval_every"),
     "train.keep_checkpoints": Range(1, 1000),
-    "train.threads": Range(0, 4096, why="0 = torch's default"),
+    "train.threads": Range(0, 1024, why="0 = torch's default"),
     "eval.n_sequences": Range(1, MAX_ROWS),
     "eval.seed": Range(0, U32, high_open=True),
     "eval.batch_size": Range(1, MAX_ROWS),
