@@ -315,7 +315,7 @@ RANGES: dict[str, Range] = {
     "model.mlp": Range(1, 65536),
     "model.max_timescale": Range(1.0, 1e6),
     "optim.lr": Range(0.0, 10.0, low_open=True),
-    "optim.weight_decay": Range(0.0, 1e4),
+    "optim.weight_decay": Range(0.0, 1e6),
     "optim.warmup_steps": Range(0, U32, high_open=True),
     "optim.beta1": Range(0.0, 1.0, high_open=True),
     "optim.beta2": Range(0.0, 1.0, high_open=True),
