@@ -13,6 +13,7 @@
   :func:`remove_stale_temporaries` clears a whole folder when a run starts. A temporary a
   live process is writing (on this machine or, with NFS locks, another) is never touched.
 - :func:`check_writable`: before work starts, whether a file or folder can be written there.
+- :func:`writing_to`: the same error for writes that are not atomic (appends, lock files).
 """
 
 from __future__ import annotations
@@ -81,6 +82,17 @@ def _write_payload(fd: int, tmp: Path, data: Payload) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
+
+
+@contextlib.contextmanager
+def writing_to(path: Path | str) -> Iterator[None]:
+    """For writes that cannot go through :func:`atomic_write` (a file appended to, a lock
+    file, a checkpoint folder built in place): an ``OSError`` inside comes out as
+    :class:`OutputError` naming ``path``, so ``cli_entry`` reports it like any other."""
+    try:
+        yield
+    except OSError as e:
+        raise _output_error(e, Path(path)) from e
 
 
 def _refuse_special(path: Path) -> None:
@@ -227,4 +239,4 @@ def check_writable(path: Path | str, what: str, *, folder: bool = False) -> Path
     return path
 
 
-__all__ = ["atomic_write", "all_or_nothing", "remove_stale_temporaries", "check_writable"]
+__all__ = ["atomic_write", "all_or_nothing", "remove_stale_temporaries", "check_writable", "writing_to"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from icl.errors import OutputError, UserError, describe_os_error
-from icl.io import all_or_nothing, atomic_write, check_writable, remove_stale_temporaries
+from icl.io import all_or_nothing, atomic_write, check_writable, remove_stale_temporaries, writing_to
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -171,3 +171,14 @@ def test_a_device_or_pipe_is_never_replaced(tmp_path: Path):
         atomic_write(fifo, "x")
     assert e.value.filename == str(fifo) and "not a regular file" in describe_os_error(e.value)
     assert fifo.is_fifo() and leftovers(tmp_path) == []
+
+
+def test_writing_to_names_the_path_of_a_write_that_is_not_atomic(tmp_path: Path):
+    log = tmp_path / "attempts.jsonl"
+    with pytest.raises(OutputError) as e:
+        with writing_to(log):
+            raise OSError(errno.ENOSPC, "No space left on device")  # what f.write raises: no file name
+    assert e.value.filename == str(log) and describe_os_error(e.value).startswith(f"cannot write {log}:")
+    with writing_to(log), open(log, "a") as f:
+        f.write("{}\n")
+    assert log.read_text() == "{}\n"
