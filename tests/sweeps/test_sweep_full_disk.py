@@ -56,8 +56,8 @@ def test_a_sweep_started_on_a_full_disk_is_one_error_line(tmpfs, ray_head, drive
     assert read_results(disk / "disk")["step"].max() == 100
 
 
-@pytest.mark.xfail(strict=False, reason="needs engine integration: the lock file's write is not yet behind "
-                   "icl.io (sweeps/runner.py lock_experiment), so the line cannot name the path")
+@pytest.mark.xfail(strict=False, reason="needs engine integration: the lock file's write must go through "
+                   "icl.io.writing_to (sweeps/runner.py lock_experiment) for the line to name the path")
 def test_a_sweep_started_on_a_full_disk_names_the_path(tmpfs, ray_head, driver_env: dict, tmp_path: Path):
     disk = tmpfs("2m")
     fill(disk)
