@@ -9,6 +9,8 @@ from analysis.report import default_out
 from analysis.summary import ONSET_THRESHOLD
 from analysis.verdict import COLLAPSE_FRACTION, RATIO
 from icl.errors import ArgumentParser, UserError, cli_entry
+from icl.inputs import user_path
+from icl.io import check_writable, remove_stale_temporaries
 
 DESCRIPTION = """\
 Analyse sweep results (STORAGE/NAME with results.csv), single runs (RUN with metrics.csv and
@@ -20,8 +22,6 @@ is still running (cells behind or short of seeds are flagged)."""
 
 def _check_out(out: Path, paths: list[str]) -> None:
     """The report never lands on top of its inputs: refuse an --out that holds an input CSV."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory; choose a directory")
     target = out.resolve()
     for p in map(Path, paths):
         for holder in (p, p.parent) if p.is_file() else (p,):
@@ -57,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 10 <= args.dpi <= 600:
         raise UserError(f"--dpi must be between 10 and 600, got {args.dpi}")
 
-    out = Path(args.out) if args.out else default_out(args.paths)
+    out = user_path(args.out, "--out") if args.out else default_out(args.paths)
     _check_out(out, args.paths)
     df = load_results(args.paths)
+    check_writable(out, "--out", folder=True)  # before the plots: they are the slow part
+    remove_stale_temporaries(out)  # left by a report killed while it was written
 
     import matplotlib
 

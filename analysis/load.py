@@ -8,6 +8,7 @@ so a notebook user can filter it with pandas before passing it on.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -15,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from icl.config import RUNTIME_KEYS, build_config, flatten, get_key, read_yaml, valid_keys
+from icl.config import RANGES, RUNTIME_KEYS, build_config, check_value, flatten, get_key, read_yaml, valid_keys
 from icl.errors import UserError
+from icl.inputs import read_text
 
 CLASS_KEY = "data.num_classes"
 WD_KEY = "optim.weight_decay"
@@ -30,7 +33,10 @@ IWL = "iwl_acc"  # in-weights accuracy, query class absent from the context
 TRAIN_ACC = "train_acc"
 REQUIRED_METRICS = (ICL, IWL, TRAIN_ACC)
 REQUIRED_COLUMNS = ("step", *REQUIRED_METRICS)
+_NUMERIC_LOGS = ("sequences", "train_loss", "lr", "icl_acc_all", "icl_train_acc", "ece", "steps_per_s",
+                 "sequences_per_s", "eval_s", "wall_s")  # the trainer's other numeric columns
 
+MAX_TABLE_BYTES = 4 << 30  # a results table this large is not one this project wrote
 RESULTS_CSV = "results.csv"  # a sweep's tidy table, STORAGE/NAME/results.csv
 METRICS_CSV = "metrics.csv"  # a single run's evaluations, RUN/metrics.csv
 CONFIG_YAML = "config.yaml"  # a run's resolved config
@@ -99,14 +105,13 @@ def _run_source(run: Path) -> Source:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
+    text = read_text(path, "results table", limit=MAX_TABLE_BYTES)
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(io.StringIO(text))
     except pd.errors.EmptyDataError:
         raise UserError(f"{path} is empty: no evaluations recorded yet; wait for the first evaluation") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+    except (pd.errors.ParserError, ValueError) as e:
         raise UserError(f"{path} is not a readable CSV ({str(e).splitlines()[0]}); check the file") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
     if df.empty:
         raise UserError(f"{path} has a header but no rows: no evaluations recorded yet")
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
@@ -115,16 +120,55 @@ def _read_csv(path: Path) -> pd.DataFrame:
             f"{path} lacks required column(s) {', '.join(missing)}; expected the trainer's metric columns "
             f"({', '.join(REQUIRED_COLUMNS)}, ...)"
         )
+    return check_values(df, str(path), first_line=2)
+
+
+def _is_metric(col: str) -> bool:
+    return col in REQUIRED_COLUMNS or col.startswith("attn_") or col in _NUMERIC_LOGS
+
+
+def _probabilities(col: str) -> bool:
+    return col.endswith(("_acc", "_acc_all")) or col == "ece"
+
+
+def check_values(df: pd.DataFrame, where: str, first_line: int | None = None) -> pd.DataFrame:
+    """Refuse values no trainer writes, before they reach the arithmetic and the plots: every
+    numeric column finite; ``step`` a whole number in [0, 2^32); accuracies and ECE in [0, 1];
+    a config key's column (``data.num_classes``, ...) within that key's range
+    (:func:`icl.config.check_value`). Missing values stay missing. ``first_line``: the file
+    line of row 0, to name the offending line."""
+
+    def at(i: int) -> str:
+        return f"{where} line {first_line + i}" if first_line is not None else where
+
     for col in df.columns:
-        if col in REQUIRED_COLUMNS or col.startswith("attn_") or col == SEED_KEY:
-            if not pd.api.types.is_numeric_dtype(df[col]):
-                converted = pd.to_numeric(df[col], errors="coerce")
-                bad = df[col].notna() & converted.isna()
-                if bad.any():
-                    raise UserError(
-                        f"{path}: column {col} has non-numeric values (e.g. {df[col][bad].iloc[0]!r}); fix the file"
-                    )
-                df[col] = converted
+        if not (_is_metric(col) or col == "step" or col in RANGES):
+            continue
+        values = pd.to_numeric(df[col], errors="coerce").astype(float)
+        bad = df[col].notna() & values.isna()
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise UserError(f"{at(i)}: column {col} has non-numeric values (e.g. {df[col].iloc[i]!r}); fix the file")
+        problem = ~np.isfinite(values) & values.notna()
+        if col == "step":
+            problem |= (values < 0) | (values >= 2**32) | (values % 1 != 0)
+        elif _probabilities(col):
+            problem |= (values < 0) | (values > 1)
+        if problem.any():
+            i = int(np.flatnonzero(problem)[0])
+            what = "a whole number in [0, 2^32)" if col == "step" else "in [0, 1]" if _probabilities(col) else "finite"
+            raise UserError(f"{at(i)}: column {col} holds {values.iloc[i]:g}; it must be {what}; fix the file")
+        if col in RANGES:
+            for v in values.dropna().unique():
+                try:
+                    if v not in RANGES[col]:
+                        raise UserError(RANGES[col].problem(col, float(v)))
+                    check_value(col, int(v) if v.is_integer() else float(v))  # whole numbers for integer keys
+                except UserError as e:
+                    i = int(np.flatnonzero(values == v)[0])
+                    raise UserError(f"{at(i)}: {e}; fix the file") from None
+        if not pd.api.types.is_numeric_dtype(df[col]):
+            df[col] = values
     return df
 
 
@@ -298,6 +342,7 @@ def load_results(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     df["trial_id"] = df["trial_id"].astype(str)
     for key in (CLASS_KEY, WD_KEY, SEED_KEY):
         df[key] = pd.to_numeric(df[key], errors="coerce")
+    check_values(df, ", ".join(str(s.path) for s in sources))  # values that came from configs and specs
 
     for metric in REQUIRED_METRICS:
         if df[metric].notna().sum() == 0:
@@ -314,6 +359,12 @@ def load_results(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     grid: dict[str, list[Any]] = {}
     for src in sources:
         for key, values in _spec_grid(src.spec).items():
+            for v in values if key in RANGES else ():
+                try:
+                    check_value(key, v)
+                except UserError as e:
+                    raise UserError(f"the grid of {src.path / SPEC_YAML if src.path.is_dir() else src.path.parent / SPEC_YAML}"
+                                    f": {e}; fix the spec") from None
             merged = grid.setdefault(key, [])
             merged.extend(v for v in values if v not in merged)
     df.attrs["grid"] = grid

@@ -1,8 +1,9 @@
 """``report.md`` (+ ``summary.csv`` and the PNG plots) for one or several experiments.
 
 :func:`write_report` is what ``icl-analyze`` runs and what a sweep calls when it finishes;
-every file is written atomically, so a reader (or a sweep refreshing the report while it
-runs) never sees a half-written one.
+every file is written atomically and the files appear together (or, when a write fails, not
+at all), so a reader (or a sweep refreshing the report while it runs) never sees a
+half-written report.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from icl.io import atomic_write
+from icl.io import all_or_nothing, atomic_write
 
 from analysis.fmt import cell_label, fmt_number, markdown_table, mean_std, short_key, step_mean_std
 from analysis.summary import ONSET_THRESHOLD, missing_cells, summarize, trial_summary
@@ -135,15 +136,12 @@ def write_report(
     trials = trial_summary(df, threshold)
     grid = df.attrs.get("grid") or {}
     v = verdict(summary, trials, ratio=ratio, collapse_fraction=collapse_fraction, grid=grid)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
+    with all_or_nothing():  # a failed write (a full disk) leaves the previous report whole
         atomic_write(out / SUMMARY_CSV, summary.to_csv(index=False))
         plots = write_plots(df, summary, out, x=x, logx=logx, ratio=ratio, dpi=dpi)
         text = _render(df, summary, trials, v, plots, out, grid, threshold, ratio, collapse_fraction)
         path = out / REPORT_MD
         atomic_write(path, text)
-    except PermissionError as e:
-        raise UserError(f"cannot write the report into {out}: {e.strerror}; choose another --out") from None
     return Report(path, summary, trials, v, plots)
 
 

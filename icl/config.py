@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -17,6 +18,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from icl.errors import UserError
+from icl.inputs import parse_yaml, read_yaml, user_path
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +44,7 @@ class DataConfig:
     zipf_exponent: float = 0.0
     augment: bool = False
     image_size: int = 105
+    custom: bool = False  # true: the data root holds a dataset other than Omniglot's 964 + 659 characters
 
 
 @dataclass
@@ -106,10 +109,10 @@ class Config:
 
 # Keys that may differ between a run directory's saved config and a resumed run's config:
 # where the data lives and which device runs it do not change the science.
-RUNTIME_KEYS = frozenset(
-    {"data.root", "data.cache_dir", "train.device", "train.threads", "train.cuda_graph", "train.compile",
-     "train.pack_forward"}
-)
+RUNTIME_KEYS = frozenset({
+    "data.root", "data.cache_dir", "data.custom", "train.device", "train.threads", "train.cuda_graph",
+    "train.compile", "train.pack_forward",
+})
 
 
 # --------------------------------------------------------------------------- loading
@@ -119,28 +122,12 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def read_yaml(path: Path, what: str = "config") -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{what} {path} is not valid YAML{where}: fix the syntax") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{what} {path} must be a mapping of keys to values, got {type(data).__name__}")
-    return data
-
-
 def config_source(name_or_path: str) -> dict[str, Any]:
     """The raw mapping of a preset name or a YAML file path."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.exists() and not path.is_file():
+            raise UserError(f"config file {path} is not a regular file (a folder, device or pipe); give a .yaml file")
         if not path.is_file():
             raise UserError(f"config file {path} does not exist (presets: {', '.join(presets())})")
         return read_yaml(path)
@@ -160,8 +147,8 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if not sep or not key.strip():
             raise UserError(f"--set {item!r} must look like key=value, e.g. --set data.num_classes=100")
         try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
+            out[key.strip()] = parse_yaml(value, f"--set {key.strip()}") if value.strip() else None
+        except UserError:  # not YAML: the text itself (the key's type check decides)
             out[key.strip()] = value
     return out
 
@@ -252,12 +239,30 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
             value = _number(key, value, "a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config key {key!r} must be a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            value = math.inf
+        if not math.isfinite(value):
+            raise UserError(f"config key {key!r} must be a finite number, got {value!r}")
+        return value
     if base is str:
         if not isinstance(value, str):
             raise UserError(f"config key {key!r} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def check_value(key: str, value: Any) -> Any:
+    """``value`` as config key ``key`` takes it (type-checked, finite, in its range), for
+    readers of values that come from elsewhere than a config (a results table's columns)."""
+    cfg = Config()
+    set_key(cfg, key, value)
+    taken = get_key(cfg, key)
+    rng = RANGES.get(key)
+    if rng is not None and taken not in rng:
+        raise UserError(rng.problem(key, taken))
+    return taken
 
 
 def _number(key: str, text: str, what: str) -> float:
@@ -267,68 +272,122 @@ def _number(key: str, text: str, what: str) -> float:
         raise UserError(f"config key {key!r} must be {what}, got {text!r}") from None
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key may take: ``[low, high]``, either end open if marked."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        def fmt(x: float) -> str:
+            return "2^32" if x == 2**32 else f"{x:g}" if isinstance(x, float) else str(x)
+
+        return f"{'(' if self.low_open else '['}{fmt(self.low)}, {fmt(self.high)}{')' if self.high_open else ']'}"
+
+    def problem(self, key: str, value: float) -> str:
+        """Why ``value`` is refused, e.g. ``optim.lr must be a positive number in (0, 10], got -1.0``."""
+        why = f" ({self.why})" if self.why else ""
+        if self.low == 0 and value <= 0:  # the common slip: a sign
+            need = "a positive number in" if self.low_open else ">= 0, in"
+            return f"{key} must be {need} {self}{why}, got {value}"
+        return f"{key} must be in {self}{why}, got {value}"
+
+
+U32 = 2**32  # seeds and steps key the data's counter-based random words (icl.data.rng)
+
+# Every numeric key and its range: a value from a file, --set or a sweep grid outside it is
+# refused before any work starts. The README's configuration table lists the same ranges
+# (a test keeps them in step). Cross-key rules (classes available, heads dividing the width,
+# checkpoints on evaluations) are checked in validate() below.
+RANGES: dict[str, Range] = {
+    "seed": Range(0, U32, high_open=True),
+    "data.num_classes": Range(4, (N_CHARACTERS - 1) * N_VARIANTS, why="at most the classes left after holdout"),
+    "data.n_holdout": Range(1, N_CHARACTERS - 4, why="characters"),
+    "data.split_seed": Range(0, U32, high_open=True),
+    "data.p_bursty": Range(0.0, 1.0),
+    "data.zipf_exponent": Range(0.0, 10.0, why="0 = uniform"),
+    "data.image_size": Range(8, 105, why="pixels"),
+    "model.layers": Range(1, 256),
+    "model.d_model": Range(2, 8192, why="even"),
+    "model.heads": Range(1, 1024, why="must divide model.d_model"),
+    "model.mlp": Range(1, 65536),
+    "model.max_timescale": Range(1.0, 1e6),
+    "optim.lr": Range(0.0, 10.0, low_open=True),
+    "optim.weight_decay": Range(0.0, 1e6),
+    "optim.warmup_steps": Range(0, U32, high_open=True),
+    "optim.beta1": Range(0.0, 1.0, high_open=True),
+    "optim.beta2": Range(0.0, 1.0, high_open=True),
+    "optim.eps": Range(0.0, 1.0, low_open=True),
+    "train.steps": Range(1, U32, high_open=True),
+    "train.batch_size": Range(1, MAX_ROWS),
+    "train.eval_every": Range(1, U32, high_open=True),
+    "train.checkpoint_every": Range(1, U32, high_open=True, why="a multiple of train.eval_every"),
+    "train.keep_checkpoints": Range(1, 1000),
+    "train.threads": Range(0, 1024, why="0 = torch's default"),
+    "eval.n_sequences": Range(1, MAX_ROWS),
+    "eval.seed": Range(0, U32, high_open=True),
+    "eval.batch_size": Range(1, MAX_ROWS),
+    "eval.ece_bins": Range(1, 1000),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.embedder": ("resnet", "linear", "frozen"),
+    "optim.schedule": ("inverse_sqrt", "constant", "cosine"),
+    "train.precision": PRECISIONS,
+    "train.pack_forward": ("auto", "vmap", "loop"),
+}
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]{0,2}))?")  # cuda:N, N < 1000
+PATH_KEYS = ("data.root", "data.cache_dir")
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
 
 
 def validate(cfg: Config) -> None:
-    """Range checks that make a run impossible or meaningless; messages say how to fix."""
-    d, m, o, t, e = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.eval
-    _require(0 <= cfg.seed < 2**32, f"seed must be in [0, 2^32), got {cfg.seed}")
-    _require(0 <= e.seed < 2**32, f"eval.seed must be in [0, 2^32), got {e.seed}")
-    _require(0.0 <= d.p_bursty <= 1.0, f"data.p_bursty must be in [0, 1], got {d.p_bursty}")
-    _require(d.zipf_exponent >= 0.0, f"data.zipf_exponent must be >= 0, got {d.zipf_exponent}")
+    """Every key in its range or choices, then the rules between keys; messages say how to fix.
+
+    Only what the config alone decides: whether a device exists, a path resolves or the run
+    fits in memory is checked where the run starts (:mod:`icl.machine`)."""
+    for key, rng in RANGES.items():
+        value = get_key(cfg, key)
+        _require(value in rng, rng.problem(key, value))
+    for key, choices in CHOICES.items():
+        value = get_key(cfg, key)
+        _require(value in choices, f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    t = cfg.train
     _require(
-        1 <= d.n_holdout <= N_CHARACTERS - 4,
-        f"data.n_holdout must be in [1, {N_CHARACTERS - 4}] characters, got {d.n_holdout}",
+        DEVICE_PATTERN.fullmatch(t.device) is not None,
+        f"train.device must be auto, cpu, cuda or cuda:N (N = 0, 1, ...), got {t.device!r}",
     )
+    for key in PATH_KEYS:
+        value = get_key(cfg, key)
+        _require(value is None or "\0" not in value, f"{key} must be a path or null, got {value!r}")
+
+    d, m = cfg.data, cfg.model
     available = (N_CHARACTERS - d.n_holdout) * (N_VARIANTS if d.augment else 1)
     _require(
-        4 <= d.num_classes <= available,
+        d.num_classes <= available,
         f"data.num_classes must be in [4, {available}] (classes left after {d.n_holdout} holdout "
         f"characters{' with' if d.augment else ' without'} augmentation), got {d.num_classes}"
         + ("" if d.augment else "; set data.augment=true for up to 12800"),
     )
-    _require(8 <= d.image_size <= 105, f"data.image_size must be in [8, 105] pixels, got {d.image_size}")
-    _require(1 <= e.n_sequences <= MAX_ROWS, f"eval.n_sequences must be in [1, {MAX_ROWS}], got {e.n_sequences}")
-    _require(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
-    _require(e.ece_bins >= 1, f"eval.ece_bins must be >= 1, got {e.ece_bins}")
-    embedders = ("resnet", "linear", "frozen")
-    _require(m.embedder in embedders, f"model.embedder must be one of {', '.join(embedders)}, got {m.embedder!r}")
-    _require(m.layers >= 1, f"model.layers must be >= 1, got {m.layers}")
-    _require(m.d_model >= 2 and m.d_model % 2 == 0, f"model.d_model must be even and >= 2, got {m.d_model}")
-    _require(
-        m.heads >= 1 and m.d_model % m.heads == 0,
-        f"model.heads ({m.heads}) must divide model.d_model ({m.d_model})",
-    )
-    _require(m.mlp >= 1, f"model.mlp must be >= 1, got {m.mlp}")
-    _require(m.max_timescale > 0, f"model.max_timescale must be > 0, got {m.max_timescale}")
-    _require(o.lr > 0 and math.isfinite(o.lr), f"optim.lr must be a positive number, got {o.lr}")
-    _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-    schedules = ("inverse_sqrt", "constant", "cosine")
-    _require(o.schedule in schedules, f"optim.schedule must be one of {', '.join(schedules)}, got {o.schedule!r}")
-    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
-    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
-    _require(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
-    _require(1 <= t.steps < 2**32, f"train.steps must be in [1, 2^32), got {t.steps}")
-    _require(1 <= t.batch_size <= MAX_ROWS, f"train.batch_size must be in [1, {MAX_ROWS}], got {t.batch_size}")
-    _require(t.eval_every >= 1, f"train.eval_every must be >= 1, got {t.eval_every}")
-    _require(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
+    _require(m.d_model % 2 == 0, f"model.d_model must be even and >= 2, got {m.d_model}")
+    _require(m.d_model % m.heads == 0, f"model.heads ({m.heads}) must divide model.d_model ({m.d_model})")
     _require(
         t.checkpoint_every % t.eval_every == 0,
         f"train.checkpoint_every ({t.checkpoint_every}) must be a multiple of train.eval_every ({t.eval_every}): "
         "a checkpoint is saved with the evaluation of its step",
     )
-    _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
-    _require(
-        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
-        f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}",
-    )
-    _require(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
-    _require(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
-    forwards = ("auto", "vmap", "loop")
-    _require(t.pack_forward in forwards, f"train.pack_forward must be one of {', '.join(forwards)}, got {t.pack_forward!r}")
 
 
 # --------------------------------------------------------------------------- paths
@@ -336,8 +395,9 @@ def validate(cfg: Config) -> None:
 
 def data_root(cfg: Config) -> Path:
     """``data.root``, else ``$ICL_DATA_DIR``, else ``data/`` in the checkout; absolute."""
-    root = cfg.data.root or os.environ.get("ICL_DATA_DIR") or str(PROJECT_ROOT / "data")
-    return Path(root).expanduser().resolve()
+    if cfg.data.root:
+        return user_path(cfg.data.root, "data.root")
+    return user_path(os.environ.get("ICL_DATA_DIR") or PROJECT_ROOT / "data", "ICL_DATA_DIR")
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -345,8 +405,9 @@ def cache_dir(cfg: Config) -> Path:
 
     Not under the data root: a shared dataset folder is often read-only.
     """
-    d = cfg.data.cache_dir or os.environ.get("ICL_CACHE_DIR") or "~/.cache/icl"
-    return Path(d).expanduser().resolve()
+    if cfg.data.cache_dir:
+        return user_path(cfg.data.cache_dir, "data.cache_dir")
+    return user_path(os.environ.get("ICL_CACHE_DIR") or "~/.cache/icl", "ICL_CACHE_DIR")
 
 
 def science_dict(cfg: Config) -> dict[str, Any]:
@@ -368,6 +429,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "build_config",
+    "check_value",
     "load_config",
     "config_from_dict",
     "parse_overrides",

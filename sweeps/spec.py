@@ -50,6 +50,7 @@ from icl.config import (
     valid_keys,
 )
 from icl.errors import UserError
+from icl.inputs import user_path
 
 SPEC_DIR = Path(__file__).resolve().parent
 DEFAULT_STORAGE = "experiments"
@@ -70,6 +71,7 @@ SPEC_KEYS = (
 RESOURCE_KEYS = ("cpu", "gpu")
 CHECKPOINT_KEYS = ("num_to_keep",)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAX_COUNT = 1_000_000  # every count and resource of a spec is finite and at most this
 
 
 @dataclass(frozen=True)
@@ -138,8 +140,10 @@ def shipped_specs() -> list[str]:
 
 def resolve_spec_path(name_or_path: str) -> Path:
     """A path to a YAML file, or the name of a spec shipped in ``sweeps/`` (``smoke``)."""
-    path = Path(name_or_path).expanduser()
+    path = user_path(name_or_path, "sweep spec")
     if path.suffix in (".yaml", ".yml") or path.exists() or "/" in name_or_path:
+        if path.exists() and not path.is_file():
+            raise UserError(f"sweep spec {path} is not a regular file (a folder, device or pipe); give a .yaml file")
         if not path.is_file():
             raise UserError(f"sweep spec {path} does not exist (shipped specs: {', '.join(shipped_specs())})")
         return path.resolve()
@@ -213,22 +217,25 @@ def parse_spec(
     resources = _resources(raw.get("resources"), where)
     max_concurrent = raw.get("max_concurrent")
     if max_concurrent is not None and not _is_int(max_concurrent, minimum=1):
-        raise UserError(f"{where}: max_concurrent must be an integer >= 1 or null, got {max_concurrent!r}")
+        raise UserError(f"{where}: max_concurrent must be an integer >= 1 (at most {MAX_COUNT}) or null, "
+                        f"got {max_concurrent!r}")
     max_failures = raw.get("max_failures", 2)
     if not _is_int(max_failures, minimum=0):
-        raise UserError(f"{where}: max_failures (retries per trial) must be an integer >= 0, got {max_failures!r}")
+        raise UserError(f"{where}: max_failures (retries per trial) must be an integer >= 0 (at most {MAX_COUNT}), "
+                        f"got {max_failures!r}")
     ckpt = _mapping(raw.get("checkpoint"), f"{where}: checkpoint", flat=False)
     bad = sorted(set(ckpt) - set(CHECKPOINT_KEYS))
     if bad:
         raise UserError(f"{where}: unknown checkpoint key(s) {', '.join(bad)}; valid: {', '.join(CHECKPOINT_KEYS)}")
     keep = ckpt.get("num_to_keep")
     if keep is not None and not _is_int(keep, minimum=1):
-        raise UserError(f"{where}: checkpoint.num_to_keep must be an integer >= 1 or null (all), got {keep!r}")
+        raise UserError(f"{where}: checkpoint.num_to_keep must be an integer >= 1 (at most {MAX_COUNT}) or null "
+                        f"(all), got {keep!r}")
     pack = raw.get("pack", 1)
     if not _is_int(pack, minimum=1):
         raise UserError(
             f"{where}: pack must be an integer >= 1 (models trained together in one trial; 1 = one "
-            f"model per trial), got {pack!r}"
+            f"model per trial; at most {MAX_COUNT}), got {pack!r}"
         )
 
     spec_storage = storage if storage is not None else raw.get("storage", DEFAULT_STORAGE)
@@ -239,6 +246,7 @@ def parse_spec(
             f"storage {spec_storage!r} is a URI; the trainer writes run directories with plain file "
             "I/O, so give a (shared) filesystem path"
         )
+    user_path(spec_storage, f"{where}: storage")  # refused now if it cannot name a folder
 
     spec = SweepSpec(
         name=spec_name,
@@ -269,9 +277,10 @@ def _base(raw: dict[str, Any], source: Path | None, where: str) -> tuple[str | N
     if base is None:
         raise UserError(f"{where}: missing `base:` (a preset: {', '.join(presets())}; or a config .yaml path)")
     if base.endswith((".yaml", ".yml")) or "/" in base:
-        path = Path(base).expanduser()
-        if not path.is_absolute() and source is not None:
+        path = Path(base)
+        if not base.startswith("~") and not path.is_absolute() and source is not None:
             path = source.parent / path
+        path = user_path(path, f"{where}: base config file")
         if not path.is_file():
             raise UserError(f"{where}: base config file {path} does not exist")
         base = str(path.resolve())
@@ -304,9 +313,11 @@ def _resources(raw: Any, where: str) -> Resources:
         raise UserError(f"{where}: unknown resources key(s) {', '.join(bad)}; valid: cpu, gpu")
     cpu, gpu = res.get("cpu", 1), res.get("gpu", 0)
     if not _is_number(cpu) or cpu <= 0:
-        raise UserError(f"{where}: resources.cpu must be a number > 0 (CPUs per trial), got {cpu!r}")
+        raise UserError(f"{where}: resources.cpu must be a number > 0 (CPUs per trial, at most {MAX_COUNT}), "
+                        f"got {cpu!r}")
     if not _is_number(gpu) or gpu < 0:
-        raise UserError(f"{where}: resources.gpu must be a number >= 0 (GPUs per trial), got {gpu!r}")
+        raise UserError(f"{where}: resources.gpu must be a number >= 0 (GPUs per trial, at most {MAX_COUNT}), "
+                        f"got {gpu!r}")
     if gpu > 1 and not float(gpu).is_integer():
         raise UserError(f"{where}: resources.gpu above 1 must be a whole number (Ray's rule), got {gpu!r}")
     return Resources(cpu=float(cpu), gpu=float(gpu))
@@ -340,11 +351,11 @@ def _near(key: str, keys: set[str]) -> str:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= MAX_COUNT
 
 
 def _is_int(v: Any, *, minimum: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+    return isinstance(v, int) and not isinstance(v, bool) and minimum <= v <= MAX_COUNT
 
 
 # --------------------------------------------------------------------------- trials
@@ -356,7 +367,10 @@ def merged_flat(spec: SweepSpec) -> dict[str, Any]:
 
 
 def expand(spec: SweepSpec) -> list[TrialSpec]:
-    """The trials in grid order; builds and validates every trial's config now, before Ray."""
+    """The trials in grid order; builds and validates every trial's config now, before Ray,
+    with the checks a trial makes when it starts (config ranges, the model fitting in memory)."""
+    from icl.machine import check_model_fits_host  # imports torch: only once there are trials
+
     keys = list(spec.grid)
     points = list(product(*(spec.grid[k] for k in keys)))
     width = max(3, len(str(len(points) - 1)))
@@ -368,6 +382,7 @@ def expand(spec: SweepSpec) -> list[TrialSpec]:
         trial_id = f"t{index:0{width}d}"
         try:
             cfg = build_config(spec.base_config, {**spec.overrides, **point})
+            check_model_fits_host(cfg)
         except UserError as e:
             raise UserError(f"trial {trial_id} ({_fmt_point(point)}): {e}") from None
         coerced = {k: get_key(cfg, k) for k in keys}

@@ -12,9 +12,14 @@ Both are plain ``os.environ`` entries, so subprocesses (``icl-data``, ``icl-trai
 inherit them.
 
 Fixtures: ``omniglot_dir`` (Path of the data), ``session_cache_dir`` (Path of the cache),
-and ``omniglot_subset(n_background, n_evaluation)``: a folder holding a small npz pair of
+``omniglot_subset(n_background, n_evaluation)``: a folder holding a small npz pair of
 real data (the first characters of each file, written once per session per size) for fast
-tests of the loaders; give it ``data.n_holdout`` < the character count.
+tests of the loaders; give it ``data.n_holdout`` < the character count and
+``data.custom=true`` (it is not the whole of Omniglot); and ``tmpfs(size, read_only)``: a
+small file system of its own (tests/disk_helpers.py), for full-disk and read-only tests.
+
+Hypothesis runs derandomized (the same examples on every run, as CI needs) unless
+``HYPOTHESIS_PROFILE=explore`` asks for fresh random ones.
 """
 
 from __future__ import annotations
@@ -25,6 +30,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from disk_helpers import mount_tmpfs, unmount
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", derandomize=True, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("explore", deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "omniglot"
@@ -87,3 +100,24 @@ def omniglot_subset(omniglot_dir, tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def tmpfs(tmp_path_factory):
+    """``make(size="4m", read_only=False) -> Path``: a fresh tmpfs, unmounted after the test.
+    Skipped with the reason where none can be mounted (fails instead with ICL_REQUIRE_TMPFS=1)."""
+    mounted: list[Path] = []
+
+    def make(size: str = "4m", read_only: bool = False) -> Path:
+        target = tmp_path_factory.mktemp("tmpfs")
+        reason = mount_tmpfs(target, size, read_only)
+        if reason:
+            if os.environ.get("ICL_REQUIRE_TMPFS") == "1":
+                pytest.fail(f"ICL_REQUIRE_TMPFS=1 but {reason}")
+            pytest.skip(reason)
+        mounted.append(target)
+        return target
+
+    yield make
+    for target in mounted:
+        unmount(target)

@@ -320,3 +320,78 @@ def test_data_root_and_cache_dir_precedence(monkeypatch, tmp_path: Path):
     # relative paths come back absolute
     monkeypatch.chdir(tmp_path)
     assert data_root(load_config("tiny", ["data.root=rel"])) == tmp_path / "rel"
+
+
+# --------------------------------------------------------------------------- every key's range
+
+
+def _numeric_keys() -> dict[str, type]:
+    from typing import get_type_hints
+
+    cfg, out = Config(), {}
+    for key in valid_keys():
+        *parents, name = key.split(".")
+        obj = cfg
+        for part in parents:
+            obj = getattr(obj, part)
+        hint = get_type_hints(type(obj))[name]
+        if hint in (int, float):
+            out[key] = hint
+    return out
+
+
+def test_every_numeric_key_has_a_range_documented_in_the_readme():
+    from icl.config import RANGES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert set(_numeric_keys()) == set(RANGES)
+    for key, rng in RANGES.items():
+        assert f"| `{key}` | {rng}" in readme, f"README lacks the range of {key} ({rng})"
+
+
+@pytest.mark.parametrize("key", [k for k, t in _numeric_keys().items() if t is float])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", ".inf", "1e400", "1" + "0" * 400])
+def test_no_float_key_takes_a_non_finite_value(key, value):
+    msg = err("tiny", [f"{key}={value}"])
+    assert key in msg and "finite" in msg
+
+
+@pytest.mark.parametrize("key", sorted(_numeric_keys()))
+def test_values_just_outside_each_range_are_refused(key):
+    from icl.config import RANGES
+
+    rng, step = RANGES[key], (1 if _numeric_keys()[key] is int else 1e-9)
+    below = rng.low if rng.low_open else rng.low - step
+    above = rng.high if rng.high_open else rng.high + max(step, abs(rng.high) * 1e-9)
+    for value in (below, above):
+        assert key in err("tiny", {key: value})
+
+
+def test_issue_examples_are_refused():
+    assert "optim.eps" in err("tiny", ["optim.eps=.inf"])
+    assert "model.max_timescale" in err("tiny", ["model.max_timescale=inf"])
+    assert "data.zipf_exponent" in err("tiny", ["data.zipf_exponent=inf"])
+    assert "model.mlp" in err("tiny", ["model.mlp=1000000000000"])
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_device_names_accepted(device):
+    assert build_config("tiny", {"train.device": device}).train.device == device
+
+
+@pytest.mark.parametrize("device", ["cudaX", "cuda:-1", "cuda:01", "cuda:", "CPU", "cuda:1000", "mps", " cpu"])
+def test_device_names_refused(device):
+    assert "train.device" in err("tiny", {"train.device": device})
+
+
+def test_path_with_a_nul_byte_is_refused():
+    assert "data.root" in err("tiny", {"data.root": "/a\0b"})
+
+
+def test_sweep_grid_values_are_checked_before_any_trial():
+    from sweeps.spec import expand, parse_spec
+
+    spec = parse_spec({"name": "x", "base": "tiny", "grid": {"optim.weight_decay": [float("inf"), 0.0]}}, storage="/tmp")
+    with pytest.raises(UserError) as e:
+        expand(spec)
+    assert "trial t000" in str(e.value) and "optim.weight_decay" in str(e.value) and "finite" in str(e.value)

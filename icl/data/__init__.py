@@ -65,7 +65,7 @@ class StudyData:
 
 
 def load_data(cfg: Config, device: torch.device | str = "cpu") -> StudyData:
-    images, source = load_images(data_root(cfg), cache_dir(cfg), cfg.data.image_size)
+    images, source = load_images(data_root(cfg), cache_dir(cfg), cfg.data.image_size, cfg.data.custom)
     n_chars = images.shape[0]
     d = cfg.data
     if d.n_holdout + 4 > n_chars:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from icl.config import Config, cache_dir, data_root, load_config
+from icl.config import MAX_ROWS, U32, Config, cache_dir, data_root, load_config
 from icl.data import load_data
 from icl.data.omniglot import cache_paths, download, find_source
 from icl.errors import ArgumentParser, UserError, cli_entry
-from icl.io import atomic_write
+from icl.inputs import user_path
+from icl.io import all_or_nothing, atomic_write, check_writable
 
 
 def _add_config_args(p: ArgumentParser, required: bool = False) -> None:
@@ -85,21 +86,22 @@ def prepare(cfg: Config) -> int:
 
 
 def sample(cfg: Config, split: str, n: int, step: int, out: Path, png: Path | None) -> int:
-    if n < 1:
-        raise UserError(f"-n must be >= 1, got {n}")
-    if step < 0:
-        raise UserError(f"--step must be >= 0, got {step}")
-    for path in (out, png):
-        if path is not None and not path.parent.exists():
-            raise UserError(f"output folder {path.parent} does not exist: create it first")
+    """Write the sequences (and their picture) together, or nothing: both outputs are checked
+    before the data is loaded, and written as one :func:`all_or_nothing` group."""
+    if not 1 <= n <= MAX_ROWS:
+        raise UserError(f"-n must be in [1, {MAX_ROWS}] sequences, got {n}")
+    if not 0 <= step < U32:
+        raise UserError(f"--step must be in [0, 2^32), got {step}")
+    if split != "train" and n > cfg.eval.n_sequences:
+        raise UserError(f"-n {n} exceeds the {cfg.eval.n_sequences} sequences of the fixed evaluation "
+                        f"set; raise eval.n_sequences")
+    out = check_writable(user_path(out, "--out"), "--out")
+    if png is not None:
+        png = check_writable(user_path(png, "--png"), "--png")
+        if png == out:
+            raise UserError(f"--png and --out are the same file {out}; give two names")
     data = load_data(cfg)
-    if split == "train":
-        seqs = data.train_batch(step, n)
-    else:
-        if n > cfg.eval.n_sequences:
-            raise UserError(f"-n {n} exceeds the {cfg.eval.n_sequences} sequences of the fixed evaluation "
-                            f"set; raise eval.n_sequences")
-        seqs = getattr(data.eval_sets, split)[:n]
+    seqs = data.train_batch(step, n) if split == "train" else getattr(data.eval_sets, split)[:n]
     arrays = {
         "classes": seqs.classes.numpy(),
         "labels": seqs.labels.numpy(),
@@ -109,10 +111,13 @@ def sample(cfg: Config, split: str, n: int, step: int, out: Path, png: Path | No
     }
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    atomic_write(out, buf.getvalue())
+    picture = draw_sequences(data, seqs, split, cfg) if png is not None else None
+    with all_or_nothing():
+        atomic_write(out, buf.getvalue())
+        if png is not None:
+            atomic_write(png, picture)
     print(f"wrote {n} {split} sequences to {out}")
     if png is not None:
-        atomic_write(png, draw_sequences(data, seqs, split, cfg))
         print(f"wrote {png}")
     return 0
 

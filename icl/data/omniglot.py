@@ -8,6 +8,12 @@ Sources, tried in this order under the data root:
    (what ``torchvision.datasets.Omniglot(download=True)`` leaves behind).
 ``icl-data prepare`` downloads (2) with torchvision on a machine with internet.
 
+The data must be what Omniglot is (:func:`check_dataset`, before the cache is consulted):
+964 + 659 characters x 20 drawers of 105 x 105 binary images, with the npz files' labels
+numbering the characters. Anything else is refused with what was found, unless the config
+says ``data.custom: true``: then any number of characters is accepted (labels optional), but
+the images must still be bool ``[n, 20, 105, 105]``, the only form the loader reads.
+
 Either way characters come out in global id order 0..1622 (background then evaluation, as
 the file names number them), drawers 0..19, as uint8 ink intensity (0 = paper, 255 = ink),
 resized to ``image_size``. Ink-as-signal keeps the tensors sparse and the embedders' input
@@ -25,6 +31,7 @@ import hashlib
 import json
 import re
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +41,14 @@ import torch.nn.functional as F
 
 from icl.config import N_DRAWERS
 from icl.errors import UserError
+from icl.inputs import read_text
 from icl.io import atomic_write
 
 NPZ_FILES = ("images_background.npz", "images_evaluation.npz")
 TV_DIR = "omniglot-py"
 TV_SPLITS = ("images_background", "images_evaluation")
+OMNIGLOT_CHARACTERS = (964, 659)  # background, evaluation: 1623 in all
+CUSTOM_HINT = "if this is meant to be a custom dataset, set data.custom=true"
 CACHE_FORMAT = 1
 RAW_SIZE = 105
 _PNG_NAME = re.compile(r"^(\d{4})_(\d{2})\.png$")
@@ -88,7 +98,7 @@ def _npz_fingerprint(root: Path) -> str:
     sums = root / "SHA256SUMS"
     if sums.is_file():
         expected = {}
-        for line in sums.read_text().splitlines():
+        for line in read_text(sums, "checksum file").splitlines():
             parts = line.split()
             if len(parts) == 2:
                 expected[parts[1].lstrip("*")] = parts[0]
@@ -111,6 +121,95 @@ def _png_fingerprint(tv: Path) -> str:
     return h.hexdigest()
 
 
+# --------------------------------------------------------------------------- is it Omniglot?
+
+
+@dataclass(frozen=True)
+class NpzLayout:
+    """What an npz file of the pair holds, read from its array headers (and its small labels)."""
+
+    path: Path
+    shape: tuple[int, ...]  # of 'images'
+    dtype: np.dtype
+    labels: np.ndarray | None  # None if the file has no 'labels'
+
+
+def _header(zf: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype]:
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with zf.open(member) as fh:
+        version = np.lib.format.read_magic(fh)
+        if version not in readers:
+            raise ValueError(f"npy format version {version} is not supported")
+        shape, _, dtype = readers[version](fh)  # the header only, not the data
+    return tuple(shape), np.dtype(dtype)
+
+
+def npz_layout(path: Path) -> NpzLayout:
+    """The layout of one npz file without decompressing its images; UserError if unreadable."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            if "images.npy" not in names:
+                raise UserError(f"{path} holds no array 'images' (it has {', '.join(sorted(names)) or 'nothing'}); "
+                                "replace it with a good copy")
+            shape, dtype = _header(zf, "images.npy")
+            labels = None
+            if "labels.npy" in names:
+                with zf.open("labels.npy") as fh:
+                    labels = np.lib.format.read_array(fh, allow_pickle=False)
+    except UserError:
+        raise
+    except Exception as e:  # zipfile, zlib, numpy's header parser: a damaged or foreign file
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}): replace it with a good copy") from None
+    return NpzLayout(path, shape, dtype, labels)
+
+
+def check_npz_format(layout: NpzLayout) -> None:
+    """The form the loader reads: bool images ``[n, 20, 105, 105]`` (True = paper)."""
+    if layout.dtype != np.bool_ or len(layout.shape) != 4 or layout.shape[1:] != (N_DRAWERS, RAW_SIZE, RAW_SIZE):
+        raise UserError(
+            f"{layout.path}: array 'images' is {layout.dtype} with shape {list(layout.shape)}, expected bool "
+            f"[n, 20, 105, 105] (True = paper)"
+        )
+
+
+def _check_npz_identity(layout: NpzLayout, expected: int, custom: bool) -> None:
+    n, labels = layout.shape[0], layout.labels
+    if labels is not None and (labels.shape != (n, N_DRAWERS) or labels.dtype.kind not in "iu"):
+        raise UserError(f"{layout.path}: array 'labels' is {labels.dtype} with shape {list(labels.shape)}, "
+                        f"expected integers [{n}, 20] (the character of each image)")
+    if custom:
+        return
+    problem = None
+    if n != expected:
+        problem = f"holds {n} characters, but Omniglot's {layout.path.stem.split('_')[-1]} set has {expected}"
+    elif labels is None:
+        problem = "has no array 'labels'"
+    elif not np.array_equal(labels, np.repeat(np.arange(n), N_DRAWERS).reshape(n, N_DRAWERS)):
+        row = int(np.flatnonzero((labels != np.arange(n)[:, None]).any(axis=1))[0])
+        problem = f"labels character {row} as {sorted(set(labels[row].tolist()))[:3]}, not {row}"
+    if problem:
+        raise UserError(f"{layout.path} {problem}; {CUSTOM_HINT}")
+
+
+def check_dataset(source: Source, custom: bool = False) -> None:
+    """Refuse data that is readable but not Omniglot (964 + 659 characters x 20 drawers of
+    105 x 105 binary images), saying what was found; ``custom`` accepts other character counts."""
+    if source.kind == "npz":
+        for name, expected in zip(NPZ_FILES, OMNIGLOT_CHARACTERS):
+            layout = npz_layout(source.root / name)
+            check_npz_format(layout)
+            _check_npz_identity(layout, expected, custom)
+        return
+    if custom:
+        return
+    tv = source.root / TV_DIR
+    for split, expected in zip(TV_SPLITS, OMNIGLOT_CHARACTERS):
+        ids = {m.group(1) for p in (tv / split).glob("*/*/*.png") if (m := _PNG_NAME.match(p.name))}
+        if len(ids) != expected:
+            raise UserError(f"{tv / split} holds {len(ids)} characters, but Omniglot's has {expected}; {CUSTOM_HINT}")
+
+
 # --------------------------------------------------------------------------- decoding
 
 
@@ -125,14 +224,13 @@ def _read_npz(root: Path) -> np.ndarray:
     parts = []
     for name in NPZ_FILES:
         path = root / name
+        check_npz_format(npz_layout(path))
         try:
             with np.load(path) as z:
                 images = z["images"]
-        except Exception as e:  # zipfile/pickle/KeyError: a damaged or foreign file
+        except Exception as e:  # zipfile/zlib: a damaged file whose header was intact
             raise UserError(f"cannot read {path} ({type(e).__name__}: {e}): replace it with a good copy") from None
-        if images.ndim != 4 or images.shape[1:] != (N_DRAWERS, RAW_SIZE, RAW_SIZE):
-            raise UserError(f"{path}: array 'images' has shape {images.shape}, expected [n, 20, 105, 105]")
-        parts.append(~images.astype(bool))
+        parts.append(~images)
     return np.concatenate(parts)
 
 
@@ -212,9 +310,11 @@ def _read_cache(npy: Path, meta_path: Path, source: Source, image_size: int) -> 
     return None
 
 
-def load_images(root: Path, cache: Path, image_size: int) -> tuple[np.ndarray, Source]:
-    """uint8 ``[n_chars, 20, S, S]`` ink images, from the verified cache or built into it."""
+def load_images(root: Path, cache: Path, image_size: int, custom: bool = False) -> tuple[np.ndarray, Source]:
+    """uint8 ``[n_chars, 20, S, S]`` ink images, from the verified cache or built into it;
+    the data is checked to be Omniglot first (``custom``: any number of characters)."""
     source = find_source(root)
+    check_dataset(source, custom)
     npy, meta_path = cache_paths(cache, source, image_size)
     array = _read_cache(npy, meta_path, source, image_size)
     if array is not None:

@@ -21,6 +21,7 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from icl.config import CONTEXT_LEN, SEQ_LEN, Config, ModelConfig
+from icl.machine import check_model_fits_host
 from icl.model.embedders import make_embedder
 
 N_TOKENS = 2 * CONTEXT_LEN + 1  # 17
@@ -106,5 +107,7 @@ class SequenceModel(nn.Module):
 
 def build_model(cfg: Config, vocab: int | None = None) -> SequenceModel:
     """The model for a config; parameters are initialised from ``torch``'s global RNG, which
-    the trainer seeds from ``cfg.seed`` first."""
+    the trainer seeds from ``cfg.seed`` first. A model whose training state cannot fit in
+    this machine's memory is refused before anything is allocated."""
+    check_model_fits_host(cfg)
     return SequenceModel(cfg.model, cfg.data.image_size, vocab or cfg.data.num_classes)

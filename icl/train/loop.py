@@ -239,7 +239,7 @@ class Segment:
 
     def evaluate(self, step: int, since: int, alive: list[int], loss_sum: torch.Tensor, correct_sum: torch.Tensor,
                  train_s: float) -> list[int]:
-        """Everything between two segments: divergence, evaluation, rows, checkpoints, progress,
+        """Everything between two stretches of training: divergence, evaluation, rows, checkpoints, progress,
         ``on_eval``. Returns the models still alive."""
         t = self.train_cfg
         losses = [x / since for x in loss_sum.tolist()]  # the one host sync per evaluation

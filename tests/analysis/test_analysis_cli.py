@@ -121,7 +121,35 @@ def _bad(tmp_path: Path, kind: str, df: pd.DataFrame) -> list[str]:
     elif kind == "bad_threshold":
         df.to_csv(exp / "results.csv", index=False)
         return [str(exp), "--threshold", "1.5"]
+    elif kind in _MUTATIONS:
+        column, value = _MUTATIONS[kind]
+        bad = df.astype({column: object})
+        bad.loc[3, column] = value
+        bad.to_csv(exp / "results.csv", index=False)
+    elif kind == "spec_grid_inf":
+        df.to_csv(exp / "results.csv", index=False)
+        (exp / "spec.yaml").write_text("base: tiny\ngrid:\n  optim.weight_decay: [0.0, .inf]\n")
+    elif kind == "run_config_inf":
+        df[df["trial_id"] == df["trial_id"].iloc[0]].drop(columns=[CLASSES, WD, SEED]).to_csv(
+            exp / "metrics.csv", index=False)
+        (exp / "config.yaml").write_text("seed: 0\ndata:\n  num_classes: .inf\n")
+    elif kind.startswith("out_"):
+        df.to_csv(exp / "results.csv", index=False)
+        (tmp_path / "file").write_text("")
+        out = {"out_is_a_file": tmp_path / "file", "out_under_a_file": tmp_path / "file" / "r",
+               "out_in_proc": Path("/proc/icl-report")}[kind]
+        return [str(exp), "--out", str(out)]
     return [str(exp)]
+
+
+_MUTATIONS = {  # a results.csv cell no trainer writes
+    "infinite_step": ("step", "1e309"),
+    "infinite_classes": (CLASSES, "inf"),
+    "huge_classes": (CLASSES, "1e20"),
+    "fractional_step": ("step", "1.5"),
+    "accuracy_above_one": ("icl_acc", "1.5"),
+    "infinite_metric": ("train_loss", "-inf"),
+}
 
 
 BAD = [
@@ -134,6 +162,17 @@ BAD = [
     ("two_paths_no_out", "--out"),
     ("bad_flag", "invalid float value"),
     ("bad_threshold", "--threshold must be between 0 and 1"),
+    ("infinite_step", "line 5: column step holds inf; it must be a whole number"),
+    ("infinite_classes", "line 5: column data.num_classes holds inf; it must be finite"),
+    ("huge_classes", "line 5: data.num_classes must be in [4, 12976]"),
+    ("fractional_step", "column step holds 1.5"),
+    ("accuracy_above_one", "column icl_acc holds 1.5; it must be in [0, 1]"),
+    ("infinite_metric", "column train_loss holds -inf; it must be finite"),
+    ("spec_grid_inf", "the grid of"),
+    ("run_config_inf", "data.num_classes"),
+    ("out_is_a_file", "exists and is not a folder"),
+    ("out_under_a_file", "is a file, not a folder"),
+    ("out_in_proc", "cannot write --out /proc/icl-report"),
 ]
 
 
@@ -164,3 +203,12 @@ def test_bad_input_in_process_exit_2(tmp_path, capsys, grid_one_pass, kind, word
     assert exc.value.code == 2
     _check_one_error_line(capsys.readouterr().err, words)
     assert sorted(tmp_path.rglob("*")) == files_before
+
+
+def test_out_on_a_read_only_file_system(tmp_path, capsys, grid_one_pass, tmpfs):
+    ro = tmpfs("64k", read_only=True)
+    grid_one_pass.to_csv(tmp_path / "results.csv", index=False)
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path), "--out", str(ro / "report")])
+    assert exc.value.code == 2
+    _check_one_error_line(capsys.readouterr().err, "read-only")

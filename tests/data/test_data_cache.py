@@ -1,4 +1,6 @@
-"""The decoded-image cache: built once, reused, keyed by its source, never used when damaged."""
+"""The decoded-image cache: built once, reused, keyed by its source, never used when damaged.
+
+The small real-data pairs are not the whole of Omniglot, so they load with ``custom=True``."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def expected(small_npz) -> np.ndarray:
 @pytest.fixture
 def built(small_npz, tmp_path, capsys):
     """A fresh cache (28 px) of the small pair in tmp_path; returns (npy, json) paths."""
-    load_images(small_npz, tmp_path, 28)
+    load_images(small_npz, tmp_path, 28, custom=True)
     assert capsys.readouterr().err == ""
     npy, meta = cache_paths(tmp_path, find_source(small_npz), 28)
     assert npy.is_file() and meta.is_file()
@@ -49,7 +51,7 @@ def test_built_once_then_reused(small_npz, tmp_path, built, expected, monkeypatc
     stat = npy.stat(), meta.stat()
     no_rebuild(monkeypatch)
     for _ in range(2):
-        images, source = load_images(small_npz, tmp_path, 28)
+        images, source = load_images(small_npz, tmp_path, 28, custom=True)
         np.testing.assert_array_equal(images, expected)
     assert capsys.readouterr().err == ""
     assert (npy.stat().st_mtime_ns, npy.stat().st_ino) == (stat[0].st_mtime_ns, stat[0].st_ino)
@@ -62,14 +64,14 @@ def test_built_once_then_reused(small_npz, tmp_path, built, expected, monkeypatc
 
 def test_cache_keyed_by_size_and_source(small_npz, tmp_path, built, monkeypatch):
     npy, _ = built
-    load_images(small_npz, tmp_path, 14)
+    load_images(small_npz, tmp_path, 14, custom=True)
     assert len(list(tmp_path.glob("*.npy"))) == 2  # one entry per image size
     # other data (here: one character fewer) gets its own entry, never the old one
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(small_npz / NPZ_FILES[0], other / NPZ_FILES[0])
     np.savez_compressed(other / NPZ_FILES[1], images=np.load(small_npz / NPZ_FILES[1])["images"][:2])
-    images, _ = load_images(other, tmp_path, 28)
+    images, _ = load_images(other, tmp_path, 28, custom=True)
     assert images.shape[0] == N_BG + 2
     assert cache_paths(tmp_path, find_source(other), 28)[0] != npy
 
@@ -112,13 +114,13 @@ def test_damaged_array_is_reported_and_rebuilt(small_npz, tmp_path, built, expec
     npy, meta = built
     good = npy.read_bytes()
     damage(npy)
-    images, _ = load_images(small_npz, tmp_path, 28)
+    images, _ = load_images(small_npz, tmp_path, 28, custom=True)
     err = capsys.readouterr().err
     assert err.startswith("warning:") and str(npy) in err and "rebuilding" in err
     np.testing.assert_array_equal(images, expected)  # the rebuilt array, not the damaged one
     assert npy.read_bytes() == good
     # and the rebuilt entry is trusted again next time
-    load_images(small_npz, tmp_path, 28)
+    load_images(small_npz, tmp_path, 28, custom=True)
     assert capsys.readouterr().err == ""
 
 
@@ -126,7 +128,7 @@ def test_damaged_array_is_reported_and_rebuilt(small_npz, tmp_path, built, expec
 def test_damaged_sidecar_is_reported_and_rebuilt(small_npz, tmp_path, built, expected, capsys, text):
     npy, meta = built
     meta.write_text(text)
-    images, _ = load_images(small_npz, tmp_path, 28)
+    images, _ = load_images(small_npz, tmp_path, 28, custom=True)
     err = capsys.readouterr().err
     assert err.startswith("warning:") and "rebuilding" in err
     np.testing.assert_array_equal(images, expected)
@@ -138,14 +140,14 @@ def test_sidecar_of_other_data_is_not_trusted(small_npz, tmp_path, built, capsys
     m = json.loads(meta.read_text())
     m["source"] = "0" * 64
     meta.write_text(json.dumps(m))
-    load_images(small_npz, tmp_path, 28)
+    load_images(small_npz, tmp_path, 28, custom=True)
     assert "other data" in capsys.readouterr().err
 
 
 def test_array_swapped_for_another_valid_array(small_npz, tmp_path, built, expected, capsys):
     npy, meta = built
     np.save(npy, np.zeros_like(expected))  # a well-formed .npy, right shape, wrong content
-    images, _ = load_images(small_npz, tmp_path, 28)
+    images, _ = load_images(small_npz, tmp_path, 28, custom=True)
     assert "checksum" in capsys.readouterr().err
     np.testing.assert_array_equal(images, expected)
 
@@ -154,4 +156,4 @@ def test_unwritable_cache_is_a_user_error(small_npz, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache folder should be")
     with pytest.raises(og.UserError, match="ICL_CACHE_DIR"):
-        load_images(small_npz, blocker / "cache", 28)
+        load_images(small_npz, blocker / "cache", 28, custom=True)

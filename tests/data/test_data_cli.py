@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 import subprocess
 import sys
@@ -220,7 +221,7 @@ def test_corrupt_data_file(capsys, tmp_path, monkeypatch, omniglot_dir, damage, 
 def test_corrupt_cache_is_rebuilt_with_a_warning(capsys, tmp_path, omniglot_subset):
     # a small real-data pair (90 + 2 characters) keeps the rebuild cheap
     argv = ["info", "--config", "tiny", "--set", f"data.root={omniglot_subset(90, 2)}",
-            "--set", f"data.cache_dir={tmp_path}", "--set", "data.n_holdout=10"]
+            "--set", f"data.cache_dir={tmp_path}", "--set", "data.n_holdout=10", "--set", "data.custom=true"]
     code, out, err = run(capsys, *argv)
     assert code == 0 and err == "" and "92 x 20 drawers" in out
     npy = Path(out.split("cache:")[1].strip())
@@ -256,3 +257,79 @@ def test_console_script(tmp_path):
     assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: data.p_bursty")
     assert "Traceback" not in bad.stderr
     assert out.read_bytes() == b"precious"
+
+
+# --------------------------------------------------------------------------- outputs and sizes
+
+
+@pytest.mark.parametrize(
+    "flag, value, words",
+    [
+        ("--out", "{tmp}", ["--out", "is a folder"]),
+        ("--png", "{tmp}", ["--png", "is a folder"]),
+        ("--out", "/proc/icl.npz", ["/proc/icl.npz", "cannot write"]),
+        ("--out", "{tmp}/existing.npz/x.npz", ["does not exist"]),
+        ("--png", "{tmp}/existing.npz", ["same file"]),
+        ("--out", "~nosuchuser_icl/x.npz", ["no such user"]),
+        ("-n", "1000001", ["-n", "1000000"]),
+        ("-n", "99999999999999999999", ["-n"]),
+        ("--step", str(2**32), ["--step", "2^32"]),
+    ],
+)
+def test_outputs_and_sizes_are_checked_before_work(capsys, tmp_path, monkeypatch, flag, value, words):
+    import icl.data.cli as cli
+
+    monkeypatch.setattr(cli, "load_data", lambda cfg: pytest.fail("loaded the data before checking the outputs"))
+    out = tmp_path / "existing.npz"
+    out.write_bytes(b"precious")
+    opts = {"--config": "tiny", "--split": "train", "-n": "4", "--out": str(out), "--png": str(tmp_path / "p.png")}
+    opts[flag] = value.format(tmp=tmp_path)
+    code, _, err = run(capsys, "sample", *[x for kv in opts.items() for x in kv])
+    assert_user_error(code, err, *words)
+    assert out.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == ["existing.npz"]
+
+
+def test_read_only_output_is_refused_before_work(capsys, tmpfs):
+    ro = tmpfs("64k", read_only=True)
+    code, _, err = run(capsys, "sample", "--config", "tiny", "--split", "iwl", "-n", "2", "--out", str(ro / "x.npz"))
+    assert_user_error(code, err, str(ro / "x.npz"), "read-only")
+
+
+def test_a_failed_png_leaves_no_npz(capsys, tmp_path, monkeypatch):
+    """The picture and the sequences are one result: if the PNG cannot be written, the npz
+    is not either, and an existing npz keeps its content."""
+    import icl.io
+
+    out, png = tmp_path / "s.npz", tmp_path / "s.png"
+    out.write_bytes(b"precious")
+    real = icl.io._write_payload
+
+    def refuse_png(fd, tmp, data):
+        if tmp.name.startswith(".s.png."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, tmp, data)
+
+    monkeypatch.setattr(icl.io, "_write_payload", refuse_png)
+    code, _, err = run(capsys, "sample", "--config", "tiny", "--split", "iwl", "-n", "2", "--out", str(out),
+                       "--png", str(png))
+    assert_user_error(code, err, f"cannot write {png}", "No space left", "free space")
+    assert out.read_bytes() == b"precious" and not png.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+
+
+def test_a_stale_temporary_of_the_output_is_removed(capsys, tmp_path):
+    out = tmp_path / "s.npz"
+    stale = tmp_path / ".s.npz.k1ll3d00.tmp"  # left by a sample killed while writing
+    stale.write_bytes(b"half")
+    code, _, _ = run(capsys, "sample", "--config", "tiny", "--split", "iwl", "-n", "2", "--out", str(out))
+    assert code == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+
+
+def test_a_dataset_that_is_not_omniglot_needs_data_custom(capsys, tmp_path, omniglot_subset):
+    root = omniglot_subset(90, 2)
+    argv = ["info", "--config", "tiny", "--set", f"data.root={root}", "--set", f"data.cache_dir={tmp_path}",
+            "--set", "data.n_holdout=10"]
+    code, _, err = run(capsys, *argv)
+    assert_user_error(code, err, str(root / NPZ_FILES[0]), "90 characters", "964", "data.custom=true")
+    code, out, err = run(capsys, *argv, "--set", "data.custom=true")
+    assert code == 0 and "92 x 20 drawers" in out

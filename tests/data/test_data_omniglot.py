@@ -12,7 +12,7 @@ from PIL import Image
 
 from icl.config import build_config
 from icl.data import load_data
-from icl.data.omniglot import NPZ_FILES, find_source, load_images, read_raw, resize
+from icl.data.omniglot import NPZ_FILES, check_dataset, find_source, load_images, read_raw, resize
 from icl.errors import UserError
 
 N_BG, N_EV = 12, 4  # characters in the small npz copy: ids 0001..0012 and 0965..0968
@@ -67,7 +67,7 @@ def test_npz_decodes_to_ink_at_105px(small_npz, real, tmp_path):
     # background first, then evaluation (global id order); ink = ~images
     np.testing.assert_array_equal(ink[:N_BG], ~real["background"][:N_BG])
     np.testing.assert_array_equal(ink[N_BG:], ~real["evaluation"])
-    images, _ = load_images(small_npz, tmp_path, 105)
+    images, _ = load_images(small_npz, tmp_path, 105, custom=True)
     assert images.dtype == np.uint8 and images.shape == (N_BG + N_EV, 20, 105, 105)
     np.testing.assert_array_equal(images, ink.astype(np.uint8) * 255)
     assert 0.04 < ink.mean() < 0.15  # about 8% of pixels are ink
@@ -131,7 +131,7 @@ def test_damaged_npz_without_sums_is_reported(small_npz, tmp_path, damage):
         data[len(data) // 3] ^= 0xFF  # inside the compressed image stream
     path.write_bytes(bytes(data))
     with pytest.raises(UserError) as e:
-        load_images(tmp_path, tmp_path / "cache", 14)
+        load_images(tmp_path, tmp_path / "cache", 14, custom=True)
     assert str(path) in str(e.value)
     assert not list(tmp_path.glob("cache/*.npy"))  # nothing cached from the damaged file
 
@@ -139,7 +139,7 @@ def test_damaged_npz_without_sums_is_reported(small_npz, tmp_path, damage):
 def test_npz_with_wrong_shape_is_reported(tmp_path):
     np.savez(tmp_path / NPZ_FILES[0], images=np.ones((2, 20, 28, 28), dtype=bool))
     np.savez(tmp_path / NPZ_FILES[1], images=np.ones((2, 20, 28, 28), dtype=bool))
-    with pytest.raises(UserError, match=r"shape .*expected \[n, 20, 105, 105\]"):
+    with pytest.raises(UserError, match=r"shape \[2, 20, 28, 28\], expected bool \[n, 20, 105, 105\]"):
         read_raw(find_source(tmp_path))
 
 
@@ -152,13 +152,13 @@ def test_png_layout_decodes_to_the_npz_ink(png_root, real, tmp_path):
     ink = read_raw(source)
     assert ink.shape == (N_PNG, 20, 105, 105)
     np.testing.assert_array_equal(ink, ~real["background"])
-    images, _ = load_images(png_root, tmp_path, 14)
+    images, _ = load_images(png_root, tmp_path, 14, custom=True)
     np.testing.assert_array_equal(images, resize(~real["background"], 14))
 
 
 def test_png_layout_end_to_end(png_root, tmp_path):
     # 30 characters: 23 holdout leave 7 training characters (56 classes with augmentation)
-    cfg = build_config("tiny", {"data.root": str(png_root), "data.cache_dir": str(tmp_path),
+    cfg = build_config("tiny", {"data.root": str(png_root), "data.cache_dir": str(tmp_path), "data.custom": True,
                                 "data.num_classes": 56, "data.augment": True})
     data = load_data(cfg)
     assert data.source.kind == "torchvision" and data.bank.n_chars == N_PNG
@@ -229,3 +229,91 @@ def test_load_data_on_real_data(omniglot_dir):
     assert data.source.kind == "npz" and data.source.root == omniglot_dir
     assert data.bank.images.shape == (1623, 20, 14, 14) and data.device == torch.device("cpu")
     assert data.train_classes.tolist() == data.split.train_classes.tolist()
+
+
+# --------------------------------------------------------------------------- is it Omniglot?
+
+
+def pair(root: Path, omniglot_dir: Path, evaluation: dict[str, np.ndarray]) -> Path:
+    """The real background file and an evaluation file holding ``evaluation``."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / NPZ_FILES[0]).symlink_to(omniglot_dir / NPZ_FILES[0])
+    np.savez_compressed(root / NPZ_FILES[1], **evaluation)
+    return root
+
+
+def refused(root: Path, custom: bool = False) -> str:
+    with pytest.raises(UserError) as e:
+        check_dataset(find_source(root), custom)
+    return str(e.value)
+
+
+def omniglot_labels(n: int) -> np.ndarray:
+    return np.repeat(np.arange(n), 20).reshape(n, 20)
+
+
+def test_real_omniglot_passes(omniglot_dir):
+    check_dataset(find_source(omniglot_dir))
+
+
+def test_a_subset_is_refused_unless_custom(small_npz):
+    msg = refused(small_npz)
+    assert "holds 12 characters" in msg and "964" in msg and "data.custom=true" in msg
+    check_dataset(find_source(small_npz), custom=True)
+
+
+def test_an_evaluation_file_short_of_characters(omniglot_dir, tmp_path):
+    """The audit's case: 600 of the 659 evaluation characters trained on 1564 characters."""
+    root = pair(tmp_path, omniglot_dir, {"images": np.ones((600, 20, 105, 105), bool), "labels": omniglot_labels(600)})
+    msg = refused(root)
+    assert str(root / NPZ_FILES[1]) in msg and "600 characters" in msg and "659" in msg
+    check_dataset(find_source(root), custom=True)
+    with pytest.raises(UserError, match="data.custom=true"):
+        load_data(build_config("tiny", {"data.root": str(root), "data.cache_dir": str(tmp_path / "c")}))
+
+
+@pytest.mark.parametrize(
+    "images, words",
+    [
+        (np.full((3, 20, 105, 105), 3.5), ["float64", "expected bool"]),  # not binary, outside [0, 1]
+        (np.ones((3, 20, 105, 105), np.uint8), ["uint8"]),
+        (np.ones((659, 20, 28, 28), bool), ["[659, 20, 28, 28]"]),
+        (np.ones((3, 19, 105, 105), bool), ["[3, 19, 105, 105]"]),
+    ],
+)
+def test_images_not_binary_or_of_the_wrong_size_are_refused_even_when_custom(omniglot_dir, tmp_path, images, words):
+    root = pair(tmp_path, omniglot_dir, {"images": images, "labels": omniglot_labels(len(images))})
+    for custom in (False, True):
+        msg = refused(root, custom)
+        assert str(root / NPZ_FILES[1]) in msg and all(w in msg for w in words)
+
+
+@pytest.mark.parametrize(
+    "labels, custom, words",
+    [
+        (np.zeros((3,), np.int64), False, ["'labels'", "[3]", "expected integers [3, 20]"]),
+        (np.zeros((3, 20), np.float32), True, ["float32"]),
+        (None, False, ["no array 'labels'"]),
+        (omniglot_labels(659)[::-1].copy(), False, ["labels character 0"]),
+    ],
+)
+def test_labels_must_number_the_characters(omniglot_dir, tmp_path, labels, custom, words):
+    n = 659 if labels is None or labels.shape == (659, 20) else 3  # a wrong count is refused first
+    arrays = {"images": np.ones((n, 20, 105, 105), bool)}
+    if labels is not None:
+        arrays["labels"] = labels
+    msg = refused(pair(tmp_path, omniglot_dir, arrays), custom)
+    assert all(w in msg for w in words)
+
+
+def test_png_layout_of_a_few_characters_is_refused_unless_custom(png_root):
+    msg = refused(png_root)
+    assert "holds 30 characters" in msg and "data.custom=true" in msg
+    check_dataset(find_source(png_root), custom=True)
+
+
+def test_the_check_runs_before_the_cache(small_npz, tmp_path):
+    """A cache built with data.custom=true is not a way around the check later."""
+    load_images(small_npz, tmp_path, 14, custom=True)
+    with pytest.raises(UserError, match="holds 12 characters"):
+        load_images(small_npz, tmp_path, 14)
