@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import signal
 import sys
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from icl.errors import OutputError
 from icl.io import atomic_write
 from sweeps import results as res
 from sweeps.experiment import (
@@ -35,6 +37,10 @@ from sweeps.ray_session import RayOptions, check_resources, check_storage_shared
 from sweeps.spec import PackSpec, SweepSpec, TrialSpec, format_value, make_packs, saved_yaml
 from sweeps.trainable import TrialNames, make_trainable
 
+# What Tune raises when it cannot save or read back its own state (error files truncated on a
+# full disk): the sweep then reports from the run directories, which are the record.
+UNREADABLE_STATE = (OSError, EOFError, pickle.UnpicklingError)
+
 # Ray Tune settings for the driver (an explicit value in the environment wins):
 TUNE_ENV = {
     # results.csv / trials.csv are the experiment's tables; Tune's per-trial result.json,
@@ -43,6 +49,9 @@ TUNE_ENV = {
     # a spec's checkpoint.num_to_keep makes Tune save its experiment state every
     # num_to_keep checkpoints, which is what a resume wants; do not warn about it.
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    # a failed trial is listed in the summary with its error and the file holding its
+    # traceback (error.txt); Tune would also print the whole traceback into the live output
+    "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",
 }
 
 
@@ -88,6 +97,9 @@ def run_sweep(
     start_ray(opts)
     # ResultGrid looks for Tune's per-trial result.json, which TUNE_ENV turns off
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    # Tune's failure to save its state (a full disk) as one line, not a traceback: the run
+    # directories are the record, and the summary says what stopped
+    logging.getLogger("ray.tune.execution.experiment_state").addFilter(one_line_errors)
     try:
         check_resources(spec)
         if opts.address:
@@ -144,10 +156,16 @@ def run_sweep(
         previous = signal.signal(signal.SIGTERM, _sigterm_to_tune)
         try:
             grid = tuner.fit()
+        except UNREADABLE_STATE as e:  # Tune could not write or read back its own state: the disk
+            print(f"icl-sweep: Ray Tune stopped: {type(e).__name__}: {res.error_line(str(e))}", file=out)
+            grid = []
         finally:
             signal.signal(signal.SIGTERM, previous)
         outcome = _outcome(grid, exp_dir, trials, time.monotonic() - t0, members)
-        prune_ray_checkpoints(grid)
+        try:
+            prune_ray_checkpoints(grid)
+        except UNREADABLE_STATE:  # nothing pruned: Tune's copies are kept, which is safe
+            pass
     except BaseException:
         held.close()
         raise
@@ -156,9 +174,17 @@ def run_sweep(
 
     with held:
         status = {k: (v, outcome.errors.get(k, "")) for k, v in outcome.status.items()}
-        n_rows = res.write_results(exp_dir, trials)
-        res.write_trials(exp_dir, trials, status, members)
-        return _summarize(spec, trials, packs, outcome, n_rows, out, analysis=analysis)
+        try:  # the tables may not fit on a full disk: the summary is printed all the same
+            res.write_results(exp_dir, trials)
+            res.write_trials(exp_dir, trials, status, members)
+            unwritten = None
+        except OutputError as e:
+            unwritten = e
+        code = _summarize(spec, trials, packs, outcome, len(res.collect(exp_dir, trials)[1]), out,
+                          analysis=analysis and unwritten is None)
+        if unwritten is not None:
+            raise unwritten  # exit 2 with one error line naming the table and what to do
+        return code
 
 
 def _sigterm_to_tune(signum: int, frame: Any) -> None:
@@ -181,16 +207,40 @@ def _outcome(grid: Any, exp_dir: Path, trials: Sequence[TrialSpec], wall_s: floa
             status[trial_id] = "ERROR"
             if error:
                 errors[trial_id] = error
-    for result in grid:  # the exception itself, where Tune kept it
-        if result.error is None:
-            continue
-        pack_id = (result.config or {}).get("trial")
-        error = res.error_line(str(result.error)) or type(result.error).__name__
+    for pack_id, error in _tune_errors(grid).items():  # the exception itself, where Tune kept it
         for trial_id, (state, own) in res.member_status(exp_dir, trials, packs, {pack_id: ("ERROR", error)}).items():
             if state == "ERROR":
                 status[trial_id] = "ERROR"
                 errors.setdefault(trial_id, own)
     return Outcome(status, errors, wall_s)
+
+
+def one_line_errors(record: logging.LogRecord) -> bool:
+    """A logging filter: an exception attached to a record becomes its last line, appended."""
+    if record.exc_info and record.exc_info[1] is not None:
+        e = record.exc_info[1]
+        record.msg = f"{record.getMessage()} {type(e).__name__}: {res.error_line(str(e))}"
+        record.args, record.exc_info, record.exc_text = None, None, None
+    return True
+
+
+def _tune_errors(grid: Any) -> dict[str, str]:
+    """Pack id -> the one-line exception of each trial Tune gave up on. Tune unpickles them
+    from its error files; one truncated by a full disk is reported as such."""
+    found: dict[str, str] = {}
+    try:
+        for result in grid:
+            pack_id = (result.config or {}).get("trial")
+            try:
+                error = result.error
+            except UNREADABLE_STATE as e:
+                found[pack_id] = f"Tune's error file is unreadable ({type(e).__name__}; a full disk?)"
+                continue
+            if error is not None:
+                found[pack_id] = res.error_line(str(error)) or type(error).__name__
+    except UNREADABLE_STATE:  # the whole result grid: the run directories and LAST_STATUS remain
+        pass
+    return found
 
 
 def _summarize(spec: SweepSpec, trials: Sequence[TrialSpec], packs: Sequence[PackSpec], outcome: Outcome,

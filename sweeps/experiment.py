@@ -19,6 +19,7 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -31,6 +32,7 @@ from typing import Any, Sequence
 
 from icl.config import build_config, cache_dir, data_root, read_yaml
 from icl.errors import UserError
+from icl.io import remove_stale_temporaries, writing_to
 from sweeps import results as res
 from sweeps.spec import SweepSpec, TrialSpec, differences, identity, parse_spec
 from sweeps.trainable import STAGING_PREFIX
@@ -112,8 +114,11 @@ def with_runtime_paths(trials: Sequence[TrialSpec], spec: SweepSpec) -> list[Tri
 
 
 def lock_experiment(exp_dir: Path) -> Any:
-    """One driver per experiment at a time; the lock dies with its process (even SIGKILL)."""
-    f = open(exp_dir / LOCK_FILE, "a+")
+    """One driver per experiment at a time; the lock dies with its process (even SIGKILL).
+    Taking it also clears the temporaries of the experiment's tables that a killed driver left."""
+    path = exp_dir / LOCK_FILE
+    with writing_to(path):  # a full disk names the lock file
+        f = open(path, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -123,10 +128,17 @@ def lock_experiment(exp_dir: Path) -> Any:
             f.close()
             raise UserError(f"experiment {exp_dir} is being run by {holder}; wait for it or stop it first") from None
         return f  # a filesystem without locks: carry on unprotected
-    f.seek(0)
-    f.truncate()
-    f.write(f"icl-sweep pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
+    try:
+        with writing_to(path):
+            f.seek(0)
+            f.truncate()
+            f.write(f"icl-sweep pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+    except BaseException:
+        with contextlib.suppress(OSError):  # closing flushes the same unwritable bytes again
+            f.close()
+        raise
+    remove_stale_temporaries(exp_dir)
     return f
 
 

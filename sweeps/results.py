@@ -80,7 +80,7 @@ def attempts(trial_dir: Path) -> list[dict[str, Any]]:
     """A trial's attempt log (one JSON object per start of the trainable)."""
     path = Path(trial_dir) / ATTEMPTS
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
     except FileNotFoundError:
         return []
     out = []
@@ -102,7 +102,7 @@ def error_line(text: str) -> str:
 def last_line(path: Path | str | None) -> str:
     """:func:`error_line` of a file (an error file); '' if there is none."""
     try:
-        return error_line(Path(path).read_text()) if path else ""
+        return error_line(Path(path).read_bytes().decode("utf-8", errors="replace")) if path else ""
     except OSError:
         return ""
 

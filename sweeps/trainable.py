@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from icl.config import build_config
-from icl.io import atomic_write
+from icl.io import atomic_write, writing_to
 from icl.train.rundir import RunDir
 from sweeps import results as res
 from sweeps.faults import Fault, maybe_inject
@@ -158,7 +158,7 @@ def run_pack(
             "pid": os.getpid(),
             "time": _dt.datetime.now().isoformat(timespec="seconds"),
         }
-        with open(d / res.ATTEMPTS, "a") as f:
+        with writing_to(d / res.ATTEMPTS), open(d / res.ATTEMPTS, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     staging = exp / pack_dirname

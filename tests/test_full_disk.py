@@ -132,7 +132,8 @@ def science(run: Path) -> pd.DataFrame:
 
 
 def test_icl_train_on_a_full_disk_keeps_its_checkpoint_and_resumes_exactly(tmpfs, tmp_path):
-    from icl.train.checkpoint import load_latest
+    from icl.config import load_config
+    from icl.train.rundir import RunDir
 
     reference = icl_train(tmp_path / "reference")
     disk = tmpfs("4m")
@@ -151,8 +152,8 @@ def test_icl_train_on_a_full_disk_keeps_its_checkpoint_and_resumes_exactly(tmpfs
         proc.kill()
     line = full_disk_line(proc.returncode, err, run)
     assert "run the same command again" in line
-    kept = load_latest(run / "checkpoints")
-    assert kept is not None and kept.step >= 100  # the last checkpoint is intact
+    kept = RunDir(run).restore(load_config(str(run / "config.yaml")))
+    assert kept is not None and kept.state.step >= 100  # the last checkpoint is intact
     assert temporaries(run) == []
 
     filler.unlink()

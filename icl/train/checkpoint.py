@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from icl.io import writing_to
+
 STATE = "state.pt"
 MANIFEST = "manifest.json"
 TEMP_PREFIX = ".tmp-"  # a checkpoint being built (or a crash's leftover: never valid)
@@ -48,17 +50,22 @@ def write(final: Path, step: int, state: dict[str, Any], files: dict[str, bytes]
     payload = {STATE: buf.getvalue(), **files}
     tmp = final.parent / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, data in payload.items():
-        with open(tmp / name, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    manifest = {"step": step, "files": {name: sha256_bytes(data) for name, data in payload.items()}}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if final.exists():  # the same step saved again (a resumed run re-reaching it): replace
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        with writing_to(final):  # a full disk names the checkpoint, and leaves no half of one
+            tmp.mkdir(parents=True)
+            for name, data in payload.items():
+                with open(tmp / name, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            manifest = {"step": step, "files": {name: sha256_bytes(data) for name, data in payload.items()}}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            if final.exists():  # the same step saved again (a resumed run re-reaching it): replace
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fsync_dir(final.parent)
     return final
 

@@ -42,6 +42,7 @@ import torch
 from icl.config import Config
 from icl.data import StudyData, load_data
 from icl.errors import UserError
+from icl.machine import check_fits, resolve_device
 from icl.train.evaluate import evaluate
 from icl.train.optim import lr_at
 from icl.train.pack import PackedTrainer, check_packable, data_for, initial_model
@@ -65,15 +66,6 @@ class PackTrainingDiverged(TrainingDiverged):
         super().__init__(message)
         self.results = results
         self.diverged = diverged
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but no CUDA device is available; use train.device=auto or cpu")
-    return device
 
 
 def divergence_message(run: RunDir, first: int, last: int) -> str:
@@ -141,6 +133,7 @@ def train_packed(
     check_packable(cfgs)
     t = cfgs[0].train
     device = resolve_device(t.device)
+    check_fits(cfgs[0], device, models=len(cfgs))  # before anything is written or allocated
     for cfg, run in zip(cfgs, runs):
         run.open(cfg)
     if t.threads:
@@ -277,4 +270,4 @@ class Segment:
         return alive
 
 
-__all__ = ["train", "train_packed", "TrainingDiverged", "PackTrainingDiverged", "TIMING_COLUMNS", "resolve_device"]
+__all__ = ["train", "train_packed", "TrainingDiverged", "PackTrainingDiverged", "TIMING_COLUMNS"]

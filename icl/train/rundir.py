@@ -27,7 +27,7 @@ import numpy as np
 
 from icl.config import Config, build_config, read_yaml, science_dict
 from icl.errors import UserError
-from icl.io import atomic_write
+from icl.io import atomic_write, remove_stale_temporaries
 from icl.train import checkpoint as ckpt
 from icl.train.evaluate import ATTN_STATS
 
@@ -108,6 +108,7 @@ class RunDir:
             atomic_write(config_path, cfg.to_yaml().encode())
         except OSError as e:
             raise UserError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
+        remove_stale_temporaries(out)  # of the logs' atomic writes, left by a killed run
         if self.checkpoints_dir.is_dir():
             for p in self.checkpoints_dir.glob(f"{ckpt.TEMP_PREFIX}*"):  # never valid: a crash's leftovers
                 shutil.rmtree(p, ignore_errors=True)
@@ -209,7 +210,7 @@ class RunDir:
         """Header and rows of ``metrics.csv`` as text; missing file -> no rows; a torn last
         line (a file being written by another process) is dropped."""
         try:
-            text = (self.path / METRICS).read_text()
+            text = (self.path / METRICS).read_bytes().decode("utf-8", errors="replace")
         except FileNotFoundError:
             return [], []
         rows = list(csv.reader(io.StringIO(text)))

@@ -56,8 +56,6 @@ def test_a_sweep_started_on_a_full_disk_is_one_error_line(tmpfs, ray_head, drive
     assert read_results(disk / "disk")["step"].max() == 100
 
 
-@pytest.mark.xfail(strict=False, reason="needs engine integration: the lock file's write must go through "
-                   "icl.io.writing_to (sweeps/runner.py lock_experiment) for the line to name the path")
 def test_a_sweep_started_on_a_full_disk_names_the_path(tmpfs, ray_head, driver_env: dict, tmp_path: Path):
     disk = tmpfs("2m")
     fill(disk)
@@ -66,8 +64,6 @@ def test_a_sweep_started_on_a_full_disk_names_the_path(tmpfs, ray_head, driver_e
     assert proc.returncode == 2 and f"cannot write {disk}" in error_line(proc.stderr)
 
 
-@pytest.mark.xfail(strict=False, reason="needs engine integration: the trainer and the sweep driver must report a "
-                   "full disk through icl.io (OutputError) and print the summary (sweeps/runner.py)")
 def test_a_disk_filling_up_during_a_sweep_stops_its_trials_with_a_summary(
     tmpfs, ray_head, driver_env: dict, tmp_path: Path
 ):
@@ -84,7 +80,7 @@ def test_a_disk_filling_up_during_a_sweep_stops_its_trials_with_a_summary(
         driver.kill()
     text = log.read_text()
     assert driver.returncode in (1, 2) and "Traceback" not in text, text[-3000:]
-    assert "icl-sweep: 0/1 trials finished" in text and "No space left on device" in text, text[-3000:]
+    assert "icl-sweep: 0/1 models finished" in text and "No space left on device" in text, text[-3000:]
     filler.unlink()
     time.sleep(1)
     proc = run_cli(args, driver_env)
