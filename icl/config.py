@@ -57,7 +57,7 @@ class ModelConfig:
     layers: int = 12
     d_model: int = 64
     heads: int = 8
-    mlp: int = 256
+    mlp: int = 256  # MLP width; 0 = attention-only blocks
     max_timescale: float = 30.0
 
 
@@ -295,7 +295,7 @@ def validate(cfg: Config) -> None:
         m.heads >= 1 and m.d_model % m.heads == 0,
         f"model.heads ({m.heads}) must divide model.d_model ({m.d_model})",
     )
-    _require(m.mlp >= 1, f"model.mlp must be >= 1, got {m.mlp}")
+    _require(m.mlp >= 0, f"model.mlp must be >= 0 (0 = attention-only blocks), got {m.mlp}")
     _require(m.max_timescale > 0, f"model.max_timescale must be > 0, got {m.max_timescale}")
     _require(o.lr > 0 and math.isfinite(o.lr), f"optim.lr must be a positive number, got {o.lr}")
     _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
