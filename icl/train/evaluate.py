@@ -6,6 +6,12 @@ Metric names (the columns of ``metrics.csv``):
 - ``icl_train_acc``: the same 2-way 4-shot task on training classes relabelled 0/1,
   restricted to the two labels.
 - ``iwl_acc``: no-support sequences, argmax over every label (chance 1/num_classes).
+- ``flip_icl_ctx_acc`` / ``flip_icl_iwl_acc``: on ``flip_icl`` (training classes, trained
+  labels swapped within the sequence), how often the argmax over every label is the label the
+  context gives the query's class / the query's own trained label (the weights' answer). The
+  two sum to at most 1; the rest goes to other labels.
+- ``ciwl_acc``: context-constrained IWL (query class absent from the context, its trained
+  label on another exemplar), argmax over every label.
 - ``ece``: expected calibration error on the ICL holdout set, from the probabilities
   renormalised over the two in-context labels, ``eval.ece_bins`` equal-width bins.
 - ``attn_L{l}_{match_img,match_lbl,other,induction,prev_tok}``: see :func:`attention_scores`;
@@ -78,7 +84,8 @@ def expected_calibration_error(probs: Tensor, targets: Tensor, bins: int) -> flo
 
 
 PATTERNS = "attn.hook_pattern"
-ACCURACY_METRICS = ("icl_acc", "icl_acc_all", "icl_train_acc", "iwl_acc")
+ACCURACY_METRICS = ("icl_acc", "icl_acc_all", "icl_train_acc", "iwl_acc", "flip_icl_ctx_acc", "flip_icl_iwl_acc",
+                    "ciwl_acc")
 
 
 def chunks(seqs: Sequences, cfg: Config) -> Iterator[Sequences]:
@@ -119,12 +126,16 @@ def set_metrics(logits: Mapping[str, Tensor], sets: EvalSets, data: StudyData, c
 
     t = sets.icl.targets
     two = logits["icl"][:, :2]
+    flip = logits["flip_icl"].argmax(-1)
     return {
         "icl_acc": acc(two.argmax(-1), t),
         "icl_acc_all": acc(logits["icl"].argmax(-1), t),
         "ece": expected_calibration_error(two.softmax(-1), t, cfg.eval.ece_bins),
         "icl_train_acc": acc(logits["icl_train"][:, :2].argmax(-1), sets.icl_train.targets),
         "iwl_acc": acc(logits["iwl"].argmax(-1), sets.iwl.targets),
+        "flip_icl_ctx_acc": acc(flip, sets.flip_icl.targets),
+        "flip_icl_iwl_acc": acc(flip, data.trained_labels(sets.flip_icl.classes[:, -1])),
+        "ciwl_acc": acc(logits["ciwl"].argmax(-1), sets.ciwl.targets),
     }
 
 
