@@ -28,6 +28,8 @@ N_VARIANTS = 8
 CONTEXT_LEN = 8  # (image, label) pairs before the query
 SEQ_LEN = CONTEXT_LEN + 1  # items per sequence, query last
 MAX_ROWS = 1_000_000  # sequences per batch or evaluation set (the sampler's counters: icl.data.rng)
+DECAY_MODULES = ("embedder", "attn", "mlp", "head")  # what optim.decay_modules may name
+L2_KINDS = ("decoupled", "coupled")
 
 
 @dataclass
@@ -65,6 +67,10 @@ class ModelConfig:
 class OptimConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
+    # which modules' weight matrices weight_decay acts on: a comma-separated subset of
+    # embedder, attn, mlp, head ("all", "none" accepted); biases, norms, tables never
+    decay_modules: str = "embedder,attn,mlp,head"
+    l2: str = "decoupled"  # decoupled (AdamW) | coupled (weight_decay * sum ||W|| added to the loss, through Adam)
     schedule: str = "inverse_sqrt"  # inverse_sqrt | constant | cosine
     warmup_steps: int = 4000
     beta1: float = 0.9
@@ -299,6 +305,8 @@ def validate(cfg: Config) -> None:
     _require(m.max_timescale > 0, f"model.max_timescale must be > 0, got {m.max_timescale}")
     _require(o.lr > 0 and math.isfinite(o.lr), f"optim.lr must be a positive number, got {o.lr}")
     _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    o.decay_modules = canonical_decay_modules(o.decay_modules)
+    _require(o.l2 in L2_KINDS, f"optim.l2 must be one of {', '.join(L2_KINDS)}, got {o.l2!r}")
     schedules = ("inverse_sqrt", "constant", "cosine")
     _require(o.schedule in schedules, f"optim.schedule must be one of {', '.join(schedules)}, got {o.schedule!r}")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
@@ -320,6 +328,25 @@ def validate(cfg: Config) -> None:
     )
     _require(t.precision in ("fp32", "bf16"), f"train.precision must be fp32 or bf16, got {t.precision!r}")
     _require(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+
+
+def canonical_decay_modules(text: str) -> str:
+    """``optim.decay_modules`` in one spelling (the order of DECAY_MODULES; ``none`` for the empty
+    set), so that equal choices compare equal in run directories and sweeps."""
+    words = {w.strip() for w in text.replace("+", ",").split(",") if w.strip()}
+    if words == {"all"}:
+        words = set(DECAY_MODULES)
+    if words == {"none"}:
+        words = set()
+    bad = sorted(words - set(DECAY_MODULES))
+    _require(not bad, f"optim.decay_modules names unknown module(s) {', '.join(bad)}: give a comma-separated subset of "
+                      f"{', '.join(DECAY_MODULES)}, or all, or none")
+    return ",".join(m for m in DECAY_MODULES if m in words) or "none"
+
+
+def decay_module_set(text: str) -> tuple[str, ...]:
+    chosen = canonical_decay_modules(text)
+    return () if chosen == "none" else tuple(chosen.split(","))
 
 
 # --------------------------------------------------------------------------- paths

@@ -59,6 +59,26 @@ def test_smoke_is_small() -> None:
     assert all(t.config["train.steps"] <= 200 for t in trials)
 
 
+def test_decay_modules_sweeps_one_module_group_at_a_time() -> None:
+    spec = load_spec("decay_modules")
+    trials = expand(spec)
+    assert [t.grid["optim.decay_modules"] for t in trials] == ["none", "embedder,attn,mlp,head", "attn", "mlp",
+                                                               "embedder", "head"]
+    assert all(t.config["optim.weight_decay"] > 0 and t.config["data.num_classes"] == 1600 for t in trials)
+    assert all(t.config["train.keep_checkpoints"] * t.config["train.checkpoint_every"] >= t.config["train.steps"]
+               for t in trials)  # every checkpoint kept, for head attribution over training
+
+
+@pytest.mark.parametrize("key", ["optim.decay_modules=mlp", "optim.l2=coupled"])
+def test_pack_refuses_what_the_packed_optimiser_cannot_do(key: str) -> None:
+    from sweeps.spec import make_packs
+
+    doc = {**SMOKE, "pack": 2, "overrides": {**SMOKE["overrides"], key.split("=")[0]: key.split("=")[1]}}
+    spec = parse_spec(doc)
+    with pytest.raises(UserError, match="`pack: 1`"):
+        make_packs(spec, expand(spec))
+
+
 # --------------------------------------------------------------------------- expansion
 
 
