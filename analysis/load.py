@@ -28,6 +28,9 @@ CORE_KEYS = (CLASS_KEY, WD_KEY, SEED_KEY)
 ICL = "icl_acc"  # headline ICL: holdout classes, 2 labels in context, chance 0.5
 IWL = "iwl_acc"  # in-weights accuracy, query class absent from the context
 TRAIN_ACC = "train_acc"
+CIWL = "ciwl_acc"  # context-constrained IWL: the query's trained label sits on another exemplar
+FLIP_CTX = "flip_icl_ctx_acc"  # flip ICL (trained labels swapped in context): follows the context
+FLIP_IWL = "flip_icl_iwl_acc"  # ... follows its weights
 REQUIRED_METRICS = (ICL, IWL, TRAIN_ACC)
 REQUIRED_COLUMNS = ("step", *REQUIRED_METRICS)
 
@@ -116,7 +119,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
             f"({', '.join(REQUIRED_COLUMNS)}, ...)"
         )
     for col in df.columns:
-        if col in REQUIRED_COLUMNS or col.startswith("attn_") or col == SEED_KEY:
+        if col in (*REQUIRED_COLUMNS, CIWL, FLIP_CTX, FLIP_IWL) or col.startswith("attn_") or col == SEED_KEY:
             if not pd.api.types.is_numeric_dtype(df[col]):
                 converted = pd.to_numeric(df[col], errors="coerce")
                 bad = df[col].notna() & converted.isna()
