@@ -251,7 +251,7 @@ def load_results(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
 
     Where a trial reports the same step twice (a resumed run), the last row wins. The frame's
     ``attrs`` keep hints for later steps: ``grid`` (the specs' grids), ``expected_seeds``,
-    ``sources`` and ``notes``. Raises :class:`UserError` on unusable input.
+    ``sources``, ``source_dirs`` (experiment name -> (kind, path)) and ``notes``. Raises :class:`UserError` on unusable input.
     """
     sources = [s for p in _as_paths(paths) for s in _sources_for(p)]
     names = _experiment_names(sources)
@@ -322,6 +322,7 @@ def load_results(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     df.attrs["grid"] = grid
     df.attrs["expected_seeds"] = sorted(grid[SEED_KEY]) if SEED_KEY in grid else None
     df.attrs["sources"] = [str(s.path) for s in sources]
+    df.attrs["source_dirs"] = {name: (s.kind, str(s.path)) for s, name in zip(sources, names)}
     df.attrs["notes"] = [n for s in sources for n in s.notes]
     return df
 

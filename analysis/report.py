@@ -239,6 +239,9 @@ def _render(
                 lines += [f"### {name.split(':', 1)[1]}", "", f"![{name}]({os.path.relpath(p, out)})", ""]
     else:
         lines += ["## Attention diagnostics", "", "The results have no `attn_L*` columns: nothing to show.", ""]
+    from analysis.heads import circuits_section  # matplotlib only when reporting
+
+    lines += circuits_section(df, keys, out)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -21,6 +21,8 @@ holds one experiment. Schema (every key is checked; unknown keys are errors)::
     pack: 1                    # models trained together in one Tune trial (icl.train.train_packed):
                                # trials differing only in seed / optim.weight_decay are grouped
                                # into packs of at most this many; 1 = one model per trial
+    heads: false               # head attribution (icl.circuits.update_run) on every trial's run
+                               # directory at each checkpoint, as it is written; analysis only
     storage: experiments       # parent directory of the experiment; --storage overrides
     resolved: {...}            # written by icl-sweep into the saved spec.yaml only: the exact
                                # base config, so a saved spec reproduces its experiment even if
@@ -65,6 +67,7 @@ SPEC_KEYS = (
     "max_failures",
     "checkpoint",
     "pack",
+    "heads",
     "storage",
     "resolved",
 )
@@ -98,6 +101,7 @@ class SweepSpec:
     max_failures: int = 2
     checkpoint_keep: int | None = None
     pack: int = 1  # models per Tune trial (train_packed); 1 = one model per trial (train)
+    heads: bool = False  # head attribution at each checkpoint (not part of the identity: analysis only)
     storage: str = DEFAULT_STORAGE
     description: str = ""
     source: str = ""
@@ -232,6 +236,10 @@ def parse_spec(
             f"model per trial), got {pack!r}"
         )
 
+    heads = raw.get("heads", False)
+    if not isinstance(heads, bool):
+        raise UserError(f"{where}: heads must be true or false (head attribution at each checkpoint), got {heads!r}")
+
     spec_storage = storage if storage is not None else raw.get("storage", DEFAULT_STORAGE)
     if not isinstance(spec_storage, str) or not spec_storage.strip():
         raise UserError(f"{where}: storage must be a directory path, got {spec_storage!r}")
@@ -252,6 +260,7 @@ def parse_spec(
         max_failures=int(max_failures),
         checkpoint_keep=keep,
         pack=int(pack),
+        heads=heads,
         storage=spec_storage,
         description=description,
         source=str(source) if source else "",
@@ -502,6 +511,7 @@ def saved_yaml(spec: SweepSpec) -> str:
         "max_failures": spec.max_failures,
         "checkpoint": ident["checkpoint"],
         "pack": spec.pack,
+        "heads": spec.heads,
         "storage": str(Path(spec.storage).expanduser().resolve()),
         "resolved": cfg.to_dict(),
     }

@@ -89,6 +89,19 @@ def load_checkpoint_model(path: Path, cfg: Config, device: torch.device | str) -
     return int(state["step"]), model
 
 
+_DATA: dict[str, StudyData] = {}
+
+
+def data_for(cfg: Config, device: torch.device | str) -> StudyData:
+    """The run's data, kept for the next call (a sweep calls :func:`update_run` at every
+    checkpoint of its trials in one process; their images and evaluation sets are the same)."""
+    key = repr((cfg.data, cfg.eval, str(device)))
+    if key not in _DATA:
+        _DATA.clear()  # one at a time: a 105 px image bank is 358 MB
+        _DATA[key] = load_data(cfg, device)
+    return _DATA[key]
+
+
 def analyse(model: SequenceModel, data: StudyData, cfg: Config, ablations: Sequence[str] = ABLATIONS):
     """One checkpoint: ``(heads rows, circuit row, composition rows)``, without ``step``."""
     attribution = head_attribution(model, data, cfg, ablations)
@@ -122,7 +135,7 @@ def update_run(run_dir: Path | str, *, ablations: Sequence[str] = ABLATIONS, dev
             print(f"warning: checkpoint {path} is unreadable ({e}); skipped", file=sys.stderr)
             continue
         if data is None:
-            data = load_data(cfg, device)
+            data = data_for(cfg, device)
         t0 = time.perf_counter()
         heads, circuit, comp = analyse(model, data, cfg, ablations)
         seconds = time.perf_counter() - t0

@@ -226,3 +226,14 @@ def test_bad_fault_spec(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypat
 def test_missing_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ICL_DATA_DIR", str(tmp_path / "no-data"))
     assert "no Omniglot data under" in cli_error(capsys, ["smoke", "--storage", str(tmp_path)])
+
+
+def test_heads_option_is_parsed_saved_and_not_part_of_the_identity(tmp_path: Path) -> None:
+    assert parse_spec(SMOKE).heads is False
+    spec = parse_spec({**SMOKE, "heads": True})
+    assert spec.heads is True
+    assert identity(spec) == identity(parse_spec(SMOKE))  # analysis only: a resume may switch it
+    saved = yaml.safe_load(saved_yaml(spec))
+    assert saved["heads"] is True and parse_spec(saved).heads is True
+    with pytest.raises(UserError, match="heads must be true or false"):
+        parse_spec({**SMOKE, "heads": "yes"})
