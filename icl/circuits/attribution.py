@@ -8,9 +8,9 @@ every head ``(layer, head)`` and every ablation, the same metrics with that head
 - ``mean``: ``z`` set to its mean over the ICL holdout set, position by position (removes what
   the head says about *this* sequence, keeps what it says about every sequence).
 
-``delta`` = ablated - clean. The tokens (embedder and positions) are computed once per set and
-reused for every ablation: nothing in the transformer changes them, and for the ResNet
-embedder they are most of the cost.
+``delta`` = ablated - clean. Every block's input (``hook_resid_pre``) is computed once per set,
+and an ablation in block ``l`` reruns blocks ``l`` onwards only: nothing changes before it (and
+the ResNet embedder, the most expensive part, never reruns).
 
 The circuit is then named by causal effect (:func:`name_circuit`): the **induction head** is the
 head of a layer >= 1 whose ablation lowers holdout ICL (``icl_acc``) most; the
@@ -43,29 +43,33 @@ HEADS_COLUMNS = ("step", "layer", "head", "ablation", "metric", "value", "delta"
 
 
 @dataclass
-class TokenCache:
-    """Every evaluation set as chunks of (sequences, tokens ``[B, 17, d]``)."""
+class ResidualCache:
+    """Every evaluation set as chunks of (sequences, each block's clean input ``[B, 17, d]``)."""
 
-    sets: dict[str, list[tuple[Sequences, Tensor]]]
+    sets: dict[str, list[tuple[Sequences, list[Tensor]]]]
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model: SequenceModel, data: StudyData, cfg: Config) -> "TokenCache":
-        sets = {}
-        for name, seqs in data.eval_sets.items():
-            sets[name] = []
-            for chunk in chunks(seqs, cfg):
-                images = data.bank.render(chunk.classes, chunk.exemplars)
-                with autocast(cfg, images.device):
-                    sets[name].append((chunk, model.tokens(images, chunk.labels)))
+    def build(cls, model: SequenceModel, data: StudyData, cfg: Config) -> "ResidualCache":
+        sets: dict[str, list[tuple[Sequences, list[Tensor]]]] = {}
+        layers = range(len(model.blocks))
+        with capture(model, lambda n: n.endswith("hook_resid_pre")) as cache:
+            for name, seqs in data.eval_sets.items():
+                sets[name] = []
+                for chunk in chunks(seqs, cfg):
+                    images = data.bank.render(chunk.classes, chunk.exemplars)
+                    with autocast(cfg, images.device):
+                        model(images, chunk.labels)
+                    sets[name].append((chunk, [cache[f"blocks.{l}.hook_resid_pre"] for l in layers]))
         return cls(sets)
 
     @torch.no_grad()
-    def logits(self, model: SequenceModel, cfg: Config) -> dict[str, Tensor]:
+    def logits(self, model: SequenceModel, cfg: Config, start: int = 0) -> dict[str, Tensor]:
+        """Each set's logits, running blocks ``start`` onwards on their cached inputs."""
         out = {}
         for name, parts in self.sets.items():
-            with autocast(cfg, parts[0][1].device):
-                out[name] = torch.cat([model.logits_from_tokens(t).float() for _, t in parts])
+            with autocast(cfg, parts[0][1][start].device):
+                out[name] = torch.cat([model.logits_from_tokens(r[start], start).float() for _, r in parts])
         return out
 
 
@@ -81,16 +85,16 @@ class Attribution:
 
 
 @torch.no_grad()
-def icl_activations(model: SequenceModel, tokens: TokenCache, cfg: Config) -> tuple[list[Tensor], Tensor]:
+def icl_activations(model: SequenceModel, tokens: ResidualCache, cfg: Config) -> tuple[list[Tensor], Tensor]:
     """Each layer's mean ``z`` over the ICL set (``[T, H, e]`` per layer) and the attention
     scores ``[L, H, 5]`` there, from one clean pass with the patterns hooked."""
     wanted = lambda n: n.endswith(("attn.hook_z", "attn.hook_pattern"))  # noqa: E731
     z_sum: list[Tensor] | None = None
     scores, n = 0.0, 0
     with capture(model, wanted) as cache:
-        for chunk, t in tokens.sets["icl"]:
-            with autocast(cfg, t.device):
-                model.logits_from_tokens(t)
+        for chunk, r in tokens.sets["icl"]:
+            with autocast(cfg, r[0].device):
+                model.logits_from_tokens(r[0])
             z = [cache[f"blocks.{l}.attn.hook_z"].double().sum(0) for l in range(len(model.blocks))]
             z_sum = z if z_sum is None else [a + b for a, b in zip(z_sum, z)]
             scores = scores + attention_scores(cache.stack("attn.hook_pattern").float(), chunk.classes) * len(chunk)
@@ -109,7 +113,7 @@ def head_attribution(model: SequenceModel, data: StudyData, cfg: Config, ablatio
     was_training = model.training
     model.eval()
     try:
-        tokens = TokenCache.build(model, data, cfg)
+        tokens = ResidualCache.build(model, data, cfg)
         clean = set_metrics(tokens.logits(model, cfg), data.eval_sets, data, cfg)
         mean_z, observed = icl_activations(model, tokens, cfg)
         rows: list[dict[str, float | int | str]] = []
@@ -118,7 +122,7 @@ def head_attribution(model: SequenceModel, data: StudyData, cfg: Config, ablatio
                 for head in range(model.cfg.heads):
                     mean = mean_z[layer][:, head] if ablation == "mean" else None
                     with hooks(model, [ablate_head(layer, head, mean)]):
-                        got = set_metrics(tokens.logits(model, cfg), data.eval_sets, data, cfg)
+                        got = set_metrics(tokens.logits(model, cfg, start=layer), data.eval_sets, data, cfg)
                     rows += [{"layer": layer, "head": head, "ablation": ablation, "metric": m,
                               "value": got[m], "delta": got[m] - clean[m]} for m in metrics]
     finally:

@@ -117,11 +117,11 @@ class SequenceModel(nn.Module):
         pairs = rearrange(torch.stack([x[:, :CONTEXT_LEN], y], dim=2), "b n two d -> b (n two) d")
         return self.hook_embed(torch.cat([pairs, x[:, CONTEXT_LEN:]], dim=1)) + self.positions
 
-    def logits_from_tokens(self, h: Tensor) -> Tensor:
-        """The transformer and the head on given tokens ``[B, 17, d]`` -> query logits. Head
-        attribution runs this many times on tokens computed once (the embedder is unaffected
-        by any intervention in the transformer)."""
-        for block in self.blocks:
+    def logits_from_tokens(self, h: Tensor, start: int = 0) -> Tensor:
+        """The transformer from block ``start`` on and the head: tokens ``[B, 17, d]`` (or block
+        ``start``'s ``hook_resid_pre``) -> query logits. Head attribution runs this many times on
+        activations computed once: an intervention in block ``l`` changes nothing before it."""
+        for block in self.blocks[start:]:
             h = block(h)
         return self.head(self.ln_f(h[:, QUERY_POS]))
 

@@ -130,3 +130,24 @@ def test_update_run_over_checkpoints_is_incremental(tmp_path):
     assert [a.step for a in update_run(run)] == [40]  # only the step missing from heads.csv
     assert len(read(run / HEADS_CSV)) == len(heads) and len(read(run / CIRCUIT_CSV)) == 2
     assert len(read(run / COMPOSITION_CSV)) == len(comp)
+
+
+def test_rerunning_from_the_ablated_block_equals_a_full_forward(circuit):
+    """Attribution reruns only the blocks from the ablated one on, from cached clean inputs: the
+    same logits as a whole forward pass with the ablation."""
+    from icl.circuits.attribution import ResidualCache
+    from icl.model.hooks import ablate_head, hooks
+
+    cfg, data, _, _ = circuit
+    torch.manual_seed(3)
+    from icl.model import build_model
+
+    model = build_model(cfg).eval()
+    cache = ResidualCache.build(model, data, cfg)
+    seqs = data.eval_sets.ciwl
+    images = data.bank.render(seqs.classes, seqs.exemplars)
+    for layer in range(2):
+        with hooks(model, [ablate_head(layer, 1)]):
+            full = model(images, seqs.labels)
+            part = cache.logits(model, cfg, start=layer)["ciwl"]
+        torch.testing.assert_close(part, full, rtol=0, atol=1e-6)
