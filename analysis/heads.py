@@ -251,8 +251,9 @@ def trial_circuits(run: Path) -> dict[str, Any] | None:
       clean ICL, with the ICL each costs when ablated;
     - ``iwl_heads``: at the last checkpoint, the heads whose ablation costs IWL (and CIWL) at
       least ``MIN_DROP``, worst first;
-    - ``forms``: the first checkpoint with an induction head named; ``dissolves``: the first
-      checkpoint after it with none (NaN while the circuit holds);
+    - ``forms``: the first checkpoint where the circuit is seen (an induction or a previous-token
+      head named: some head's ablation costs ICL at least ``MIN_DROP``); ``dissolves``: the first
+      checkpoint after it where neither is (NaN while the circuit holds);
     - ``pair_k_comp_peak`` / ``_last``: the named pair's K-composition at the ICL peak / the end.
     """
     from icl.circuits.attribution import MIN_DROP
@@ -262,7 +263,7 @@ def trial_circuits(run: Path) -> dict[str, Any] | None:
     if circuit is None or circuit.empty or heads is None:
         return None
     circuit = circuit.sort_values("step")
-    has = circuit["induction_layer"] >= 0
+    has = (circuit["induction_layer"] >= 0) | (circuit["prev_layer"] >= 0)
     forms = float(circuit.loc[has, "step"].iloc[0]) if has.any() else math.nan
     after = circuit[(circuit["step"] > forms) & ~has] if has.any() else circuit.iloc[:0]
     peak = circuit.loc[circuit[ICL].idxmax()]
@@ -333,8 +334,8 @@ def circuits_section(df: pd.DataFrame, keys: Sequence[str], out: Path) -> list[s
         "the **induction head** is the head of a layer ≥ 1 whose ablation costs holdout ICL most, the "
         "**previous-token head** the head of an earlier layer that costs it most (named only if the cost is at "
         "least 0.05; in brackets). **IWL heads**: heads whose ablation costs IWL or CIWL at least 0.05 at the last "
-        "checkpoint. **Forms**: first checkpoint with an induction head; **dissolves**: first checkpoint after that "
-        "without one. K-comp: Elhage et al.'s K-composition of the pair (median over all pairs is the baseline, "
+        "checkpoint. **Forms**: first checkpoint where either head is named; **dissolves**: first checkpoint after "
+        "that where neither is. K-comp: Elhage et al.'s K-composition of the pair (median over all pairs is the baseline, "
         "see each run's plot).",
         "",
         markdown_table(table),

@@ -14,8 +14,10 @@ the ResNet embedder, the most expensive part, never reruns).
 
 The circuit is then named by causal effect (:func:`name_circuit`): the **induction head** is the
 head of a layer >= 1 whose ablation lowers holdout ICL (``icl_acc``) most; the
-**previous-token head** the head of an earlier layer whose ablation lowers it most. Either is
-named only if that drop is at least :data:`MIN_DROP`. Each is checked against the observational
+**previous-token head** the head of an earlier layer (earlier than the induction head's, or,
+with none named, than the last layer) whose ablation lowers it most. Either is named only if
+that drop is at least :data:`MIN_DROP`. Single-head ablation cannot see work that several heads
+share: where redundant heads each cost less than that, none of them is named. Each is checked against the observational
 scores (:func:`icl.train.evaluate.attention_scores` on the ICL set): its rank by induction
 score, resp. previous-token score, among all heads (1 = the top head agrees).
 """
@@ -174,6 +176,7 @@ def name_circuit(rows: Sequence[dict], observed: np.ndarray, ablation: str) -> d
 
     layer_index = np.arange(layers)[:, None].repeat(heads, 1)
     induction_layer = pick("induction", layer_index >= 1, induction_obs)
-    prev_rows = layer_index < induction_layer if induction_layer >= 1 else np.zeros_like(layer_index, dtype=bool)
-    pick("prev", prev_rows, prev_obs)
+    # below the induction head; with none named (e.g. several heads share its work, so none
+    # alone costs MIN_DROP), below the last layer: a head whose output a later layer can read
+    pick("prev", layer_index < (induction_layer if induction_layer >= 1 else layers - 1), prev_obs)
     return out
