@@ -254,7 +254,8 @@ def trial_circuits(run: Path) -> dict[str, Any] | None:
     - ``forms``: the first checkpoint where the circuit is seen (an induction or a previous-token
       head named: some head's ablation costs ICL at least ``MIN_DROP``); ``dissolves``: the first
       checkpoint after it where neither is (NaN while the circuit holds);
-    - ``pair_k_comp_peak`` / ``_last``: the named pair's K-composition at the ICL peak / the end.
+    - ``pair_k_comp_peak`` / ``_last``: the K-composition of the pair named at the ICL peak, there
+      and at the last checkpoint.
     """
     from icl.circuits.attribution import MIN_DROP
 
@@ -291,10 +292,21 @@ def trial_circuits(run: Path) -> dict[str, Any] | None:
         "forms": forms,
         "dissolves": float(after["step"].iloc[0]) if len(after) else math.nan,
         "pair_k_comp_peak": float(peak["pair_k_comp"]),
-        "pair_k_comp_last": float(last["pair_k_comp"]),
+        "pair_k_comp_last": _pair_score(composition, peak, float(last["step"])),
         "checkpoints": int(len(circuit)),
         "plot": run / PLOTS_DIR / "composition.png",
     }
+
+
+def _pair_score(composition: pd.DataFrame | None, named: pd.Series, step: float) -> float:
+    """K-composition at ``step`` of the previous-token -> induction pair named in row ``named``."""
+    pair = [int(named[k]) for k in ("prev_layer", "prev_head", "induction_layer", "induction_head")]
+    if composition is None or min(pair) < 0:
+        return math.nan
+    c = composition[(composition["step"] == step) & (composition["layer_from"] == pair[0])
+                    & (composition["head_from"] == pair[1]) & (composition["layer_to"] == pair[2])
+                    & (composition["head_to"] == pair[3])]
+    return float(c["k_comp"].iloc[0]) if len(c) else math.nan
 
 
 def _step(v: float) -> str:
@@ -322,7 +334,7 @@ def circuits_section(df: pd.DataFrame, keys: Sequence[str], out: Path) -> list[s
             "prev → induction K-comp (peak / last)": f"{info['pair_k_comp_peak']:.2f} / {info['pair_k_comp_last']:.2f}"
             if not math.isnan(info["pair_k_comp_peak"]) else "—",
             "checkpoints": str(info["checkpoints"]),
-            "": plot,
+            "plot": plot,
         })
     if not rows:
         where = " ".join(sorted({str(Path(p)) for p in (df.attrs.get("sources") or [])})) or "RUN_DIR"
