@@ -119,24 +119,24 @@ def autocast(cfg: Config, device: torch.device):
 
 
 def set_metrics(logits: Mapping[str, Tensor], sets: EvalSets, data: StudyData, cfg: Config) -> dict[str, float]:
-    """Every accuracy and the ECE from the logits of each evaluation set (``{set name: [N, vocab]}``)."""
-
-    def acc(pred: Tensor, target: Tensor) -> float:
-        return float((pred == target).float().mean())
-
+    """Every accuracy and the ECE from the logits of each evaluation set (``{set name: [N, vocab]}``);
+    the accuracies are read from the device in one copy."""
     t = sets.icl.targets
     two = logits["icl"][:, :2]
     flip = logits["flip_icl"].argmax(-1)
-    return {
-        "icl_acc": acc(two.argmax(-1), t),
-        "icl_acc_all": acc(logits["icl"].argmax(-1), t),
-        "ece": expected_calibration_error(two.softmax(-1), t, cfg.eval.ece_bins),
-        "icl_train_acc": acc(logits["icl_train"][:, :2].argmax(-1), sets.icl_train.targets),
-        "iwl_acc": acc(logits["iwl"].argmax(-1), sets.iwl.targets),
-        "flip_icl_ctx_acc": acc(flip, sets.flip_icl.targets),
-        "flip_icl_iwl_acc": acc(flip, data.trained_labels(sets.flip_icl.classes[:, -1])),
-        "ciwl_acc": acc(logits["ciwl"].argmax(-1), sets.ciwl.targets),
+    hits = {
+        "icl_acc": two.argmax(-1) == t,
+        "icl_acc_all": logits["icl"].argmax(-1) == t,
+        "icl_train_acc": logits["icl_train"][:, :2].argmax(-1) == sets.icl_train.targets,
+        "iwl_acc": logits["iwl"].argmax(-1) == sets.iwl.targets,
+        "flip_icl_ctx_acc": flip == sets.flip_icl.targets,
+        "flip_icl_iwl_acc": flip == data.trained_labels(sets.flip_icl.classes[:, -1]),
+        "ciwl_acc": logits["ciwl"].argmax(-1) == sets.ciwl.targets,
     }
+    accs = dict(zip(hits, torch.stack([h.float().mean() for h in hits.values()]).tolist()))
+    ece = expected_calibration_error(two.softmax(-1), t, cfg.eval.ece_bins)
+    return {"icl_acc": accs["icl_acc"], "icl_acc_all": accs["icl_acc_all"], "ece": ece,
+            **{k: accs[k] for k in ACCURACY_METRICS[2:]}}
 
 
 def evaluate(model: SequenceModel, data: StudyData, cfg: Config) -> tuple[dict[str, float], np.ndarray]:
