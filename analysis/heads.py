@@ -113,7 +113,8 @@ def plot_head_map(heads: pd.DataFrame, step: int, ablation: str = "mean") -> Fig
     layers, n_heads = int(sub["layer"].max()) + 1, int(sub["head"].max()) + 1
     cols = min(3, len(metrics))
     rows = math.ceil(len(metrics) / cols)
-    fig = Figure(figsize=(1.6 + cols * (0.55 * n_heads + 1.4), 1.2 + rows * (0.42 * layers + 1.1)), layout="constrained")
+    size = (1.6 + cols * (0.55 * n_heads + 1.4), 1.2 + rows * (0.42 * layers + 1.1))
+    fig = Figure(figsize=size, layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     vmax = max(0.05, float(sub["delta"].abs().max()))
     for ax, metric in zip(axes, metrics):
@@ -202,7 +203,8 @@ def plot_composition(circuit: pd.DataFrame, composition: pd.DataFrame, metrics: 
         pair = tuple(int(peak[k]) for k in ("prev_layer", "prev_head", "induction_layer", "induction_head"))
         label = f"{head_name(*pair[:2])} → {head_name(*pair[2:])} (named at the ICL peak)"
         c = composition[(composition["layer_from"] == pair[0]) & (composition["head_from"] == pair[1])
-                        & (composition["layer_to"] == pair[2]) & (composition["head_to"] == pair[3])].sort_values("step")
+                        & (composition["layer_to"] == pair[2]) & (composition["head_to"] == pair[3])]
+        c = c.sort_values("step")
         bottom.plot(c["step"], c["k_comp"], color=pal[3], label=label)
         here = named[(named["prev_layer"] == pair[0]) & (named["prev_head"] == pair[1])
                      & (named["induction_layer"] == pair[2]) & (named["induction_head"] == pair[3])]
@@ -331,8 +333,8 @@ def circuits_section(df: pd.DataFrame, keys: Sequence[str], out: Path) -> list[s
             "IWL heads (last checkpoint)": info["iwl_heads"],
             "forms": _step(info["forms"]),
             "dissolves": _step(info["dissolves"]),
-            "prev → induction K-comp (peak / last)": f"{info['pair_k_comp_peak']:.2f} / {info['pair_k_comp_last']:.2f}"
-            if not math.isnan(info["pair_k_comp_peak"]) else "—",
+            "prev → induction K-comp (peak / last)": "—" if math.isnan(info["pair_k_comp_peak"])
+            else f"{info['pair_k_comp_peak']:.2f} / {info['pair_k_comp_last']:.2f}",
             "checkpoints": str(info["checkpoints"]),
             "plot": plot,
         })
@@ -347,8 +349,8 @@ def circuits_section(df: pd.DataFrame, keys: Sequence[str], out: Path) -> list[s
         "**previous-token head** the head of an earlier layer that costs it most (named only if the cost is at "
         "least 0.05; in brackets). **IWL heads**: heads whose ablation costs IWL or CIWL at least 0.05 at the last "
         "checkpoint. **Forms**: first checkpoint where either head is named; **dissolves**: first checkpoint after "
-        "that where neither is. K-comp: Elhage et al.'s K-composition of the pair (median over all pairs is the baseline, "
-        "see each run's plot).",
+        "that where neither is. K-comp: Elhage et al.'s K-composition of the pair (median over all pairs is the "
+        "baseline, see each run's plot).",
         "",
         markdown_table(table),
         "",

@@ -251,7 +251,8 @@ def load_results(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
 
     Where a trial reports the same step twice (a resumed run), the last row wins. The frame's
     ``attrs`` keep hints for later steps: ``grid`` (the specs' grids), ``expected_seeds``,
-    ``sources``, ``source_dirs`` (experiment name -> (kind, path)) and ``notes``. Raises :class:`UserError` on unusable input.
+    ``sources``, ``source_dirs`` (experiment name -> (kind, path)) and ``notes``. Raises
+    :class:`UserError` on unusable input.
     """
     sources = [s for p in _as_paths(paths) for s in _sources_for(p)]
     names = _experiment_names(sources)

@@ -443,7 +443,8 @@ def _packed_optimizer_supports(config: dict[str, Any]) -> bool:
     coupled L2 must train alone until the packed engine takes ``decay_groups(model, cfg.optim)``
     and adds ``l2_penalty`` to its loss (then drop this check)."""
     all_modules = ",".join(DECAY_MODULES)
-    return config.get("optim.l2", "decoupled") == "decoupled" and config.get("optim.decay_modules", all_modules) == all_modules
+    decoupled = config.get("optim.l2", "decoupled") == "decoupled"
+    return decoupled and config.get("optim.decay_modules", all_modules) == all_modules
 
 
 def _short_names(keys: list[str]) -> dict[str, str]:

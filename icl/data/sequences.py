@@ -141,7 +141,8 @@ def sample_flip_icl(draws: Draws, train_classes: Tensor, shots: int = 4) -> Sequ
     n = draws.words.shape[0]
     device = train_classes.device
     two = Categorical.uniform(train_classes.shape[0], device).sample_distinct(draws.bits62(2))  # trained labels
-    slots = _slots((0,) * shots + (1,) * shots, device).expand(n, CONTEXT_LEN).gather(1, draws.permutations(CONTEXT_LEN))
+    order = draws.permutations(CONTEXT_LEN)
+    slots = _slots((0,) * shots + (1,) * shots, device).expand(n, CONTEXT_LEN).gather(1, order)
     slots = torch.cat([slots, torch.zeros_like(slots[:, :1])], dim=1)  # the query is of class 0
     classes = train_classes[two.gather(1, slots)]
     labels = two.gather(1, 1 - slots)  # swapped within the sequence
