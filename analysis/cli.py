@@ -1,7 +1,10 @@
-"""``icl-analyze PATH... [--out DIR]``: summary.csv, plots and report.md for sweeps or runs."""
+"""``icl-analyze PATH... [--out DIR]``: summary.csv, plots and report.md for sweeps or runs.
+``icl-analyze heads PATH...``: head attribution and composition at every checkpoint of each run."""
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 from analysis.load import METRICS_CSV, RESULTS_CSV, load_results
@@ -13,6 +16,7 @@ from icl.inputs import user_path
 from icl.io import check_writable, remove_stale_temporaries
 
 DESCRIPTION = """\
+(`icl-analyze heads RUN...` runs head attribution at every checkpoint; see its --help.)
 Analyse sweep results (STORAGE/NAME with results.csv), single runs (RUN with metrics.csv and
 config.yaml), or CSV files; several paths are combined. Writes summary.csv (one row per cell:
 mean and sd over seeds of peak/final ICL, drop, final IWL and train accuracy, ICL onset), PNG
@@ -30,8 +34,56 @@ def _check_out(out: Path, paths: list[str]) -> None:
                 raise UserError(f"--out {out} holds input results ({p}); write the report elsewhere, e.g. {out}/report")
 
 
+HEADS_DESCRIPTION = """\
+Head attribution over training: for every saved checkpoint of each run (a run directory, or any
+directory holding run directories, e.g. a sweep's experiment directory) not analysed yet, ablate
+each attention head alone (by zero and by its mean over the ICL set) and record the change in
+every accuracy metric (RUN/heads.csv), name the induction and previous-token heads by causal
+effect and check them against the observational attention scores (RUN/circuit.csv), compute the
+K-composition of every earlier/later head pair (RUN/composition.csv), and draw RUN/circuits/*.png.
+Runs keep only train.keep_checkpoints checkpoints: raise it, or analyse each checkpoint as it is
+written (the sweep spec option `heads: true`)."""
+
+
+def heads_main(argv: list[str]) -> int:
+    parser = ArgumentParser(prog="icl-analyze heads", description=HEADS_DESCRIPTION)
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="run dir, or a dir holding run dirs (a sweep)")
+    parser.add_argument("--ablation", nargs="+", choices=("zero", "mean"), default=["zero", "mean"],
+                        help="ablations to run (default both; heads are named by mean ablation when it is run)")
+    parser.add_argument("--device", default="cpu", help="torch device for the models (default cpu)")
+    parser.add_argument("--no-plots", action="store_true", help="write the CSV files only")
+    parser.add_argument("--dpi", type=int, default=110, help="resolution of the PNG plots (default 110)")
+    args = parser.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from analysis.heads import find_runs, head_name, write_run_plots
+    from icl.circuits import update_run
+
+    runs = find_runs(args.paths)
+    if not runs:
+        raise UserError(f"no run directory (config.yaml + checkpoints/) at or below {', '.join(args.paths)}")
+    for run in runs:  # runs of one sweep share their data (icl.circuits.over_training.data_for)
+        t0 = time.perf_counter()
+        done = update_run(run, ablations=args.ablation, device=args.device)
+        plots = [] if args.no_plots else write_run_plots(run, dpi=args.dpi)
+        line = f"{run}: {len(done)} checkpoint(s) analysed"
+        if done:
+            each = sum(a.seconds for a in done) / len(done)
+            c = done[-1].circuit
+            line += (f" ({each:.1f} s each, {time.perf_counter() - t0:.1f} s in all); step {done[-1].step:,}: "
+                     f"induction {head_name(c['induction_layer'], c['induction_head'])}, previous-token "
+                     f"{head_name(c['prev_layer'], c['prev_head'])} (observationally top: "
+                     f"{c['induction_obs_best']}, {c['prev_obs_best']})")
+        print(line + (f"; {len(plots)} plots in {run / 'circuits'}" if plots else ""), file=sys.stdout)
+    return 0
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["heads"]:
+        return heads_main(argv[1:])
     parser = ArgumentParser(prog="icl-analyze", description=DESCRIPTION)
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="experiment dir, run dir, dir of run dirs, or CSV file; several are combined")

@@ -31,6 +31,9 @@ CORE_KEYS = (CLASS_KEY, WD_KEY, SEED_KEY)
 ICL = "icl_acc"  # headline ICL: holdout classes, 2 labels in context, chance 0.5
 IWL = "iwl_acc"  # in-weights accuracy, query class absent from the context
 TRAIN_ACC = "train_acc"
+CIWL = "ciwl_acc"  # context-constrained IWL: the query's trained label sits on another exemplar
+FLIP_CTX = "flip_icl_ctx_acc"  # flip ICL (trained labels swapped in context): follows the context
+FLIP_IWL = "flip_icl_iwl_acc"  # ... follows its weights
 REQUIRED_METRICS = (ICL, IWL, TRAIN_ACC)
 REQUIRED_COLUMNS = ("step", *REQUIRED_METRICS)
 _NUMERIC_LOGS = ("sequences", "train_loss", "lr", "icl_acc_all", "icl_train_acc", "ece", "steps_per_s",
@@ -124,7 +127,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 
 def _is_metric(col: str) -> bool:
-    return col in REQUIRED_COLUMNS or col.startswith("attn_") or col in _NUMERIC_LOGS
+    return col in REQUIRED_COLUMNS or col.startswith("attn_") or col in _NUMERIC_LOGS or col in (CIWL, FLIP_CTX, FLIP_IWL)
 
 
 def _probabilities(col: str) -> bool:
@@ -292,7 +295,8 @@ def load_results(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
 
     Where a trial reports the same step twice (a resumed run), the last row wins. The frame's
     ``attrs`` keep hints for later steps: ``grid`` (the specs' grids), ``expected_seeds``,
-    ``sources`` and ``notes``. Raises :class:`UserError` on unusable input.
+    ``sources``, ``source_dirs`` (experiment name -> (kind, path)) and ``notes``. Raises
+    :class:`UserError` on unusable input.
     """
     sources = [s for p in _as_paths(paths) for s in _sources_for(p)]
     names = _experiment_names(sources)
@@ -370,6 +374,7 @@ def load_results(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     df.attrs["grid"] = grid
     df.attrs["expected_seeds"] = sorted(grid[SEED_KEY]) if SEED_KEY in grid else None
     df.attrs["sources"] = [str(s.path) for s in sources]
+    df.attrs["source_dirs"] = {name: (s.kind, str(s.path)) for s, name in zip(sources, names)}
     df.attrs["notes"] = [n for s in sources for n in s.notes]
     return df
 

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from analysis.fmt import cell_label, cell_slug, fmt_number
-from analysis.load import CLASS_KEY, ICL, IWL, SEED_KEY, TRAIN_ACC, WD_KEY, is_missing
+from analysis.load import CIWL, CLASS_KEY, FLIP_CTX, FLIP_IWL, ICL, IWL, SEED_KEY, TRAIN_ACC, WD_KEY, is_missing
 from analysis.summary import same_value, with_ids, cell_keys
 from analysis.verdict import RATIO, summary_keys
 
@@ -44,6 +44,9 @@ METRIC_LABELS = {
     "icl_train_acc": "ICL acc., train classes\n(chance 0.5)",
     IWL: "IWL accuracy\n(chance 1/classes)",
     TRAIN_ACC: "training accuracy",
+    CIWL: "CIWL accuracy\n(query's label in context)",
+    FLIP_CTX: "flip ICL: follows\nthe context",
+    FLIP_IWL: "flip ICL: follows\nthe weights",
     "train_loss": "training loss (nats)",
     "ece": "ECE, ICL holdout",
     "attn_max_induction": "induction score\n(max over layers)",
@@ -224,6 +227,17 @@ def plot_curves(
     seeds = int(n_seeds.max()) if len(n_seeds) else 0
     fig.suptitle(title or f"Accuracy over training: mean over seeds (up to {seeds}), band = ±1 sd", fontsize=13)
     return fig
+
+
+def plot_evaluators(df: pd.DataFrame, x: str = "step", logx: bool = False) -> Figure | None:
+    """ICL beside the peer code's evaluators: CIWL, flip ICL (context vs weights) and pure IWL.
+
+    None when the results have neither ``ciwl_acc`` nor the flip columns (logged before they existed)."""
+    extra = [m for m in (CIWL, FLIP_CTX, FLIP_IWL) if m in df.columns and df[m].notna().any()]
+    if not extra:
+        return None
+    return plot_curves(df, (ICL, *extra, IWL), x=x, logx=logx,
+                       title="ICL into IWL or CIWL? The peer evaluators over training: mean over seeds, band = ±1 sd")
 
 
 def plot_attention_overview(df: pd.DataFrame, x: str = "step", logx: bool = False) -> Figure | None:
@@ -481,6 +495,9 @@ def write_plots(
 
     save("curves", plot_curves(df, x=x, logx=False), "curves.png")
     save("curves_logx", plot_curves(df, x=x, logx=True), "curves_logx.png")
+    evaluators = plot_evaluators(df, x=x, logx=True)
+    if evaluators is not None:
+        save("evaluators", evaluators, "evaluators.png")
     save("peak_final", plot_peak_final(summary, ratio), "peak_final_vs_wd.png")
     keys = summary_keys(summary)
     if CLASS_KEY in keys and WD_KEY in keys and summary[[CLASS_KEY, WD_KEY]].notna().all(axis=1).any():

@@ -59,6 +59,10 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     out["final IWL"] = [mean_std(m, s) for m, s in zip(summary["final_iwl_mean"], summary["final_iwl_std"])]
     out["final train acc"] = [mean_std(m, s) for m, s in zip(summary["final_train_acc_mean"],
                                                              summary["final_train_acc_std"])]
+    for stat, title in (("final_ciwl", "final CIWL"), ("final_flip_ctx", "final flip: context"),
+                        ("final_flip_iwl", "final flip: weights")):
+        if summary[f"{stat}_mean"].notna().any():  # results logged before the evaluators existed lack them
+            out[title] = [mean_std(m, s) for m, s in zip(summary[f"{stat}_mean"], summary[f"{stat}_std"])]
     out["ICL onset step"] = [
         "never" if n == 0 else step_mean_std(m, s) + ("" if n == ns else f" ({n} of {ns} seeds)")
         for m, s, n, ns in zip(summary["icl_onset_step_mean"], summary["icl_onset_step_std"], summary["icl_onset_n"],
@@ -214,6 +218,12 @@ def _render(
                                                              ("curves, log step", named["curves_logx"])], out,
                                "Rows: holdout ICL, in-weights accuracy, training accuracy; columns: number of "
                                "classes; colour: weight decay. Mean over seeds, band ±1 sd. Linear then log steps.")
+    if "evaluators" in named:
+        lines += _plot_section("ICL, CIWL and flip ICL", [("evaluators", named["evaluators"])], out,
+                               "The peer code's evaluators (log step axis): CIWL = the query's class is absent from "
+                               "the context but its trained label sits on another exemplar; flip ICL = training "
+                               "classes with their trained labels swapped in context: following the context vs "
+                               "following the weights. Pure IWL below for comparison.")
     if "peak_final" in named:
         lines += _plot_section("Peak and final ICL vs weight decay", [("peak and final ICL", named["peak_final"])],
                                out, f"Solid grey: the baseline's peak ICL; dashed: the success bar ({ratio:.0%}).")
@@ -227,6 +237,9 @@ def _render(
                 lines += [f"### {name.split(':', 1)[1]}", "", f"![{name}]({os.path.relpath(p, out)})", ""]
     else:
         lines += ["## Attention diagnostics", "", "The results have no `attn_L*` columns: nothing to show.", ""]
+    from analysis.heads import circuits_section  # matplotlib only when reporting
+
+    lines += circuits_section(df, keys, out)
     return "\n".join(lines).rstrip() + "\n"
 
 

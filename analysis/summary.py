@@ -10,6 +10,10 @@ per-trial numbers below. Definitions, used everywhere in the package:
   a sweep that is still running this is the latest evaluation so far, so cells whose trials
   are behind the others are flagged (``behind``).
 - ``icl_drop``: ``peak_icl - final_icl``, the transience (0 when ICL never fades).
+- ``final_ciwl``, ``final_flip_ctx``, ``final_flip_iwl``: the last ``ciwl_acc``,
+  ``flip_icl_ctx_acc`` and ``flip_icl_iwl_acc`` (the peer code's evaluators; NaN for results
+  logged before they existed). ICL that fades into CIWL rather than into pure IWL (the
+  coopetition paper's 2-layer runs) shows as a high ``final_ciwl`` beside a low ``final_iwl``.
 - ``icl_onset_step``: the first step at which ``icl_acc >= threshold`` (default
   :data:`ONSET_THRESHOLD` = 0.6, i.e. 10 points above chance, well above the noise of a
   1,024-sequence evaluation, about +-0.016); NaN for a trial that never gets there. The cell
@@ -26,12 +30,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.load import ICL, IWL, SEED_KEY, TRAIN_ACC, is_missing, order_keys
+from analysis.load import CIWL, FLIP_CTX, FLIP_IWL, ICL, IWL, SEED_KEY, TRAIN_ACC, is_missing, order_keys
 from icl.config import valid_keys
 from icl.errors import UserError
 
 ONSET_THRESHOLD = 0.6
-STATS = ("peak_icl", "peak_step", "final_icl", "icl_drop", "final_iwl", "final_train_acc", "icl_onset_step")
+STATS = ("peak_icl", "peak_step", "final_icl", "icl_drop", "final_iwl", "final_train_acc", "icl_onset_step",
+         "final_ciwl", "final_flip_ctx", "final_flip_iwl")
+FINAL_METRICS = {"final_iwl": IWL, "final_train_acc": TRAIN_ACC, "final_ciwl": CIWL, "final_flip_ctx": FLIP_CTX,
+                 "final_flip_iwl": FLIP_IWL}
 
 
 def cell_keys(df: pd.DataFrame) -> list[str]:
@@ -111,8 +118,8 @@ def trial_summary(df: pd.DataFrame, threshold: float = ONSET_THRESHOLD) -> pd.Da
         else:
             row.update(peak_icl=math.nan, peak_step=math.nan, final_icl=math.nan, icl_drop=math.nan,
                        icl_onset_step=math.nan)
-        row["final_iwl"] = _last_valid(g, IWL)
-        row["final_train_acc"] = _last_valid(g, TRAIN_ACC)
+        for stat, metric in FINAL_METRICS.items():
+            row[stat] = _last_valid(g, metric)
         row["last_step"] = float(g["step"].max())
         row["n_evals"] = int(len(g))
         rows.append(row)

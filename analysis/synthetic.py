@@ -83,6 +83,9 @@ def make_sweep(
                     "icl_acc_all": icl * 0.98,
                     "icl_train_acc": np.clip(icl + 0.02, 0, 1),
                     "iwl_acc": iwl,
+                    "flip_icl_ctx_acc": np.clip(2 * (icl - 0.5) * (1 - iwl), 0, 1),
+                    "flip_icl_iwl_acc": np.clip(iwl * (1 - 2 * (icl - 0.5)), 0, 1),
+                    "ciwl_acc": np.clip(np.maximum(iwl, 1 - 2 * (icl - 0.5)) * learn, 0, 1),
                     "ece": np.abs(0.1 - 0.05 * circuit),
                 })
                 for layer in range(layers):

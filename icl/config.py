@@ -31,6 +31,8 @@ CONTEXT_LEN = 8  # (image, label) pairs before the query
 SEQ_LEN = CONTEXT_LEN + 1  # items per sequence, query last
 PRECISIONS = ("fp32", "bf16", "fp64")
 MAX_ROWS = 1_000_000  # sequences per batch or evaluation set (the sampler's counters: icl.data.rng)
+DECAY_MODULES = ("embedder", "attn", "mlp", "head")  # what optim.decay_modules may name
+L2_KINDS = ("decoupled", "coupled")
 
 
 @dataclass
@@ -61,7 +63,7 @@ class ModelConfig:
     layers: int = 12
     d_model: int = 64
     heads: int = 8
-    mlp: int = 256
+    mlp: int = 256  # MLP width; 0 = attention-only blocks
     max_timescale: float = 30.0
 
 
@@ -69,6 +71,10 @@ class ModelConfig:
 class OptimConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
+    # which modules' weight matrices weight_decay acts on: a comma-separated subset of
+    # embedder, attn, mlp, head ("all", "none" accepted); biases, norms, tables never
+    decay_modules: str = "embedder,attn,mlp,head"
+    l2: str = "decoupled"  # decoupled (AdamW) | coupled (weight_decay * sum ||W|| added to the loss, through Adam)
     schedule: str = "inverse_sqrt"  # inverse_sqrt | constant | cosine
     warmup_steps: int = 4000
     beta1: float = 0.9
@@ -319,7 +325,7 @@ RANGES: dict[str, Range] = {
     "model.layers": Range(1, 256),
     "model.d_model": Range(2, 8192, why="even"),
     "model.heads": Range(1, 1024, why="must divide model.d_model"),
-    "model.mlp": Range(1, 65536),
+    "model.mlp": Range(0, 65536, why="0 = attention-only blocks"),
     "model.max_timescale": Range(1.0, 1e6),
     "optim.lr": Range(0.0, 10.0, low_open=True),
     "optim.weight_decay": Range(0.0, 1e6),
@@ -343,6 +349,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("inverse_sqrt", "constant", "cosine"),
     "train.precision": PRECISIONS,
     "train.pack_forward": ("auto", "vmap", "loop"),
+    "optim.l2": L2_KINDS,
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]{0,2}))?")  # cuda:N, N < 1000
 PATH_KEYS = ("data.root", "data.cache_dir")
@@ -383,11 +390,32 @@ def validate(cfg: Config) -> None:
     )
     _require(m.d_model % 2 == 0, f"model.d_model must be even and >= 2, got {m.d_model}")
     _require(m.d_model % m.heads == 0, f"model.heads ({m.heads}) must divide model.d_model ({m.d_model})")
+    o = cfg.optim
+    o.decay_modules = canonical_decay_modules(o.decay_modules)
     _require(
         t.checkpoint_every % t.eval_every == 0,
         f"train.checkpoint_every ({t.checkpoint_every}) must be a multiple of train.eval_every ({t.eval_every}): "
         "a checkpoint is saved with the evaluation of its step",
     )
+
+
+def canonical_decay_modules(text: str) -> str:
+    """``optim.decay_modules`` in one spelling (the order of DECAY_MODULES; ``none`` for the empty
+    set), so that equal choices compare equal in run directories and sweeps."""
+    words = {w.strip() for w in text.replace("+", ",").split(",") if w.strip()}
+    if words == {"all"}:
+        words = set(DECAY_MODULES)
+    if words == {"none"}:
+        words = set()
+    bad = sorted(words - set(DECAY_MODULES))
+    _require(not bad, f"optim.decay_modules names unknown module(s) {', '.join(bad)}: give a comma-separated subset of "
+                      f"{', '.join(DECAY_MODULES)}, or all, or none")
+    return ",".join(m for m in DECAY_MODULES if m in words) or "none"
+
+
+def decay_module_set(text: str) -> tuple[str, ...]:
+    chosen = canonical_decay_modules(text)
+    return () if chosen == "none" else tuple(chosen.split(","))
 
 
 # --------------------------------------------------------------------------- paths

@@ -21,6 +21,8 @@ holds one experiment. Schema (every key is checked; unknown keys are errors)::
     pack: 1                    # models trained together in one Tune trial (icl.train.train_packed):
                                # grid points differing only in seed / optim.weight_decay are
                                # grouped into packs of at most this many; 1 = one model per trial
+    heads: false               # head attribution (icl.circuits.update_run) on every trial's run
+                               # directory at each checkpoint, as it is written; analysis only
     storage: experiments       # parent directory of the experiment; --storage overrides
     resolved: {...}            # written by icl-sweep into the saved spec.yaml only: the exact
                                # base config, so a saved spec reproduces its experiment even if
@@ -39,6 +41,7 @@ from typing import Any, Sequence
 import yaml
 
 from icl.config import (
+    DECAY_MODULES,
     build_config,
     config_source,
     flatten,
@@ -65,6 +68,7 @@ SPEC_KEYS = (
     "max_failures",
     "checkpoint",
     "pack",
+    "heads",
     "storage",
     "resolved",
 )
@@ -99,6 +103,7 @@ class SweepSpec:
     max_failures: int = 2
     checkpoint_keep: int | None = None
     pack: int = 1  # models per Tune trial (train_packed); 1 = one model per trial
+    heads: bool = False  # head attribution at each checkpoint (not part of the identity: analysis only)
     storage: str = DEFAULT_STORAGE
     description: str = ""
     source: str = ""
@@ -238,6 +243,10 @@ def parse_spec(
             f"model per trial; at most {MAX_COUNT}), got {pack!r}"
         )
 
+    heads = raw.get("heads", False)
+    if not isinstance(heads, bool):
+        raise UserError(f"{where}: heads must be true or false (head attribution at each checkpoint), got {heads!r}")
+
     spec_storage = storage if storage is not None else raw.get("storage", DEFAULT_STORAGE)
     if not isinstance(spec_storage, str) or not spec_storage.strip():
         raise UserError(f"{where}: storage must be a directory path, got {spec_storage!r}")
@@ -259,6 +268,7 @@ def parse_spec(
         max_failures=int(max_failures),
         checkpoint_keep=keep,
         pack=int(pack),
+        heads=heads,
         storage=spec_storage,
         description=description,
         source=str(source) if source else "",
@@ -411,6 +421,13 @@ def make_packs(spec: SweepSpec, trials: Sequence[TrialSpec]) -> list[PackSpec]:
     for t in trials:
         shared = tuple(t.grid[k] for k in spec.grid if k not in PER_MODEL_KEYS)
         groups.setdefault(shared, []).append(t)
+    unpackable = [t.trial_id for t in trials if not _packed_optimizer_supports(t.config)]
+    if unpackable:
+        raise UserError(
+            f"pack: {spec.pack} cannot train trials {', '.join(unpackable[:4])}: the packed optimiser applies "
+            "decoupled decay to every module; optim.decay_modules other than all and optim.l2=coupled need "
+            "`pack: 1` for now"
+        )
     order = {t.trial_id: i for i, t in enumerate(trials)}
     chunks = [g[i : i + spec.pack] for g in groups.values() for i in range(0, len(g), spec.pack)]
     chunks.sort(key=lambda c: order[c[0].trial_id])
@@ -434,6 +451,16 @@ def make_packs(spec: SweepSpec, trials: Sequence[TrialSpec]) -> list[PackSpec]:
         dirname = re.sub(r"[^A-Za-z0-9._=+-]", "-", f"{pack_id}_{'+'.join(ids)}")[:120]
         packs.append(PackSpec(pack_id, dirname, ids))
     return packs
+
+
+def _packed_optimizer_supports(config: dict[str, Any]) -> bool:
+    """Whether ``icl.train.train_packed`` trains this config as ``icl.train.train`` would: its
+    PackedAdamW decays ``decay_groups(model)`` (every module) decoupled, so per-module decay and
+    coupled L2 must train alone until the packed engine takes ``decay_groups(model, cfg.optim)``
+    and adds ``l2_penalty`` to its loss (then drop this check)."""
+    all_modules = ",".join(DECAY_MODULES)
+    decoupled = config.get("optim.l2", "decoupled") == "decoupled"
+    return decoupled and config.get("optim.decay_modules", all_modules) == all_modules
 
 
 def _short_names(keys: list[str]) -> dict[str, str]:
@@ -501,6 +528,7 @@ def saved_yaml(spec: SweepSpec) -> str:
         "max_failures": spec.max_failures,
         "checkpoint": ident["checkpoint"],
         "pack": spec.pack,
+        "heads": spec.heads,
         "storage": str(Path(spec.storage).expanduser().resolve()),
         "resolved": cfg.to_dict(),
     }

@@ -40,6 +40,18 @@ class StudyData:
         return torch.as_tensor(self.split.train_classes, device=self.device)
 
     @cached_property
+    def label_of_class(self) -> torch.Tensor:
+        """Global class id -> its trained label (index in the training list); -1 otherwise."""
+        lut = torch.full((self.bank.n_classes,), -1, dtype=torch.long, device=self.device)
+        lut[self.train_classes] = torch.arange(len(self.train_classes), device=self.device)
+        return lut
+
+    def trained_labels(self, classes: torch.Tensor) -> torch.Tensor:
+        """The label each class was trained with (``-1`` for holdout classes): what a model
+        answering from its weights predicts, e.g. for a ``flip_icl`` query."""
+        return self.label_of_class[classes]
+
+    @cached_property
     def class_dist(self) -> Categorical:
         """Zipf weights over the training list, as exact integer masses."""
         return Categorical.from_weights(zipf_weights(self.split.num_classes, self.cfg.data.zipf_exponent, self.device))

@@ -2,7 +2,7 @@
 
     icl-data info    [--config CFG] [--set k=v ...]
     icl-data prepare [--config CFG] [--set k=v ...]
-    icl-data sample  --config CFG [--set k=v ...] --split train|icl|iwl -n N --out F.npz [--png F.png]
+    icl-data sample  --config CFG [--set k=v ...] --split train|icl|iwl|icl_train|flip_icl|ciwl -n N --out F.npz [--png F.png]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 
 from icl.config import MAX_ROWS, U32, Config, cache_dir, data_root, load_config
 from icl.data import load_data
+from icl.data.evalsets import EVAL_SETS
 from icl.data.omniglot import cache_paths, download, find_source
 from icl.errors import ArgumentParser, UserError, cli_entry
 from icl.inputs import user_path
@@ -34,8 +35,8 @@ def parser() -> ArgumentParser:
     _add_config_args(sub.add_parser("prepare", help="download or import Omniglot and build the cache"))
     s = sub.add_parser("sample", help="write sequences (and optionally a PNG of them)")
     _add_config_args(s, required=True)
-    s.add_argument("--split", choices=("train", "icl", "iwl"), required=True,
-                   help="train: training batch at step --step; icl/iwl: the fixed evaluation sets")
+    s.add_argument("--split", choices=("train", *EVAL_SETS), required=True,
+                   help=f"train: training batch at step --step; {'/'.join(EVAL_SETS)}: the fixed evaluation sets")
     s.add_argument("-n", type=int, required=True, help="number of sequences")
     s.add_argument("--step", type=int, default=0, help="training step whose batch to draw (train split)")
     s.add_argument("--out", type=Path, required=True, help="output .npz")
@@ -150,6 +151,9 @@ def draw_sequences(data, seqs, split: str, cfg: Config, rows: int = 6) -> bytes:
         "train": f"training sequences (p_bursty={cfg.data.p_bursty}, {cfg.data.num_classes} classes)",
         "icl": "ICL holdout evaluation: 2-way 4-shot, labels 0/1 per sequence",
         "iwl": "IWL evaluation: query class never in context, fixed labels",
+        "icl_train": "ICL on training classes: 2-way 4-shot, relabelled 0/1 per sequence",
+        "flip_icl": "flip ICL: training classes, trained labels swapped within the sequence",
+        "ciwl": "CIWL: query class not in context, its trained label on another exemplar",
     }
     fig.suptitle(f"{titles[split]} — 8 context (image, label) pairs, then the query", fontsize=11)
     fig.tight_layout()

@@ -127,3 +127,43 @@ def sample_iwl(draws: Draws, train_classes: Tensor, dist: Categorical) -> Sequen
     idx = torch.cat([context, query], dim=1)
     classes = train_classes[idx]
     return Sequences(classes, idx, assign_exemplars(classes, draws))
+
+
+def sample_flip_icl(draws: Draws, train_classes: Tensor, shots: int = 4) -> Sequences:
+    """icl-dynamics' ``flip_icl``: two distinct training classes (uniform) x ``shots`` exemplars,
+    shuffled, the query a fresh exemplar of the first class; each class's items carry the
+    *other* class's trained label. The target is the label the context gives the query's class
+    (the second class's trained label); a model answering from its weights gives the query's
+    own trained label instead (:meth:`icl.data.StudyData.trained_labels`). As
+    ``samplers.fewshot_fliplabels`` on ``get_constant_burst_seq_idxs(burstiness=4,
+    distractor=True)`` (``coopetition_paper_sweep.py``, ctx8 evaluators)."""
+    assert 2 * shots == CONTEXT_LEN
+    n = draws.words.shape[0]
+    device = train_classes.device
+    two = Categorical.uniform(train_classes.shape[0], device).sample_distinct(draws.bits62(2))  # trained labels
+    order = draws.permutations(CONTEXT_LEN)
+    slots = _slots((0,) * shots + (1,) * shots, device).expand(n, CONTEXT_LEN).gather(1, order)
+    slots = torch.cat([slots, torch.zeros_like(slots[:, :1])], dim=1)  # the query is of class 0
+    classes = train_classes[two.gather(1, slots)]
+    labels = two.gather(1, 1 - slots)  # swapped within the sequence
+    return Sequences(classes, labels, assign_exemplars(classes, draws))
+
+
+def sample_ciwl(draws: Draws, train_classes: Tensor, dist: Categorical) -> Sequences:
+    """Context-constrained IWL (icl-dynamics' ``iwl_copy_avail``): the query's class (from the
+    training distribution) is absent from the context, whose 8 classes are distinct (when
+    there are at least 9 training classes; else drawn with repeats, still never the query's);
+    labels are the trained ones, except that one random context item carries the query's
+    trained label. Only the weights say which in-context label is the query's. As
+    ``get_constant_burst_seq_idxs(burstiness=0, no_support=True, unique_rest=True)`` with
+    ``make_data_sampler(assign_query_label_random=True)`` (``samplers.py``)."""
+    if train_classes.shape[0] > CONTEXT_LEN:
+        idx = dist.sample_distinct(draws.bits62(SEQ_LEN))  # query first, then 8 distinct others
+        query, context = idx[:, :1], idx[:, 1:]
+    else:
+        query = dist.sample(draws.bits62(1))
+        context = dist.sample_excluding(draws.bits62(CONTEXT_LEN), query[:, 0])
+    idx = torch.cat([context, query], dim=1)
+    classes = train_classes[idx]
+    labels = idx.scatter(1, draws.take(1) % CONTEXT_LEN, query)  # 2^32 is a multiple of 8: uniform
+    return Sequences(classes, labels, assign_exemplars(classes, draws))

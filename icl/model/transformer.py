@@ -4,11 +4,15 @@ Tokens ``x1 y1 x2 y2 ... x8 y8 xq`` (17): image embeddings at even positions, le
 label embeddings at odd ones, plus sinusoidal positions with max timescale 30. A causal
 pre-LN transformer (attention + tanh-GELU MLP, residual, final LayerNorm) reads them, and
 a linear head over the label vocabulary predicts the query's label from the last token.
+``model.mlp: 0`` builds attention-only blocks (the 2-layer attention-only model of the
+circuits and coopetition papers; icl-dynamics ``models.TransformerBlock`` with
+``mlp_ratio=None``).
 
-Attention has two paths with the same weights: training calls the fused
-``scaled_dot_product_attention``; ``forward(..., return_attention=True)`` computes the
-softmax explicitly (einops, TransformerLens-style) and returns every layer's per-head
-pattern ``[B, H, T, T]`` for the diagnostics.
+Every activation passes a :class:`~icl.model.hooks.HookPoint` with its TransformerLens name
+(``blocks.{l}.attn.hook_pattern``, ``blocks.{l}.hook_resid_post``, ...; the list is in
+:mod:`icl.model.hooks`), free when nothing is attached. Attention runs the fused
+``scaled_dot_product_attention``; only a layer whose scores or pattern are hooked computes
+the softmax explicitly (einops, TransformerLens-style), with the same weights.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import Tensor, nn
 from icl.config import CONTEXT_LEN, SEQ_LEN, Config, ModelConfig
 from icl.machine import check_model_fits_host
 from icl.model.embedders import make_embedder
+from icl.model.hooks import HookPoint, name_hook_points
 
 N_TOKENS = 2 * CONTEXT_LEN + 1  # 17
 QUERY_POS = N_TOKENS - 1
@@ -43,33 +48,52 @@ class Attention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()  # [B, T, H, e]
+        self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()  # [B, H, T, T]
+        self.hook_z = HookPoint()  # [B, T, H, e]
 
-    def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
-        q, k, v = rearrange(self.qkv(x), "b t (three h e) -> three b h t e", three=3, h=self.heads)
-        if return_attention:
-            scores = einsum(q, k, "b h i e, b h j e -> b h i j") / math.sqrt(q.shape[-1])
-            t = x.shape[1]
-            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-            pattern = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-            out = einsum(pattern, v, "b h i j, b h j e -> b h i e")
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = rearrange(self.qkv(x), "b t (three h e) -> three b t h e", three=3, h=self.heads)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if self.hook_attn_scores.active or self.hook_pattern.active:
+            z = self.explicit(q, k, v)
         else:
-            pattern = None
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(rearrange(out, "b h t e -> b t (h e)")), pattern
+            q, k, v = (rearrange(a, "b t h e -> b h t e") for a in (q, k, v))
+            z = rearrange(F.scaled_dot_product_attention(q, k, v, is_causal=True), "b h t e -> b t h e")
+        z = self.hook_z(z)
+        return self.proj(rearrange(z, "b t h e -> b t (h e)"))
+
+    def explicit(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Attention with the softmax written out, so its scores and pattern can be hooked."""
+        t = q.shape[1]
+        scores = einsum(q, k, "b i h e, b j h e -> b h i j") / math.sqrt(q.shape[-1])
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
+        pattern = self.hook_pattern(scores.softmax(dim=-1))
+        return einsum(pattern, v, "b h i j, b j h e -> b i h e")
 
 
 class Block(nn.Module):
+    """Pre-LN block: attention, then (unless ``mlp`` is 0) the MLP, each added to the residual."""
+
     def __init__(self, d_model: int, heads: int, mlp: int):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, heads)
-        self.ln2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, d_model))
+        self.hook_resid_pre, self.hook_attn_out, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
+        self.mlp: nn.Module | None = None
+        if mlp:
+            self.ln2 = nn.LayerNorm(d_model)
+            self.mlp = nn.Sequential(nn.Linear(d_model, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, d_model))
+            self.hook_resid_mid, self.hook_mlp_out = HookPoint(), HookPoint()
 
-    def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
-        a, pattern = self.attn(self.ln1(x), return_attention)
-        x = x + a
-        return x + self.mlp(self.ln2(x)), pattern
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.hook_resid_pre(x)
+        x = x + self.hook_attn_out(self.attn(self.ln1(x)))
+        if self.mlp is not None:
+            x = self.hook_resid_mid(x)
+            x = x + self.hook_mlp_out(self.mlp(self.ln2(x)))
+        return self.hook_resid_post(x)
 
 
 class SequenceModel(nn.Module):
@@ -80,29 +104,31 @@ class SequenceModel(nn.Module):
         self.label_embedding = nn.Embedding(vocab, cfg.d_model)
         nn.init.trunc_normal_(self.label_embedding.weight, std=0.02, a=-0.04, b=0.04)
         self.register_buffer("positions", sinusoidal_positions(N_TOKENS, cfg.d_model, cfg.max_timescale))
+        self.hook_embed = HookPoint()  # [B, T, d]: image and label tokens, before positions
         self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.heads, cfg.mlp) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab)
+        name_hook_points(self)
 
     def tokens(self, images: Tensor, labels: Tensor) -> Tensor:
         """``images [B, 9, S, S]``, ``labels [B, 9]`` (the query's label is never read) ->
-        ``[B, 17, d]``."""
+        ``[B, 17, d]``, positions included."""
         x = rearrange(self.embedder(rearrange(images, "b n h w -> (b n) h w")), "(b n) d -> b n d", n=SEQ_LEN)
         y = self.label_embedding(labels[:, :CONTEXT_LEN])
         pairs = rearrange(torch.stack([x[:, :CONTEXT_LEN], y], dim=2), "b n two d -> b (n two) d")
-        return torch.cat([pairs, x[:, CONTEXT_LEN:]], dim=1) + self.positions
+        return self.hook_embed(torch.cat([pairs, x[:, CONTEXT_LEN:]], dim=1)) + self.positions
 
-    def forward(self, images: Tensor, labels: Tensor, return_attention: bool = False):
-        """Query logits ``[B, vocab]``; with ``return_attention`` also ``[B, L, H, T, T]``."""
-        h = self.tokens(images, labels)
-        patterns = []
-        for block in self.blocks:
-            h, pattern = block(h, return_attention)
-            patterns.append(pattern)
-        logits = self.head(self.ln_f(h[:, QUERY_POS]))
-        if return_attention:
-            return logits, torch.stack(patterns, dim=1)
-        return logits
+    def logits_from_tokens(self, h: Tensor, start: int = 0) -> Tensor:
+        """The transformer from block ``start`` on and the head: tokens ``[B, 17, d]`` (or block
+        ``start``'s ``hook_resid_pre``) -> query logits. Head attribution runs this many times on
+        activations computed once: an intervention in block ``l`` changes nothing before it."""
+        for block in self.blocks[start:]:
+            h = block(h)
+        return self.head(self.ln_f(h[:, QUERY_POS]))
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        """Query logits ``[B, vocab]``."""
+        return self.logits_from_tokens(self.tokens(images, labels))
 
 
 def build_model(cfg: Config, vocab: int | None = None) -> SequenceModel:

@@ -6,6 +6,12 @@ Metric names (the columns of ``metrics.csv``):
 - ``icl_train_acc``: the same 2-way 4-shot task on training classes relabelled 0/1,
   restricted to the two labels.
 - ``iwl_acc``: no-support sequences, argmax over every label (chance 1/num_classes).
+- ``flip_icl_ctx_acc`` / ``flip_icl_iwl_acc``: on ``flip_icl`` (training classes, trained
+  labels swapped within the sequence), how often the argmax over every label is the label the
+  context gives the query's class / the query's own trained label (the weights' answer). The
+  two sum to at most 1; the rest goes to other labels.
+- ``ciwl_acc``: context-constrained IWL (query class absent from the context, its trained
+  label on another exemplar), argmax over every label.
 - ``ece``: expected calibration error on the ICL holdout set, from the probabilities
   renormalised over the two in-context labels, ``eval.ece_bins`` equal-width bins.
 - ``attn_L{l}_{match_img,match_lbl,other,induction,prev_tok}``: see :func:`attention_scores`;
@@ -14,14 +20,17 @@ Metric names (the columns of ``metrics.csv``):
 
 from __future__ import annotations
 
+from typing import Iterator, Mapping
+
 import numpy as np
 import torch
 from einops import reduce
 from torch import Tensor
 
 from icl.config import CONTEXT_LEN, Config
-from icl.data import StudyData
+from icl.data import EvalSets, StudyData
 from icl.data.sequences import Sequences
+from icl.model.hooks import run_with_cache
 from icl.model.transformer import QUERY_POS, SequenceModel
 
 ATTN_STATS = ("match_img", "match_lbl", "other", "induction", "prev_tok")
@@ -49,7 +58,7 @@ def attention_scores(patterns: Tensor, classes: Tensor) -> Tensor:
     - ``induction``: ``match_lbl`` minus attention to labels of non-matching images,
     - ``prev_tok``: each label token's attention to the image just before it (mean over the 8).
 
-    ``patterns`` is ``[B, L, H, T, T]`` as returned by the model.
+    ``patterns`` is ``[B, L, H, T, T]``: every layer's ``attn.hook_pattern``, stacked.
     """
     img, lbl, other_lbl = (m[:, None, None, :].to(patterns.dtype) for m in attention_masks(classes))
     query = patterns[..., QUERY_POS, :]  # [B, L, H, T]
@@ -74,20 +83,30 @@ def expected_calibration_error(probs: Tensor, targets: Tensor, bins: int) -> flo
     return float(((acc - cf).abs().sum()) / max(len(targets), 1))
 
 
+PATTERNS = "attn.hook_pattern"
+ACCURACY_METRICS = ("icl_acc", "icl_acc_all", "icl_train_acc", "iwl_acc", "flip_icl_ctx_acc", "flip_icl_iwl_acc",
+                    "ciwl_acc")
+
+
+def chunks(seqs: Sequences, cfg: Config) -> Iterator[Sequences]:
+    for start in range(0, len(seqs), cfg.eval.batch_size):
+        yield seqs[start : start + cfg.eval.batch_size]
+
+
 @torch.no_grad()
 def _run(model: SequenceModel, data: StudyData, seqs: Sequences, cfg: Config, attention: bool):
-    """Logits for a whole set (in chunks of ``eval.batch_size``) and, if asked, the summed
-    attention diagnostics."""
+    """Logits for a whole set (in chunks of ``eval.batch_size``) and, if asked, the attention
+    diagnostics (read from the hook-point cache of the patterns)."""
     logits, scores = [], None
-    for start in range(0, len(seqs), cfg.eval.batch_size):
-        chunk = seqs[start : start + cfg.eval.batch_size]
+    for chunk in chunks(seqs, cfg):
         images = data.bank.render(chunk.classes, chunk.exemplars, param_dtype(cfg))
         with autocast(cfg, images.device):
-            out = model(images, chunk.labels, return_attention=attention)
-        if attention:
-            out, patterns = out
-            s = attention_scores(patterns.float(), chunk.classes) * len(chunk)
-            scores = s if scores is None else scores + s
+            if attention:
+                out, cache = run_with_cache(model, images, chunk.labels, names_filter=lambda n: n.endswith(PATTERNS))
+                s = attention_scores(cache.stack(PATTERNS).float(), chunk.classes) * len(chunk)
+                scores = s if scores is None else scores + s
+            else:
+                out = model(images, chunk.labels)
         logits.append(out.float())
     result = torch.cat(logits)
     return result, (scores / len(seqs) if attention else None)
@@ -113,25 +132,40 @@ def autocast(cfg: Config, device: torch.device, enabled: bool | None = None):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on, cache_enabled=False)
 
 
+def set_metrics(logits: Mapping[str, Tensor], sets: EvalSets, data: StudyData, cfg: Config) -> dict[str, float]:
+    """Every accuracy and the ECE from the logits of each evaluation set (``{set name: [N, vocab]}``);
+    the accuracies are read from the device in one copy."""
+    t = sets.icl.targets
+    two = logits["icl"][:, :2]
+    flip = logits["flip_icl"].argmax(-1)
+    hits = {
+        "icl_acc": two.argmax(-1) == t,
+        "icl_acc_all": logits["icl"].argmax(-1) == t,
+        "icl_train_acc": logits["icl_train"][:, :2].argmax(-1) == sets.icl_train.targets,
+        "iwl_acc": logits["iwl"].argmax(-1) == sets.iwl.targets,
+        "flip_icl_ctx_acc": flip == sets.flip_icl.targets,
+        "flip_icl_iwl_acc": flip == data.trained_labels(sets.flip_icl.classes[:, -1]),
+        "ciwl_acc": logits["ciwl"].argmax(-1) == sets.ciwl.targets,
+    }
+    accs = dict(zip(hits, torch.stack([h.float().mean() for h in hits.values()]).tolist()))
+    ece = expected_calibration_error(two.softmax(-1), t, cfg.eval.ece_bins)
+    return {"icl_acc": accs["icl_acc"], "icl_acc_all": accs["icl_acc_all"], "ece": ece,
+            **{k: accs[k] for k in ACCURACY_METRICS[2:]}}
+
+
 def evaluate(model: SequenceModel, data: StudyData, cfg: Config) -> tuple[dict[str, float], np.ndarray]:
     """All evaluation metrics, and the per-head attention array ``[L, H, 5]``."""
     was_training = model.training
     model.eval()
-    sets = data.eval_sets
-    metrics: dict[str, float] = {}
+    heads = None
+    logits: dict[str, Tensor] = {}
     try:
-        logits, heads = _run(model, data, sets.icl, cfg, attention=True)
-        t = sets.icl.targets
-        two = logits[:, :2]
-        metrics["icl_acc"] = float((two.argmax(-1) == t).float().mean())
-        metrics["icl_acc_all"] = float((logits.argmax(-1) == t).float().mean())
-        metrics["ece"] = expected_calibration_error(two.softmax(-1), t, cfg.eval.ece_bins)
-        logits, _ = _run(model, data, sets.icl_train, cfg, attention=False)
-        metrics["icl_train_acc"] = float((logits[:, :2].argmax(-1) == sets.icl_train.targets).float().mean())
-        logits, _ = _run(model, data, sets.iwl, cfg, attention=False)
-        metrics["iwl_acc"] = float((logits.argmax(-1) == sets.iwl.targets).float().mean())
+        for name, seqs in data.eval_sets.items():
+            logits[name], scores = _run(model, data, seqs, cfg, attention=name == "icl")
+            heads = scores if scores is not None else heads
     finally:
         model.train(was_training)
+    metrics = set_metrics(logits, data.eval_sets, data, cfg)
     assert heads is not None
     per_layer = heads.max(dim=1).values  # max over heads: [L, 5]
     for layer in range(per_layer.shape[0]):

@@ -68,3 +68,18 @@ def test_single_run_plots(tmp_path, rows, curve):
     for name, fig in (("a", plot_attention(one, {"data.num_classes": 100, "optim.weight_decay": 0.0}, logx=True)),
                       ("h", plot_heatmap(s))):
         assert _is_png(save_figure(fig, tmp_path / f"{name}.png", DPI))
+
+
+def test_peer_evaluators_get_their_own_plot_and_summary_columns(tmp_path, rows, curve):
+    df = _small(rows, curve, attention=False, cells=((10, 0.0), (100, 0.0)))
+    assert "evaluators" not in write_plots(df, summarize(df), tmp_path / "old", dpi=DPI)  # results from before
+    df = df.assign(ciwl_acc=0.7, flip_icl_ctx_acc=0.4, flip_icl_iwl_acc=0.5)
+    s = summarize(df)
+    assert s["final_ciwl_mean"].tolist() == [0.7, 0.7] and s["final_flip_iwl_mean"].tolist() == [0.5, 0.5]
+    written = write_plots(df, s, tmp_path / "new", dpi=DPI)
+    assert _is_png(written["evaluators"])
+    from analysis.plots import plot_evaluators
+
+    fig = plot_evaluators(df)
+    assert fig.get_suptitle() and any("CIWL" in ax.get_ylabel() for ax in fig.axes)
+    assert any("follows" in ax.get_ylabel() for ax in fig.axes)

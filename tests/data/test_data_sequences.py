@@ -18,6 +18,7 @@ from icl.data.rng import Categorical, Draws, random_words
 from icl.data.sequences import (
     Sequences,
     assign_exemplars,
+    sample_ciwl,
     sample_icl,
     sample_iwl,
     sample_training,
@@ -278,6 +279,69 @@ def test_iwl_with_the_minimum_of_four_classes():
     s = sample_iwl(draws(2000), classes, zipf(4, 0.0))
     assert not query_in_context(s).any()
     assert_fixed_labels(s, classes)
+
+
+def label_of(classes: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """Trained label (index in the training list ``pool``) of each class id."""
+    lut = torch.full((int(pool.max()) + 1,), -1)
+    lut[pool] = torch.arange(len(pool))
+    return lut[classes]
+
+
+def test_flip_icl_set(eval_sets):
+    """Two training classes x 4 shots, query of one of them; every item shows the *other*
+    class's trained label, so the target (the context's answer) is the other class's label
+    and the query's own trained label (the weights' answer) sits on the other class's items."""
+    split, sets = eval_sets
+    s, pool = sets.flip_icl, torch.as_tensor(split.train_classes)
+    n = len(s)
+    ctx, q = s.classes[:, :8], s.classes[:, 8]
+    assert torch.isin(s.classes, pool).all()
+    assert all(len(set(row)) == 2 for row in ctx.tolist())
+    assert (context_counts(s) == 4).all()
+    assert ((ctx == q[:, None]).sum(1) == 4).all()  # the query's class is one of the two
+    other = torch.where(ctx != q[:, None], ctx, -1).max(1).values  # the other class
+    trained = label_of(s.classes, pool)
+    shown = torch.where(ctx == q[:, None], label_of(other, pool)[:, None], label_of(q, pool)[:, None])
+    assert torch.equal(s.labels[:, :8], shown)  # swapped within the sequence
+    assert torch.equal(s.targets, label_of(other, pool))  # following the context
+    assert not (s.targets == trained[:, 8]).any()  # ... is never the weights' answer
+    assert_exemplars_distinct_per_class(s)
+    # classes drawn uniformly from the 100 training classes: each in about 2% of the rows
+    for c in pool[:10].tolist():
+        assert within(int((ctx == c).any(1).sum()), n, 2 / 100), c
+    assert not torch.equal(s.labels, sets.icl_train.labels)  # its own random words
+
+
+@pytest.mark.parametrize("a", [0.0, 1.0])
+def test_ciwl_set(a):
+    """Query class absent from a context of 8 distinct training classes, trained labels,
+    except exactly one context item (at a uniformly random position) that carries the query's
+    trained label; the query follows the training distribution."""
+    split = make_split(N_CHARACTERS, 23, 64, False, 1337)
+    pool = torch.as_tensor(split.train_classes)
+    s = build_eval_sets(split, 4096, 2024, a).ciwl
+    n = len(s)
+    assert not query_in_context(s).any()
+    assert all(len(set(row)) == 8 for row in s.classes[:, :8].tolist())
+    trained = label_of(s.classes, pool)
+    assert torch.equal(s.targets, trained[:, 8])
+    carries = s.labels[:, :8] == s.targets[:, None]
+    assert (carries.sum(1) == 1).all()  # the query's label is available exactly once
+    assert torch.equal(torch.where(carries, trained[:, :8], s.labels[:, :8]), trained[:, :8])  # others: trained
+    position = carries.float().argmax(1)
+    for j in range(8):
+        assert within(int((position == j).sum()), n, 1 / 8), j
+    assert_exemplars_distinct_per_class(s)
+    w = zipf_weights(64, a).double()
+    assert within(int((s.targets == 0).sum()), n, float(w[0]))
+
+
+def test_ciwl_with_fewer_than_nine_classes_keeps_the_query_out_of_the_context():
+    classes = train_list(4)
+    s = sample_ciwl(draws(2000), classes, zipf(4, 0.0))
+    assert not query_in_context(s).any()
+    assert ((s.labels[:, :8] == s.targets[:, None]).sum(1) == 1).all()
 
 
 def test_eval_sets_are_fixed():

@@ -1,10 +1,12 @@
-"""The model of STUDY.md: token layout, causality, both attention paths, parameter budget."""
+"""The model of STUDY.md: token layout, causality, both attention paths, parameter budget, hook
+points and interventions, attention-only blocks."""
 
 import pytest
 import torch
 
 from icl.config import load_config
 from icl.model import N_TOKENS, QUERY_POS, build_model
+from icl.model.hooks import ablate_head, hook_points, run_with_cache, run_with_hooks, set_pattern
 from icl.model.transformer import sinusoidal_positions
 
 
@@ -22,13 +24,10 @@ def inputs(batch=3, size=14, vocab=10, seed=1):
 
 
 def hidden_states(model, images, labels):
-    """The last block's output at every position ``[B, 17, d]``, captured with a hook (the
+    """The last block's output at every position ``[B, 17, d]``, from the hook-point cache (the
     model itself returns only the query's logits)."""
-    seen = {}
-    handle = model.blocks[-1].register_forward_hook(lambda m, args, out: seen.__setitem__("h", out[0]))
-    model(images, labels)
-    handle.remove()
-    return seen["h"]
+    _, cache = run_with_cache(model, images, labels, names_filter=f"blocks.{len(model.blocks) - 1}.hook_resid_post")
+    return cache[f"blocks.{len(model.blocks) - 1}.hook_resid_post"]
 
 
 @pytest.mark.parametrize("embedder", ["resnet", "linear", "frozen"])
@@ -68,13 +67,74 @@ def test_the_query_label_is_never_fed():
 def test_explicit_attention_path_matches_the_fused_one_and_is_causal():
     model = small()
     images, labels = inputs()
-    fused = model(images, labels)
-    logits, patterns = model(images, labels, return_attention=True)
+    fused, plain = run_with_cache(model, images, labels, names_filter=lambda n: n.endswith("hook_z"))
+    logits, cache = run_with_cache(model, images, labels, names_filter=lambda n: n.endswith(("hook_pattern", "hook_z")))
     torch.testing.assert_close(logits, fused, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache["blocks.1.attn.hook_z"], plain["blocks.1.attn.hook_z"], rtol=1e-5, atol=1e-5)
+    patterns = cache.stack("attn.hook_pattern")
     assert patterns.shape == (3, 2, 4, N_TOKENS, N_TOKENS)  # [B, L, H, T, T]
     torch.testing.assert_close(patterns.sum(-1), torch.ones(3, 2, 4, N_TOKENS))
     assert torch.all(patterns.triu(1) == 0)
     assert QUERY_POS == 16
+
+
+def test_hook_points_carry_transformer_lens_names_and_shapes():
+    model = small()
+    images, labels = inputs()
+    names = set(hook_points(model))
+    for l in range(2):
+        assert {f"blocks.{l}.attn.hook_{a}" for a in ("q", "k", "v", "z", "attn_scores", "pattern")} <= names
+        assert {f"blocks.{l}.hook_{a}" for a in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")} <= names
+    _, cache = run_with_cache(model, images, labels)
+    assert set(cache) == names and all(hook_points(model)[n].name == n for n in names)
+    assert cache["hook_embed"].shape == (3, N_TOKENS, 32)
+    assert cache["blocks.0.attn.hook_q"].shape == cache["blocks.0.attn.hook_z"].shape == (3, N_TOKENS, 4, 8)
+    assert cache["blocks.1.attn.hook_pattern"].shape == (3, 4, N_TOKENS, N_TOKENS)
+    # the residual stream adds up: resid_post = resid_pre + attn_out + mlp_out
+    c = cache
+    torch.testing.assert_close(c["blocks.0.hook_resid_post"],
+                               c["blocks.0.hook_resid_pre"] + c["blocks.0.hook_attn_out"] + c["blocks.0.hook_mlp_out"])
+    torch.testing.assert_close(c["blocks.0.hook_resid_post"], c["blocks.1.hook_resid_pre"])
+    assert not any(p.active for p in hook_points(model).values())  # every hook detached afterwards
+
+
+def test_head_ablation_removes_exactly_that_heads_output():
+    model = small()
+    images, labels = inputs()
+    names = ("blocks.0.attn.hook_z", "blocks.0.hook_attn_out")
+    _, clean = run_with_cache(model, images, labels, names_filter=names)
+    _, ablated = run_with_cache(model, images, labels, names_filter=names, fwd_hooks=[ablate_head(0, 2)])
+    z = clean["blocks.0.attn.hook_z"]
+    assert torch.equal(ablated["blocks.0.attn.hook_z"][:, :, 2], torch.zeros_like(z[:, :, 2]))
+    assert torch.equal(ablated["blocks.0.attn.hook_z"][:, :, [0, 1, 3]], z[:, :, [0, 1, 3]])
+    w_o = model.blocks[0].attn.proj.weight[:, 16:24]  # head 2's columns of the output projection
+    torch.testing.assert_close(clean["blocks.0.hook_attn_out"] - ablated["blocks.0.hook_attn_out"],
+                               z[:, :, 2] @ w_o.T, rtol=1e-5, atol=1e-6)
+    mean = torch.randn(N_TOKENS, 8)
+    _, by_mean = run_with_cache(model, images, labels, names_filter=names, fwd_hooks=[ablate_head(0, 2, mean)])
+    assert torch.equal(by_mean["blocks.0.attn.hook_z"][:, :, 2], mean.expand(3, N_TOKENS, 8))
+
+
+def test_set_pattern_clamps_one_head_and_its_output_follows():
+    model = small()
+    images, labels = inputs()
+    self_only = torch.eye(N_TOKENS)
+    names = ("blocks.1.attn.hook_pattern", "blocks.1.attn.hook_v", "blocks.1.attn.hook_z")
+    _, c = run_with_cache(model, images, labels, names_filter=names, fwd_hooks=[set_pattern(1, 3, self_only)])
+    assert torch.equal(c["blocks.1.attn.hook_pattern"][:, 3], self_only.expand(3, N_TOKENS, N_TOKENS))
+    torch.testing.assert_close(c["blocks.1.attn.hook_z"][:, :, 3], c["blocks.1.attn.hook_v"][:, :, 3])  # attends to itself
+    assert not torch.equal(run_with_hooks(model, images, labels, fwd_hooks=[set_pattern(1, 3, self_only)]),
+                           model(images, labels))
+
+
+def test_attention_only_blocks_have_no_mlp():
+    model = small(**{"model.mlp": 0})
+    images, labels = inputs()
+    assert all(b.mlp is None for b in model.blocks)
+    assert not any(".mlp." in n or ".ln2." in n for n, _ in model.named_parameters())
+    _, c = run_with_cache(model, images, labels)
+    assert "blocks.0.hook_mlp_out" not in c
+    torch.testing.assert_close(c["blocks.0.hook_resid_post"], c["blocks.0.hook_resid_pre"] + c["blocks.0.hook_attn_out"])
 
 
 def test_tokens_interleave_images_and_labels():

@@ -59,6 +59,26 @@ def test_smoke_is_small() -> None:
     assert all(t.config["train.steps"] <= 200 for t in trials)
 
 
+def test_decay_modules_sweeps_one_module_group_at_a_time() -> None:
+    spec = load_spec("decay_modules")
+    trials = expand(spec)
+    assert [t.grid["optim.decay_modules"] for t in trials] == ["none", "embedder,attn,mlp,head", "attn", "mlp",
+                                                               "embedder", "head"]
+    assert all(t.config["optim.weight_decay"] > 0 and t.config["data.num_classes"] == 1600 for t in trials)
+    assert all(t.config["train.keep_checkpoints"] * t.config["train.checkpoint_every"] >= t.config["train.steps"]
+               for t in trials)  # every checkpoint kept, for head attribution over training
+
+
+@pytest.mark.parametrize("key", ["optim.decay_modules=mlp", "optim.l2=coupled"])
+def test_pack_refuses_what_the_packed_optimiser_cannot_do(key: str) -> None:
+    from sweeps.spec import make_packs
+
+    doc = {**SMOKE, "pack": 2, "overrides": {**SMOKE["overrides"], key.split("=")[0]: key.split("=")[1]}}
+    spec = parse_spec(doc)
+    with pytest.raises(UserError, match="`pack: 1`"):
+        make_packs(spec, expand(spec))
+
+
 # --------------------------------------------------------------------------- expansion
 
 
@@ -206,3 +226,14 @@ def test_bad_fault_spec(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypat
 def test_missing_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ICL_DATA_DIR", str(tmp_path / "no-data"))
     assert "no Omniglot data under" in cli_error(capsys, ["smoke", "--storage", str(tmp_path)])
+
+
+def test_heads_option_is_parsed_saved_and_not_part_of_the_identity(tmp_path: Path) -> None:
+    assert parse_spec(SMOKE).heads is False
+    spec = parse_spec({**SMOKE, "heads": True})
+    assert spec.heads is True
+    assert identity(spec) == identity(parse_spec(SMOKE))  # analysis only: a resume may switch it
+    saved = yaml.safe_load(saved_yaml(spec))
+    assert saved["heads"] is True and parse_spec(saved).heads is True
+    with pytest.raises(UserError, match="heads must be true or false"):
+        parse_spec({**SMOKE, "heads": "yes"})

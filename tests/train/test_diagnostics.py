@@ -70,3 +70,30 @@ def test_ece_is_zero_when_confidence_equals_accuracy_and_the_gap_otherwise():
     assert abs(expected_calibration_error(half_right, targets, 10) - 0.5) < 1e-6
     calibrated = torch.tensor([[0.75, 0.25]] * 4)  # 75% confident, right on 3 of 4
     assert abs(expected_calibration_error(calibrated, torch.tensor([0, 0, 0, 1]), 10)) < 1e-6
+
+
+def test_flip_and_ciwl_metrics_tell_context_from_weights():
+    """On hand-made logits: a model that follows the context on flip_icl scores ctx 1 / iwl 0,
+    one that answers from its weights the reverse; CIWL counts the query's trained label."""
+    from icl.config import load_config
+    from icl.data import load_data
+    from icl.train.evaluate import set_metrics
+
+    cfg = load_config("tiny")
+    data = load_data(cfg)
+    sets = data.eval_sets
+    vocab = cfg.data.num_classes
+
+    def onehot(labels):
+        return torch.nn.functional.one_hot(labels, vocab).float()
+
+    logits = {name: onehot(s.targets) for name, s in sets.items()}
+    m = set_metrics(logits, sets, data, cfg)
+    assert m["flip_icl_ctx_acc"] == 1.0 and m["flip_icl_iwl_acc"] == 0.0 and m["ciwl_acc"] == 1.0
+    assert m["icl_acc"] == m["iwl_acc"] == m["icl_train_acc"] == 1.0
+    weights = data.trained_labels(sets.flip_icl.classes[:, -1])
+    assert (weights >= 0).all()
+    m = set_metrics({**logits, "flip_icl": onehot(weights), "ciwl": onehot(sets.ciwl.labels[:, 0])}, sets, data, cfg)
+    assert m["flip_icl_ctx_acc"] == 0.0 and m["flip_icl_iwl_acc"] == 1.0
+    assert 0.0 < m["ciwl_acc"] < 0.3  # the label of the first context item: right only where it carries the query's
+    assert (data.trained_labels(torch.as_tensor(data.split.holdout_classes)) == -1).all()

@@ -70,3 +70,66 @@ def test_a_pack_launches_the_same_kernels_for_any_number_of_models(tiny):
         assert step.syncs == [], f"K={k}"
         counts[k] = (sampling.kernels, step.kernels)
     assert counts[2] == counts[8], counts
+
+
+# Kernels of the tiny model's forward + backward, counted at c35f2bb (before the hook points)
+# with the pinned torch: alone, and as the packed engine runs it (functional_call under vmap on
+# a meta template, K = 2). Hook points must not add a single kernel. Re-count at that commit if
+# torch is upgraded.
+MODEL_STEP_KERNELS = {"alone": 114, "packed": 187}
+
+
+def model_step_kernels(cfg, packed: bool) -> int:
+    """Kernels of one forward + backward of the model (no optimiser, no sampling)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from icl.model import build_model
+
+    g = torch.Generator().manual_seed(0)
+    s, k = cfg.data.image_size, 2
+    shape = (k, 4, 9, s, s) if packed else (4, 9, s, s)
+    images, labels = torch.rand(*shape, generator=g), torch.randint(0, cfg.data.num_classes, shape[:-2], generator=g)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    if not packed:
+        def run():
+            F.cross_entropy(model(images, labels), labels[:, -1]).backward()
+    else:
+        params = {n: torch.stack([p.detach()] * k).requires_grad_() for n, p in model.named_parameters()}
+        buffers = {n: torch.stack([b] * k) for n, b in model.named_buffers()}
+        with torch.device("meta"):
+            template = build_model(cfg)
+
+        def run():
+            with sdpa_kernel(SDPBackend.MATH):
+                out = torch.vmap(lambda p, b, x, y: torch.func.functional_call(template, (p, b), (x, y)))(
+                    params, buffers, images, labels)
+            torch.autograd.grad(F.cross_entropy(out.flatten(0, 1), labels[..., -1].flatten()), list(params.values()))
+    run()  # warm-up
+    with KernelCounter() as c:
+        run()
+    return c.kernels
+
+
+@pytest.mark.parametrize("mode", ["alone", "packed"])
+def test_hook_points_cost_training_nothing(tiny, mode):
+    cfg, _ = tiny
+    assert model_step_kernels(cfg, packed=mode == "packed") == MODEL_STEP_KERNELS[mode]
+
+
+def test_a_hook_point_with_nothing_attached_reaches_no_kernel(tiny):
+    from icl.model.hooks import hook_points, run_with_hooks
+
+    cfg, _ = tiny
+    model = initial_model(cfg)
+    x = torch.ones(2, 17, cfg.model.d_model)
+    with KernelCounter() as k:
+        model.blocks[0].hook_resid_pre(x)
+    assert k.kernels == 0 and k.views == 0
+    images, labels = torch.rand(2, 9, 14, 14), torch.zeros(2, 9, dtype=torch.long)
+    run_with_hooks(model, images, labels, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda p, h: None)])
+    assert not any(p.active for p in hook_points(model).values())  # detached again: the fused path is back
+    with KernelCounter() as k:
+        model(images, labels)
+    assert "aten.softmax.default" not in k.ops and "aten._softmax.default" not in k.ops

@@ -89,3 +89,123 @@ def test_constant_and_cosine(schedule):
         assert lr_at(110, cfg, 110) == pytest.approx(0.0, abs=1e-12)
         assert all(lr_at(s, cfg, 110) >= lr_at(s + 1, cfg, 110) for s in range(10, 110))
     assert math.isfinite(lr_at(10**7, cfg, 110))
+
+
+# --------------------------------------------------------------------------- per-module decay, coupled L2
+
+from icl.config import DECAY_MODULES  # noqa: E402
+from icl.train.optim import add_l2_gradient, l2_penalty, module_of  # noqa: E402
+
+
+def linear_and_conv_weights(model) -> dict[str, str]:
+    """Every Linear/Conv weight -> the module group it lives in, read off the module tree."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            group = ("embedder" if name.startswith("embedder.") else "head" if name == "head"
+                     else name.split(".")[2])
+            out[f"{name}.weight"] = group
+    return out
+
+
+def test_every_linear_and_conv_weight_belongs_to_one_decay_module():
+    model, _ = resnet_model()
+    weights = linear_and_conv_weights(model)
+    assert {module_of(n) for n in weights} == set(DECAY_MODULES)
+    assert all(module_of(n) == g for n, g in weights.items())
+
+
+@pytest.mark.parametrize("modules", ["embedder", "attn", "mlp", "head", "mlp,embedder", "none", "all"])
+def test_each_masked_module_is_decayed_exactly_and_nothing_else(modules):
+    """decay_groups names exactly the Linear/Conv weights of the chosen modules, and a plain
+    torch AdamW from make_optimizer shrinks exactly those (lr 1, wd 0.1: by 0.9) under zero
+    gradient while every other parameter stays bit-identical."""
+    model, cfg = resnet_model()
+    cfg = load_config("tiny", ["model.embedder=resnet", "data.num_classes=10", f"optim.decay_modules={modules}",
+                               "optim.weight_decay=0.1", "optim.lr=1.0"])
+    chosen = set(DECAY_MODULES) if modules == "all" else set() if modules == "none" else set(modules.split(","))
+    expected = {n for n, g in linear_and_conv_weights(model).items() if g in chosen}
+    decay, no_decay = decay_groups(model, cfg.optim)
+    assert set(decay) == expected
+    assert set(decay) | set(no_decay) == {n for n, _ in model.named_parameters()} and not set(decay) & set(no_decay)
+    opt = make_optimizer(model, cfg.optim, fused=False)
+    assert type(opt) is torch.optim.AdamW and not opt.defaults["fused"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in expected:
+            torch.testing.assert_close(p, before[n] * 0.9, msg=n)
+        else:
+            assert torch.equal(p, before[n]), n
+
+
+def test_decay_modules_default_is_todays_behaviour_and_has_one_spelling():
+    model, cfg = resnet_model()
+    assert cfg.optim.decay_modules == "embedder,attn,mlp,head"
+    assert decay_groups(model, cfg.optim) == decay_groups(model)
+    assert load_config("tiny", ["optim.decay_modules=mlp, embedder"]).optim.decay_modules == "embedder,mlp"
+    assert load_config("tiny", ["optim.decay_modules=all"]).optim.decay_modules == "embedder,attn,mlp,head"
+    from icl.errors import UserError
+    with pytest.raises(UserError, match="unknown module"):
+        load_config("tiny", ["optim.decay_modules=mlp,ln"])
+    with pytest.raises(UserError, match="optim.l2"):
+        load_config("tiny", ["optim.l2=squared"])
+
+
+def test_coupled_penalty_gradient_equals_its_formula():
+    """d/dW [lam * sum ||W||_F] = lam * W / ||W|| per tensor; an all-zero tensor gets 0, not NaN;
+    under vmap with one strength per model it is each model's own penalty."""
+    g = torch.Generator().manual_seed(0)
+    params = {"a": torch.randn(5, 3, generator=g), "b": torch.randn(7, generator=g), "z": torch.zeros(4, 4)}
+    for p in params.values():
+        p.requires_grad_(True)
+    lam = 0.3
+    penalty = l2_penalty(params, ["a", "b", "z"], lam)
+    torch.testing.assert_close(penalty, lam * (params["a"].norm() + params["b"].norm()).detach())
+    grads = torch.autograd.grad(penalty, list(params.values()))
+    torch.testing.assert_close(grads[0], lam * params["a"].detach() / params["a"].detach().norm())
+    torch.testing.assert_close(grads[1], lam * params["b"].detach() / params["b"].detach().norm())
+    assert torch.equal(grads[2], torch.zeros(4, 4))
+    stacked = {"a": torch.randn(3, 5, 3, generator=g)}
+    strengths = torch.tensor([0.0, 0.1, 1.0])
+    per_model = torch.vmap(lambda p, s: l2_penalty(p, ["a"], s))(stacked, strengths)
+    torch.testing.assert_close(per_model, strengths * stacked["a"].flatten(1).norm(dim=1))
+
+
+def test_coupled_l2_passes_through_adam_and_replaces_decoupled_decay():
+    """make_optimizer with optim.l2=coupled: one step equals Adam without decay on the gradient
+    plus lam * W / ||W|| on the decayed weights only (the same as adding the penalty to the loss)."""
+    (a, _), (b, _) = resnet_model(), resnet_model()
+    b.load_state_dict(a.state_dict())
+    over = ["model.embedder=resnet", "data.num_classes=10", "optim.weight_decay=0.05", "optim.decay_modules=mlp,head"]
+    coupled = load_config("tiny", [*over, "optim.l2=coupled"]).optim
+    plain = load_config("tiny", [*over[:2], "optim.weight_decay=0.0"]).optim
+    decay, _ = decay_groups(a, coupled)
+    assert decay and all(module_of(n) in ("mlp", "head") for n in decay)
+    opt_a, opt_b = make_optimizer(a, coupled), make_optimizer(b, plain)
+    assert all(group["weight_decay"] == 0.0 for group in opt_a.param_groups)  # no decoupled decay
+    g = torch.Generator().manual_seed(1)
+    pb = dict(b.named_parameters())
+    for step in range(3):
+        for n, p in a.named_parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+            extra = 0.05 * p.detach() / p.detach().norm() if n in decay else 0.0
+            pb[n].grad = p.grad.clone() + extra  # the loss + penalty gradient
+        opt_a.step()
+        opt_b.step()
+    for n, p in a.named_parameters():
+        torch.testing.assert_close(p, pb[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_l2_gradient_kernel_launches_no_host_sync():
+    from icl.train.kernels import KernelCounter
+
+    params = [torch.randn(4, 4, requires_grad=True), torch.randn(3, requires_grad=True)]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    with KernelCounter() as k:
+        add_l2_gradient(params, 0.1)
+    assert k.syncs == [] and k.kernels <= 6
+    torch.testing.assert_close(params[1].grad, 0.1 * params[1].detach() / params[1].detach().norm())

@@ -1,0 +1,14 @@
+"""Circuits over training: which heads carry ICL and IWL, and how they compose.
+
+- :mod:`icl.circuits.attribution`: ablate each head alone, record every accuracy metric's
+  change; name the induction and previous-token heads by causal effect.
+- :mod:`icl.circuits.composition`: K-composition between every earlier and later head.
+- :mod:`icl.circuits.over_training`: both for every checkpoint of a run directory,
+  incrementally (``heads.csv``, ``circuit.csv``, ``composition.csv``).
+"""
+
+from icl.circuits.attribution import ABLATIONS, MIN_DROP, Attribution, head_attribution, name_circuit
+from icl.circuits.composition import k_composition
+from icl.circuits.over_training import update_run
+
+__all__ = ["ABLATIONS", "MIN_DROP", "Attribution", "head_attribution", "name_circuit", "k_composition", "update_run"]

@@ -1,0 +1,150 @@
+"""Head attribution and composition for every checkpoint of a run directory, incrementally.
+
+    update_run(RUN) -> the checkpoints analysed now
+
+Writes, next to the run's ``metrics.csv`` (each rewritten atomically after every checkpoint, so
+an interruption loses at most the checkpoint in progress):
+
+- ``heads.csv``: ``step, layer, head, ablation, metric, value, delta`` (every head, every
+  ablation, every accuracy metric; ``delta`` = ablated - clean);
+- ``circuit.csv``: one row per step: the clean metrics, the induction and previous-token heads
+  named by causal effect with their observational scores and ranks
+  (:func:`icl.circuits.attribution.name_circuit`), and the K-composition of that pair
+  (``pair_k_comp``), the largest over all pairs (``max_k_comp``) and the median
+  (``median_k_comp``, what unrelated heads give);
+- ``composition.csv``: ``step, layer_from, head_from, layer_to, head_to, k_comp``.
+
+Only steps not yet in ``heads.csv`` are analysed, so a sweep can call this at every checkpoint
+(``train.keep_checkpoints`` only keeps the newest few: analysing each as it is written is what
+makes attribution *over training* possible without keeping them all), and ``icl-analyze heads``
+can be re-run at any time. Checkpoints are read through :mod:`icl.train.checkpoint`
+(listed, verified against their manifests; a corrupt one is reported and skipped).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from icl.circuits.attribution import ABLATIONS, HEADS_COLUMNS, head_attribution, name_circuit
+from icl.circuits.composition import composition_rows, k_composition
+from icl.config import Config, build_config, read_yaml
+from icl.data import StudyData, load_data
+from icl.io import atomic_write
+from icl.model import SequenceModel, build_model
+from icl.train import checkpoint as ckpt
+
+HEADS_CSV = "heads.csv"
+CIRCUIT_CSV = "circuit.csv"
+COMPOSITION_CSV = "composition.csv"
+COMPOSITION_COLUMNS = ("step", "layer_from", "head_from", "layer_to", "head_to", "k_comp")
+
+
+@dataclass
+class Analysed:
+    step: int
+    seconds: float  # attribution + composition of this checkpoint, data loading excluded
+    circuit: dict[str, float | int | str]
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, buf.getvalue())
+
+
+def run_config(run_dir: Path) -> Config:
+    return build_config(read_yaml(run_dir / "config.yaml", "run config"))
+
+
+def checkpoint_steps(run_dir: Path) -> dict[int, Path]:
+    """The run's checkpoint directories by step, oldest first."""
+    return {int(p.name[len(ckpt.PREFIX):]): p for p in ckpt.list_checkpoints(run_dir / "checkpoints")}
+
+
+def load_checkpoint_model(path: Path, cfg: Config, device: torch.device | str) -> tuple[int, SequenceModel]:
+    """The model saved in checkpoint ``path`` (verified); ValueError if it is damaged."""
+    files = ckpt.verify(path)
+    state = torch.load(io.BytesIO(files["state.pt"]), map_location=device, weights_only=False)
+    model = build_model(cfg).to(device)
+    model.load_state_dict(state["model"])
+    return int(state["step"]), model
+
+
+_DATA: dict[str, StudyData] = {}
+
+
+def data_for(cfg: Config, device: torch.device | str) -> StudyData:
+    """The run's data, kept for the next call (a sweep calls :func:`update_run` at every
+    checkpoint of its trials in one process; their images and evaluation sets are the same)."""
+    key = repr((cfg.data, cfg.eval, str(device)))
+    if key not in _DATA:
+        _DATA.clear()  # one at a time: a 105 px image bank is 358 MB
+        _DATA[key] = load_data(cfg, device)
+    return _DATA[key]
+
+
+def analyse(model: SequenceModel, data: StudyData, cfg: Config, ablations: Sequence[str] = ABLATIONS):
+    """One checkpoint: ``(heads rows, circuit row, composition rows)``, without ``step``."""
+    attribution = head_attribution(model, data, cfg, ablations)
+    scores = k_composition(model)
+    circuit = {**attribution.clean, **name_circuit(attribution.rows, attribution.observed,
+                                                   "mean" if "mean" in ablations else ablations[0])}
+    pl, ph, il, ih = (int(circuit[k]) for k in ("prev_layer", "prev_head", "induction_layer", "induction_head"))
+    defined = scores[np.isfinite(scores)]
+    circuit["pair_k_comp"] = float(scores[pl, ph, il, ih]) if min(pl, il) >= 0 else math.nan
+    circuit["max_k_comp"] = float(defined.max()) if defined.size else math.nan
+    circuit["median_k_comp"] = float(np.median(defined)) if defined.size else math.nan
+    return attribution.rows, circuit, composition_rows(scores)
+
+
+def update_run(run_dir: Path | str, *, ablations: Sequence[str] = ABLATIONS, device: torch.device | str = "cpu",
+               data: StudyData | None = None) -> list[Analysed]:
+    """Analyse every checkpoint of ``run_dir`` whose step is not yet in ``heads.csv``."""
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    heads_rows = read_rows(run_dir / HEADS_CSV)
+    done = {int(r["step"]) for r in heads_rows}  # heads.csv decides; the other files follow it
+    circuit_rows = [r for r in read_rows(run_dir / CIRCUIT_CSV) if int(r["step"]) in done]
+    comp_rows = [r for r in read_rows(run_dir / COMPOSITION_CSV) if int(r["step"]) in done]
+    analysed: list[Analysed] = []
+    for step, path in checkpoint_steps(run_dir).items():
+        if step in done:
+            continue
+        try:
+            step, model = load_checkpoint_model(path, cfg, device)
+        except Exception as e:  # verify's ValueError, or torch failing on bytes that pass
+            print(f"warning: checkpoint {path} is unreadable ({e}); skipped", file=sys.stderr)
+            continue
+        if data is None:
+            data = data_for(cfg, device)
+        t0 = time.perf_counter()
+        heads, circuit, comp = analyse(model, data, cfg, ablations)
+        seconds = time.perf_counter() - t0
+        heads_rows += [{"step": step, **r} for r in heads]
+        circuit_rows.append({"step": step, **circuit, "seconds": seconds})
+        comp_rows += [{"step": step, **r} for r in comp]
+        by_step = lambda r: int(r["step"])  # noqa: E731
+        write_rows(run_dir / HEADS_CSV, sorted(heads_rows, key=by_step), HEADS_COLUMNS)
+        write_rows(run_dir / CIRCUIT_CSV, sorted(circuit_rows, key=by_step), list(circuit_rows[-1]))
+        write_rows(run_dir / COMPOSITION_CSV, sorted(comp_rows, key=by_step), COMPOSITION_COLUMNS)
+        analysed.append(Analysed(step, seconds, circuit))
+    return analysed
