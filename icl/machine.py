@@ -123,6 +123,8 @@ def _activations_per_sequence(model: torch.nn.Module, image_size: int) -> tuple[
     forward pass on the meta device. Training keeps every output for the backward pass; an
     evaluation (no gradients) holds about the largest layer's input and output at a time, plus the
     attention patterns of every layer, which it returns."""
+    from icl.model.hooks import run_with_cache  # icl.model imports this module
+
     sizes: list[int] = []
 
     def record(module: torch.nn.Module, inputs: object, output: object) -> None:
@@ -136,12 +138,13 @@ def _activations_per_sequence(model: torch.nn.Module, image_size: int) -> tuple[
         with torch.no_grad():
             images = torch.zeros(1, SEQ_LEN, image_size, image_size, device="meta")
             labels = torch.zeros(1, SEQ_LEN, dtype=torch.long, device="meta")
-            _, patterns = model(images, labels, return_attention=True)
+            _, cache = run_with_cache(model, images, labels, names_filter=lambda n: n.endswith("attn.hook_pattern"))
     finally:
         for h in hooks:
             h.remove()
-    every = sum(sizes) + patterns.numel()
-    at_once = 2 * max(sizes) + patterns.numel()
+    patterns = sum(t.numel() for t in cache.values())
+    every = sum(sizes) + patterns
+    at_once = 2 * max(sizes) + patterns
     return every * FLOAT_BYTES, at_once * FLOAT_BYTES
 
 

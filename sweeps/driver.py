@@ -121,7 +121,7 @@ def run_sweep(
         )
 
         trainable = tune.with_resources(
-            make_trainable(exp_dir, trials, packs, faults), spec.resources.as_ray()
+            make_trainable(exp_dir, trials, packs, faults, heads=spec.heads), spec.resources.as_ray()
         )
         # the same param space on a restore too: Tune's tuner.pkl does not keep it, and it is
         # what Tune falls back to if its experiment state was never written. Tune's trials are

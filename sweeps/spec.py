@@ -41,7 +41,6 @@ from typing import Any, Sequence
 import yaml
 
 from icl.config import (
-    DECAY_MODULES,
     build_config,
     config_source,
     flatten,
@@ -421,13 +420,6 @@ def make_packs(spec: SweepSpec, trials: Sequence[TrialSpec]) -> list[PackSpec]:
     for t in trials:
         shared = tuple(t.grid[k] for k in spec.grid if k not in PER_MODEL_KEYS)
         groups.setdefault(shared, []).append(t)
-    unpackable = [t.trial_id for t in trials if not _packed_optimizer_supports(t.config)]
-    if unpackable:
-        raise UserError(
-            f"pack: {spec.pack} cannot train trials {', '.join(unpackable[:4])}: the packed optimiser applies "
-            "decoupled decay to every module; optim.decay_modules other than all and optim.l2=coupled need "
-            "`pack: 1` for now"
-        )
     order = {t.trial_id: i for i, t in enumerate(trials)}
     chunks = [g[i : i + spec.pack] for g in groups.values() for i in range(0, len(g), spec.pack)]
     chunks.sort(key=lambda c: order[c[0].trial_id])
@@ -451,16 +443,6 @@ def make_packs(spec: SweepSpec, trials: Sequence[TrialSpec]) -> list[PackSpec]:
         dirname = re.sub(r"[^A-Za-z0-9._=+-]", "-", f"{pack_id}_{'+'.join(ids)}")[:120]
         packs.append(PackSpec(pack_id, dirname, ids))
     return packs
-
-
-def _packed_optimizer_supports(config: dict[str, Any]) -> bool:
-    """Whether ``icl.train.train_packed`` trains this config as ``icl.train.train`` would: its
-    PackedAdamW decays ``decay_groups(model)`` (every module) decoupled, so per-module decay and
-    coupled L2 must train alone until the packed engine takes ``decay_groups(model, cfg.optim)``
-    and adds ``l2_penalty`` to its loss (then drop this check)."""
-    all_modules = ",".join(DECAY_MODULES)
-    decoupled = config.get("optim.l2", "decoupled") == "decoupled"
-    return decoupled and config.get("optim.decay_modules", all_modules) == all_modules
 
 
 def _short_names(keys: list[str]) -> dict[str, str]:

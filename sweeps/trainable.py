@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -119,12 +120,15 @@ def run_pack(
     table: dict[str, tuple[str, dict[str, Any]]],
     packs: dict[str, tuple[str, tuple[str, ...]]],
     faults: dict[str, Fault],
+    heads: bool = False,
 ) -> None:
     """Body of one Tune trial: train the pack's grid points together, each into its own run
     directory; report every evaluation step to Tune. A model that diverges does not stop the
     others; the trial then fails with a message naming it (each diverged model's own error
     is written to ``diverged.txt`` in its trial directory), so Tune retries it as it retries
-    a crashed trial (a retry trains only what is unfinished) and reports it at the end."""
+    a crashed trial (a retry trains only what is unfinished) and reports it at the end. With
+    ``heads`` (the spec's ``heads: true``) every new checkpoint's heads are attributed
+    (``icl.circuits.update_run``) as it is written: runs keep only their newest checkpoints."""
     import ray
     from ray import tune
 
@@ -169,6 +173,8 @@ def run_pack(
 
     def on_eval(k: int, row: dict[str, float], checkpoint_dir: Path | None) -> None:
         reporter.add(k, row)
+        if heads and checkpoint_dir is not None:
+            attribute_heads(runs[k], cfgs[k])
         maybe_inject(trial_dirs[k], members[k], faults.get(members[k]), int(row["step"]))
 
     try:
@@ -189,8 +195,21 @@ def run_pack(
         reporter.report(pack_metrics(step, [r for r in final if r]), {m: p for m, p in last.items() if p})
 
 
+def attribute_heads(run: RunDir, cfg: Any) -> None:
+    """Head attribution of the run's new checkpoints; analysis only, so a failure is reported
+    and training goes on (``icl-analyze heads`` can redo it later)."""
+    from icl.circuits import update_run
+    from icl.machine import resolve_device
+
+    try:
+        update_run(run.path, device=resolve_device(cfg.train.device))
+    except Exception as e:  # noqa: BLE001 - analysis must never stop a trial
+        print(f"warning: head attribution of {run.path} failed ({type(e).__name__}: {e}); "
+              f"later: icl-analyze heads {run.path}", file=sys.stderr)
+
+
 def make_trainable(exp_dir: Path, trials: Sequence[TrialSpec], packs: Sequence[PackSpec],
-                   faults: dict[str, Fault]) -> Callable[[dict[str, Any]], None]:
+                   faults: dict[str, Fault], heads: bool = False) -> Callable[[dict[str, Any]], None]:
     """A Tune function trainable closing over the trial table (config per trial id) and the
     packs (``config["trial"]`` is a pack id).
 
@@ -203,7 +222,7 @@ def make_trainable(exp_dir: Path, trials: Sequence[TrialSpec], packs: Sequence[P
     exp = str(exp_dir)
 
     def icl_pack(config: dict[str, Any]) -> None:
-        run_pack(config["trial"], exp, table, pack_table, faults)
+        run_pack(config["trial"], exp, table, pack_table, faults, heads)
 
     return icl_pack
 

@@ -42,6 +42,8 @@ from icl.data import StudyData, load_data
 from icl.io import atomic_write
 from icl.model import SequenceModel, build_model
 from icl.train import checkpoint as ckpt
+from icl.train.evaluate import param_dtype
+from icl.train.rundir import CONFIG, RunDir
 
 HEADS_CSV = "heads.csv"
 CIRCUIT_CSV = "circuit.csv"
@@ -72,21 +74,20 @@ def write_rows(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None
 
 
 def run_config(run_dir: Path) -> Config:
-    return build_config(read_yaml(run_dir / "config.yaml", "run config"))
+    return build_config(read_yaml(RunDir(run_dir).path / CONFIG, "run config"))
 
 
 def checkpoint_steps(run_dir: Path) -> dict[int, Path]:
     """The run's checkpoint directories by step, oldest first."""
-    return {int(p.name[len(ckpt.PREFIX):]): p for p in ckpt.list_checkpoints(run_dir / "checkpoints")}
+    return {ckpt.step_of(p) or 0: p for p in RunDir(run_dir).checkpoints()}
 
 
 def load_checkpoint_model(path: Path, cfg: Config, device: torch.device | str) -> tuple[int, SequenceModel]:
     """The model saved in checkpoint ``path`` (verified); ValueError if it is damaged."""
-    files = ckpt.verify(path)
-    state = torch.load(io.BytesIO(files["state.pt"]), map_location=device, weights_only=False)
-    model = build_model(cfg).to(device)
-    model.load_state_dict(state["model"])
-    return int(state["step"]), model
+    loaded = ckpt.load(path)
+    model = build_model(cfg).to(device, param_dtype(cfg))
+    model.load_state_dict(loaded.state["model"])
+    return loaded.step, model
 
 
 _DATA: dict[str, StudyData] = {}

@@ -148,7 +148,7 @@ class PackedModels:
         low_precision = low_precision if batched else None
         model = models[0]
         first = next(model.parameters())
-        decay, no_decay = decay_groups(model)
+        decay, no_decay = decay_groups(model, cfg.optim)
         castable = autocast_weights(model)
         order = decay + [n for n in no_decay if n in castable] + [n for n in no_decay if n not in castable]
         params = dict(model.named_parameters())
@@ -159,6 +159,7 @@ class PackedModels:
             col += n
         self.slots = slots
         self.n_decay = sum(s.stop - s.start for s in slots[: len(decay)])
+        self.decay_slots = [(s.start, s.stop) for s in slots[: len(decay)]]
         self.n_cast = sum(s.stop - s.start for s in slots if s.name in castable) if low_precision else 0
         self.flat = torch.empty(self.k, col, device=first.device, dtype=first.dtype)
         with torch.no_grad():
@@ -272,15 +273,25 @@ class PackedAdamW:
     CHUNK_ELEMENTS = 1 << 18
     MIN_ROWS = 8  # of the scalar table (a CUDA graph's warm-up reads a few rows past a short range)
 
-    def __init__(self, flat: Tensor, n_decay: int, cfgs: Sequence[Config], chunk_elements: int | None = None):
+    def __init__(self, flat: Tensor, n_decay: int, cfgs: Sequence[Config], chunk_elements: int | None = None,
+                 decay_slots: Sequence[tuple[int, int]] = ()):
         self.flat = flat
         self.n_decay = n_decay
         o = cfgs[0].optim
         self.optim = o
         self.total_steps = cfgs[0].train.steps
         self.beta1, self.beta2, self.eps = o.beta1, o.beta2, o.eps
-        self.weight_decay = [c.optim.weight_decay for c in cfgs]
+        # optim.l2 is shared by a pack: decoupled decay shrinks the weights (the table's factors),
+        # coupled decay adds the penalty's gradient instead (:meth:`add_l2_gradient`)
+        self.coupled = o.l2 == "coupled"
+        strengths = [c.optim.weight_decay for c in cfgs]
+        self.weight_decay = [0.0] * len(cfgs) if self.coupled else strengths
         self.decays = any(wd != 0 for wd in self.weight_decay)
+        self.l2_strength = torch.tensor(strengths, dtype=flat.dtype, device=flat.device)[:, None]
+        # for the coupled gradient: which decayed tensor each decayed column belongs to
+        self.n_l2 = len(decay_slots) if self.coupled and any(strengths) else 0
+        self.slot_of = torch.cat([torch.full((b - a,), i, dtype=torch.long) for i, (a, b) in enumerate(decay_slots)]
+                                 ).to(flat.device) if self.n_l2 else None
         self.exp_avg = torch.zeros_like(flat)
         self.exp_avg_sq = torch.zeros_like(flat)
         k, n = flat.shape
@@ -323,6 +334,7 @@ class PackedAdamW:
         if not 0 <= i < len(self.host):
             raise RuntimeError(f"update {t} outside the scheduled range; call schedule() first")
         n_decay = self.n_decay if self.decays else 0
+        self.add_l2_gradient(grad)
         if self.compiled is not None:
             self.compiled(self.flat, self.exp_avg, self.exp_avg_sq, grad, self.table[i], n_decay,
                           self.beta1, self.beta2, self.eps)
@@ -339,12 +351,25 @@ class PackedAdamW:
             denom = (v.sqrt() / bc2_sqrt).add_(eps)
             p.addcdiv_(m, denom, value=neg_step)
 
+    @torch.no_grad()
+    def add_l2_gradient(self, grad: Tensor) -> None:
+        """``optim.l2: coupled``: add the gradient of ``weight_decay_k * sum_W ||W||_F`` over the
+        decayed tensors (:func:`icl.train.optim.l2_penalty`), ``wd_k * W / ||W||``, to each model's
+        gradient: a few kernels for the whole pack (norms by a segment sum over the columns),
+        none on the host. Nothing to do under decoupled decay."""
+        if not self.n_l2:
+            return
+        w = self.flat[:, : self.n_decay]
+        sums = w.new_zeros(w.shape[0], self.n_l2).index_add_(1, self.slot_of, w * w)
+        norms = sums.clamp_min(torch.finfo(w.dtype).tiny).sqrt()  # an all-zero tensor: gradient 0
+        grad[:, : self.n_decay].add_(self.l2_strength * w / norms[:, self.slot_of])
 
     @torch.no_grad()
     def step_at(self, index: Tensor, grad: Tensor) -> None:
         """The update of table row ``index`` (a ``[1]`` int64 device tensor): nothing read on the
         host, so a CUDA graph can capture it."""
         n_decay = self.n_decay if self.decays else 0
+        self.add_l2_gradient(grad)
         update = self.compiled or adam_update
         update(self.flat, self.exp_avg, self.exp_avg_sq, grad, self.table.index_select(0, index)[0], n_decay,
                self.beta1, self.beta2, self.eps)
@@ -391,7 +416,7 @@ class PackedTrainer:
         self.mixed = mixed_precision(cfg, device) if mixed is None else mixed
         self.pack = PackedModels(models, cfg, batched=batched_forward(cfg, device),
                                  low_precision=torch.bfloat16 if self.mixed else None)
-        self.optimizer = PackedAdamW(self.pack.flat, self.pack.n_decay, cfgs)
+        self.optimizer = PackedAdamW(self.pack.flat, self.pack.n_decay, cfgs, decay_slots=self.pack.decay_slots)
         self.device = device
         self.seeds = [c.seed for c in self.cfgs]
         self._losses = self._loss_fn

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 import shutil
 import sys
@@ -156,9 +157,12 @@ class RunDir:
 
     def _restored(self, loaded: ckpt.Loaded, cfg: Config) -> Restored:
         saved = loaded.state.get("science")
-        if saved is not None and saved != science_dict(cfg):
-            diff = [k for k in saved if saved[k] != science_dict(cfg).get(k)]
-            raise UserError(f"checkpoint {loaded.path} was made with a different config ({', '.join(diff[:4])})")
+        if saved is not None:
+            # a key the checkpoint predates counts as its default (what the run trained with)
+            now, defaults = science_dict(cfg), science_dict(Config())
+            diff = [k for k in now if saved.get(k, defaults.get(k)) != now[k]]
+            if diff:
+                raise UserError(f"checkpoint {loaded.path} was made with a different config ({', '.join(diff[:4])})")
         rows = list(csv.DictReader(io.StringIO(loaded.files[METRICS].decode())))
         with np.load(io.BytesIO(loaded.files[ATTENTION])) as z:
             heads = list(z["heads"])
@@ -234,10 +238,13 @@ class RunDir:
 
 
 def metrics_csv(rows: list[dict[str, float]]) -> bytes:
+    """The rows as CSV; columns in order of first appearance (a run resumed by a newer version
+    gains its new metrics, left empty in the older rows)."""
     if not rows:
         return b""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue().encode()
@@ -252,5 +259,7 @@ def attention_npz(state: RunState) -> bytes:
 
 
 def _number(text: str) -> float | int:
+    if not text:
+        return math.nan  # a metric this row predates
     value = float(text)
     return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value

@@ -69,14 +69,15 @@ def test_decay_modules_sweeps_one_module_group_at_a_time() -> None:
                for t in trials)  # every checkpoint kept, for head attribution over training
 
 
-@pytest.mark.parametrize("key", ["optim.decay_modules=mlp", "optim.l2=coupled"])
-def test_pack_refuses_what_the_packed_optimiser_cannot_do(key: str) -> None:
+def test_decay_options_pack_and_grid_keys_of_decay_split_packs() -> None:
+    """Per-module and coupled decay train in packs (the packed AdamW applies them per model);
+    their keys are not per-model keys, so a grid over them separates packs."""
     from sweeps.spec import make_packs
 
-    doc = {**SMOKE, "pack": 2, "overrides": {**SMOKE["overrides"], key.split("=")[0]: key.split("=")[1]}}
+    doc = {**SMOKE, "pack": 4, "overrides": {**SMOKE["overrides"], "optim.l2": "coupled"},
+           "grid": {"optim.decay_modules": ["mlp", "attn"], "seed": [0, 1]}}
     spec = parse_spec(doc)
-    with pytest.raises(UserError, match="`pack: 1`"):
-        make_packs(spec, expand(spec))
+    assert [p.trial_ids for p in make_packs(spec, expand(spec))] == [("t000", "t001"), ("t002", "t003")]
 
 
 # --------------------------------------------------------------------------- expansion

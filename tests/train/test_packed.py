@@ -217,11 +217,15 @@ def plain_pytorch(cfg, data, steps: int):
     return model, opt
 
 
-@pytest.mark.parametrize("embedder, k, forward", [
-    ("linear", 1, "loop"), ("linear", 3, "vmap"), ("resnet", 1, "vmap"), ("resnet", 3, "vmap"), ("resnet", 3, "loop"),
+@pytest.mark.parametrize("embedder, k, forward, decay", [
+    ("linear", 1, "loop", ""), ("linear", 3, "vmap", ""), ("resnet", 1, "vmap", ""), ("resnet", 3, "vmap", ""),
+    ("resnet", 3, "loop", ""),
+    ("linear", 3, "vmap", "optim.decay_modules=attn,head"),  # decoupled decay on chosen modules only
+    ("linear", 3, "loop", "optim.l2=coupled"),  # the papers' penalty through Adam
+    ("linear", 3, "vmap", "optim.l2=coupled optim.decay_modules=mlp"),
 ])
-def test_a_pack_equals_plain_pytorch_batchnorm_statistics_and_adamw_moments_included(embedder, k, forward):
-    cfgs = configs(GRID[:k], [*SETUPS[embedder], f"train.pack_forward={forward}"])
+def test_a_pack_equals_plain_pytorch_batchnorm_statistics_and_adamw_moments_included(embedder, k, forward, decay):
+    cfgs = configs(GRID[:k], [*SETUPS[embedder], f"train.pack_forward={forward}", *decay.split()])
     data = load_data(cfgs[0])
     steps = 12
     trainer = PackedTrainer.fresh(cfgs, data)
