@@ -17,7 +17,7 @@ from icl.circuits.composition import head_circuits
 from icl.circuits.over_training import CIRCUIT_CSV, COMPOSITION_CSV, HEADS_CSV, load_checkpoint_model
 from icl.config import load_config
 from icl.data import load_data
-from icl.train import checkpoint as ckpt
+from icl.train import RunDir
 from icl.train import train
 from icl.train.evaluate import ACCURACY_METRICS, evaluate
 
@@ -120,7 +120,7 @@ def test_update_run_over_checkpoints_is_incremental(tmp_path):
     comp = read(run / COMPOSITION_CSV)
     assert len(comp) == 2 * n_heads * n_heads  # 2 steps x (L0 -> L1 pairs)
     # the clean metrics are the trainer's evaluation of the same checkpoint
-    _, model = load_checkpoint_model(ckpt.list_checkpoints(run / "checkpoints")[-1], cfg, "cpu")
+    _, model = load_checkpoint_model(RunDir(run).latest_checkpoint(), cfg, "cpu")
     metrics, _ = evaluate(model, load_data(cfg), cfg)
     last = read(run / CIRCUIT_CSV)[-1]
     assert all(float(last[m]) == pytest.approx(metrics[m]) for m in ACCURACY_METRICS)

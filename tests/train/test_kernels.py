@@ -7,7 +7,7 @@ import torch
 from icl.config import load_config, replace
 from icl.data import load_data
 from icl.train.kernels import KernelCounter
-from icl.train.pack import PackedTrainer
+from icl.train.pack import PackedTrainer, initial_model
 
 
 def test_counter_sees_kernels_syncs_and_device_copies():
