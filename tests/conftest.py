@@ -8,7 +8,8 @@ For the whole pytest session (restored afterwards):
   at most once per image size per session (~4 s each) and never touches the user's
   ``~/.cache/icl``. A test that damages a cache must use its own folder
   (``monkeypatch.setenv("ICL_CACHE_DIR", str(tmp_path))`` or ``data.cache_dir``).
-Both are plain ``os.environ`` entries, so subprocesses (``icl-data``, ``icl-train`` ...)
+- ``OMP_NUM_THREADS=1`` and one torch thread in this process (see the fixture for why).
+All are plain ``os.environ`` entries, so subprocesses (``icl-data``, ``icl-train`` ...)
 inherit them.
 
 Fixtures: ``omniglot_dir`` (Path of the data), ``session_cache_dir`` (Path of the cache),
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from disk_helpers import mount_tmpfs, unmount
 from hypothesis import HealthCheck, settings
 
@@ -41,7 +43,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "omniglot"
-_ENV_KEYS = ("ICL_DATA_DIR", "ICL_CACHE_DIR")
+_ENV_KEYS = ("ICL_DATA_DIR", "ICL_CACHE_DIR", "OMP_NUM_THREADS")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _icl_test_env(tmp_path_factory: pytest.TempPathFactory):
@@ -50,7 +53,14 @@ def _icl_test_env(tmp_path_factory: pytest.TempPathFactory):
     cache = tmp_path_factory.mktemp("icl-cache")
     os.environ["ICL_DATA_DIR"] = str(data)
     os.environ["ICL_CACHE_DIR"] = str(cache)
+    # One torch thread per process: the tests' models are tiny, and the suite runs several
+    # processes at once (Ray workers, CLI subprocesses); OpenMP workers spinning against each
+    # other on 2 cores made single tests 10x slower. Subprocesses inherit the variable.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield {"data": data, "cache": cache}
+    torch.set_num_threads(threads)
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
