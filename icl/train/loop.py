@@ -134,12 +134,12 @@ def train_packed(
     t = cfgs[0].train
     device = resolve_device(t.device)
     check_fits(cfgs[0], device, models=len(cfgs))  # before anything is written or allocated
-    for cfg, run in zip(cfgs, runs):
-        run.open(cfg)
     if t.threads:
         torch.set_num_threads(t.threads)
-    shared = load_data(cfgs[0], device)
+    shared = load_data(cfgs[0], device)  # missing or wrong data: refused before a run directory is made
     datas = [data_for(cfg, shared) for cfg in cfgs]
+    for cfg, run in zip(cfgs, runs):
+        run.open(cfg)
 
     results: list[dict[str, float] | None] = [None] * len(cfgs)
     diverged: dict[int, str] = {}

@@ -138,6 +138,7 @@ def test_a_non_empty_directory_without_a_run_is_refused(tmp_path, capsys):
         ("train.checkpoint_every=75", "multiple of train.eval_every"),
         ("model.embedder=vit", "model.embedder must be one of"),
         ("model.layers=two", "must be an integer"),
+        ("data.root=/nonexistent-icl-data", "no Omniglot data under"),  # checked before a run directory is made
     ],
 )
 def test_bad_model_and_optim_values_exit_2_with_one_line(tmp_path, capsys, override, words):
