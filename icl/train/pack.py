@@ -60,12 +60,14 @@ def initial_model(cfg: Config, device: torch.device | str = "cpu") -> SequenceMo
     return build_model(cfg).to(device, param_dtype(cfg))
 
 
-def batched_forward(cfg: Config, device: torch.device) -> bool:
+def batched_forward(cfg: Config, device: torch.device, k: int) -> bool:
     """``train.pack_forward``: ``vmap`` (batched) or ``loop`` (each model on its own); ``auto``
-    batches on a GPU, where one set of kernels for the whole pack saves launches, and loops on
-    the CPU, where there are no launches to save."""
+    batches a pack of several models on a GPU, where one set of kernels for the whole pack
+    saves launches, and loops elsewhere: on the CPU there are no launches to save, and a model
+    alone runs in fewer kernels as itself (fused attention, one BatchNorm kernel per layer;
+    the 12-layer step: 493 kernels against vmap's 1,090, the ResNet preset's 743 against 1,576)."""
     mode = cfg.train.pack_forward
-    return mode == "vmap" or (mode == "auto" and device.type == "cuda")
+    return mode == "vmap" or (mode == "auto" and device.type == "cuda" and k > 1)
 
 
 def check_packable(cfgs: Sequence[Config]) -> None:
@@ -132,7 +134,7 @@ class PackedModels:
       launches to amortise, vmap's batching rules cost more than they save on the CPU (the
       ResNet at K = 3: 0.55x the per-model rate of a loop, benchmarks/README.md).
 
-    With ``low_precision`` (bf16 training, batched) the forward reads the castable columns
+    With ``low_precision`` (bf16 training) the forward reads the castable columns
     from a bf16 copy, ``shadow``, refreshed from the fp32 weights in one kernel per step
     (:meth:`refresh`), and constant matmul buffers (the frozen projection) from bf16 copies
     made once: autocast then finds its operands in bf16 already and casts no weight, where it
@@ -145,7 +147,6 @@ class PackedModels:
         self.models = models
         self.k = len(models)
         self.batched = batched
-        low_precision = low_precision if batched else None
         model = models[0]
         first = next(model.parameters())
         decay, no_decay = decay_groups(model, cfg.optim)
@@ -186,19 +187,26 @@ class PackedModels:
         self.inputs = dict(self.params)
         self.forward_buffers = dict(self.buffers)
         self.n_cast_slots = sum(1 for s in slots if s.stop <= self.n_cast)
+        # Model by model, model k runs its own module with its bf16 copies swapped in (``swaps[k]``).
+        self.swaps: list[dict[str, Tensor]] = [{} for _ in models]
         if low_precision:
             for s in slots[: self.n_cast_slots]:
                 self.inputs[s.name] = self.shadow[:, s.start : s.stop].view(self.k, *s.shape).requires_grad_(True)
+                for k in range(self.k):
+                    self.swaps[k][s.name] = self.shadow[k, s.start : s.stop].view(s.shape).requires_grad_(True)
             for mod_name, module in model.named_modules():
                 for leaf in getattr(module, "LOW_PRECISION_BUFFERS", ()):
                     name = f"{mod_name}.{leaf}" if mod_name else leaf
                     self.forward_buffers[name] = self.buffers[name].to(low_precision)
+                    for k in range(self.k):
+                        self.swaps[k][name] = self.forward_buffers[name][k]
             self.refresh()
-        # what gradients are taken with respect to: stacked views, or each model's own parameters
+        # what gradients are taken with respect to: stacked views, or each model's own tensors
         if batched:
             self.leaves = [self.inputs[s.name] for s in slots]
-        else:  # model by model: [model 0's parameters in slot order, model 1's, ...]
-            self.leaves = [dict(m.named_parameters())[s.name] for m in models for s in slots]
+        else:  # model by model: [model 0's tensors in slot order, model 1's, ...]
+            self.leaves = [self.swaps[k].get(s.name, dict(m.named_parameters())[s.name])
+                           for k, m in enumerate(models) for s in slots]
         with torch.device("meta"):  # a weightless template for functional_call
             self.template = build_model(cfg)
         self.template.train()
@@ -213,6 +221,13 @@ class PackedModels:
     def n(self) -> int:
         return self.flat.shape[1]
 
+    def model_logits(self, k: int, images: Tensor, labels: Tensor) -> Tensor:
+        """Model ``k`` alone on its batch (``[B, 9, S, S]``, ``[B, 9]``): its own module, with
+        its bf16 copies swapped in when there are any."""
+        if self.swaps[k]:
+            return torch.func.functional_call(self.models[k], self.swaps[k], (images, labels), strict=False)
+        return self.models[k](images, labels)
+
     def logits(self, images: Tensor, labels: Tensor) -> Tensor:
         """``images [K, B, 9, S, S]``, ``labels [K, B, 9]`` -> logits ``[K, B, vocab]``, batched."""
 
@@ -225,17 +240,20 @@ class PackedModels:
             return torch.vmap(model)(self.inputs, self.forward_buffers, images, labels)
 
     def grads_flat(self, grads: Sequence[Tensor]) -> Tensor:
-        """Gradients in the order of ``leaves`` -> one ``[K, N]`` tensor in the parameters'
-        dtype. Batched, the bf16 gradients of the castable columns are joined first and widened
-        in one kernel (a concatenation of mixed dtypes would cast them one by one)."""
-        if not self.batched:
-            n = len(self.slots)  # model k's gradients are grads[k * n : (k + 1) * n]
-            return torch.stack([torch.cat([g.reshape(-1) for g in grads[k * n : (k + 1) * n]]) for k in range(self.k)])
-        flat = [g.reshape(self.k, -1) for g in grads]
-        if not self.n_cast:
-            return torch.cat(flat, dim=1)
-        n = self.n_cast_slots
-        return torch.cat([torch.cat(flat[:n], dim=1).to(self.flat.dtype), *flat[n:]], dim=1)
+        """Gradients in the order of ``leaves`` -> one ``[K, N]`` tensor in the parameters' dtype."""
+        if self.batched:
+            return self._join([g.reshape(self.k, -1) for g in grads])
+        n = len(self.slots)  # model k's gradients are grads[k * n : (k + 1) * n]
+        return torch.cat([self._join([g.reshape(1, -1) for g in grads[k * n : (k + 1) * n]]) for k in range(self.k)])
+
+    def _join(self, parts: Sequence[Tensor]) -> Tensor:
+        """Slot-ordered ``[rows, n_slot]`` gradients -> ``[rows, N]``: the bf16 ones of the castable
+        columns are joined first and widened in one kernel (a concatenation of mixed dtypes would
+        cast them one by one)."""
+        c = self.n_cast_slots if self.n_cast else 0
+        if not c:
+            return torch.cat(parts, dim=1)
+        return torch.cat([torch.cat(parts[:c], dim=1).to(self.flat.dtype), *parts[c:]], dim=1)
 
     def state_dict(self, k: int) -> dict[str, Tensor]:
         """Model ``k``'s ``state_dict``, detached from the stack (a checkpoint must not hold
@@ -412,7 +430,7 @@ class PackedTrainer:
         self.cfg = cfg = cfgs[0]
         device = next(models[0].parameters()).device
         self.mixed = mixed_precision(cfg, device) if mixed is None else mixed
-        self.pack = PackedModels(models, cfg, batched=batched_forward(cfg, device),
+        self.pack = PackedModels(models, cfg, batched=batched_forward(cfg, device, len(models)),
                                  low_precision=torch.bfloat16 if self.mixed else None)
         self.optimizer = PackedAdamW(self.pack.flat, self.pack.n_decay, cfgs, decay_slots=self.pack.decay_slots)
         self.device = device
@@ -459,7 +477,7 @@ class PackedTrainer:
             if k is None:
                 logits = self.pack.logits(images, labels)
             else:
-                logits = self.models[k](images[k], labels[k])[None]
+                logits = self.pack.model_logits(k, images[k], labels[k])[None]
                 labels = labels[k : k + 1]
         logits = logits.to(self.pack.flat.dtype)  # the loss in fp32 (fp64) even under bf16 autocast
         targets = labels[..., -1]
