@@ -74,8 +74,8 @@ for phase in $PHASES; do
     resnet)  # the preset as it is (paper: the ResNet embedder), alone and as the study packs it
         for k in $RESNET_PACKS; do
             measure "${CONFIG}_pack$k" --config "$CONFIG" --pack "$k"
-        done  # and a model alone without vmap's batching rules (BatchNorm's adds two kernels per layer)
-        measure "${CONFIG}_pack1_loop" --config "$CONFIG" --pack 1 --set train.pack_forward=loop
+        done  # and a model alone under vmap (auto runs it as itself: half the kernels)
+        measure "${CONFIG}_pack1_vmap" --config "$CONFIG" --pack 1 --set train.pack_forward=vmap
         ;;
     train)  # end to end: icl-train with its evaluations (every eval_every) against the benchmark's rate
         run=$(mktemp -d)/run
