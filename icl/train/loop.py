@@ -5,9 +5,8 @@
 
 Model ``k`` writes ``out_dirs[k]`` (:class:`~icl.train.rundir.RunDir`): ``config.yaml``,
 ``metrics.csv`` (one row per evaluation), ``attention.npz``, its TensorBoard event file and
-``checkpoints/``. Calling
-again on the same directories resumes from each run's newest intact checkpoint; because a
-training batch is a pure function of (seed, step) and every piece of state is
+``checkpoints/``. Calling again on the same directories resumes from each run's newest
+intact checkpoint; because a training batch is a pure function of (seed, step) and every piece of state is
 checkpointed, a resumed run reproduces an uninterrupted one exactly (on CPU; timing
 columns aside), and a run directory can be resumed in a pack of any size.
 
