@@ -31,6 +31,7 @@ from sweeps.experiment import (
     with_runtime_paths,
 )
 from sweeps.faults import FAULTS_ENV, parse_faults
+from sweeps.progress import concurrency
 from sweeps.ray_session import RayOptions, check_resources, check_storage_shared, start_ray
 from sweeps.spec import PackSpec, SweepSpec, TrialSpec, format_value, make_packs, saved_yaml
 from sweeps.trainable import TrialNames, make_trainable
@@ -43,6 +44,9 @@ TUNE_ENV = {
     # a spec's checkpoint.num_to_keep makes Tune save its experiment state every
     # num_to_keep checkpoints, which is what a resume wants; do not warn about it.
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    # the live table is our RunConfig(progress_reporter=...) (sweeps.reporter); Ray 2.60's
+    # default output engine ignores it and picks its own columns.
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
 
 
@@ -71,6 +75,7 @@ def run_sweep(
     from ray import tune
 
     from sweeps.callback import ResultsCallback
+    from sweeps.reporter import SweepReporter
 
     out = out or sys.stdout
     t0 = time.monotonic()
@@ -108,6 +113,9 @@ def run_sweep(
             flush=True,
         )
 
+        have = ray.cluster_resources()
+        slots = concurrency(spec.resources, have.get("CPU", 0.0), have.get("GPU", 0.0), spec.max_concurrent)
+        reporter = SweepReporter(trials, members, exp_dir, min(slots, len(packs)))
         trainable = tune.with_resources(
             make_trainable(exp_dir, trials, packs, faults), spec.resources.as_ray()
         )
@@ -119,6 +127,8 @@ def run_sweep(
             tuner = tune.Tuner.restore(
                 str(exp_dir), trainable=trainable, param_space=param_space, resume_unfinished=True, resume_errored=True
             )
+            # the run config comes from tuner.pkl; this driver's reporter knows this spec's table
+            tuner._local_tuner.get_run_config().progress_reporter = reporter
         else:
             dirnames = {p.pack_id: p.dirname for p in packs}
             tuner = tune.Tuner(
@@ -138,6 +148,7 @@ def run_sweep(
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.checkpoint_keep),
                     callbacks=[ResultsCallback(trials, members)],
+                    progress_reporter=reporter,
                     verbose=1,
                 ),
             )
