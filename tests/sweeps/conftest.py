@@ -78,7 +78,7 @@ def smoke_run(driver_env: dict[str, str], tmp_path_factory: pytest.TempPathFacto
     """``icl-sweep smoke`` end to end on an embedded Ray (the default), report included."""
     storage = tmp_path_factory.mktemp("smoke-storage")
     raytmp = short_tmpdir("icl-ray-")
-    env = dict(driver_env, RAY_TMPDIR=str(raytmp))
+    env = dict(driver_env, RAY_TMPDIR=str(raytmp), ICL_SWEEP_REPORT_S="2")  # live tables while it runs
     t0 = time.monotonic()
     proc = run_cli(["smoke", "--storage", str(storage), "--num-cpus", "2"], env)
     wall = time.monotonic() - t0

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 from sweep_helpers import STEPS, read_results, run_cli, start_cli, wait_for, without_timing
 from sweep_raynodes import kill_pids, pids_mentioning, with_descendants
@@ -72,6 +73,38 @@ def test_smoke_sweep_end_to_end(smoke_run: dict) -> None:
     assert list(trials.status) == ["TERMINATED"] * 4 and list(trials.last_step) == [STEPS] * 4
     # the analysis package wrote its report into the experiment, or the sweep said why not
     assert (exp / "report").is_dir() or "analysis:   not available" in proc.stdout
+
+
+def test_the_live_table_shows_each_model_by_cell(smoke_run: dict) -> None:
+    out = smoke_run["proc"].stdout
+    tables = out.split("== Status ==")[1:]
+    assert len(tables) >= 2
+    final = tables[-1]
+    header = next(line for line in final.splitlines() if line.startswith("| Trial name"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "Trial name", "status", "loc", "num_classes", "weight_decay", "seed", "step", "ICL", "IWL", "train acc",
+        "model-steps/s"]  # (no ETA column once every model is finished)
+    for t in SMOKE_TRIALS:
+        row = next(line for line in final.splitlines() if line.startswith(f"| {t.trial_id} "))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == "TERMINATED" and cells[3:7] == [str(t.grid["data.num_classes"]), "0",
+                                                          str(t.grid["seed"]), "200/200"]
+    assert "Sweep: 4/4 models finished, 800/800 model-steps (100%)" in final
+    assert "| ETA" in out and "ETA " in out  # while trials ran: each trial's ETA and the sweep's
+
+
+def test_tensorboard_shows_one_run_per_model_with_its_metrics(smoke_run: dict) -> None:
+    from icl.train.tensorboard import EVENTS_GLOB, read_events
+
+    exp = smoke_run["exp"]
+    runs = sorted(p.parent for p in exp.rglob(EVENTS_GLOB))  # TensorBoard's runs: folders of event files
+    assert runs == sorted(res.run_dir(exp, t).path for t in SMOKE_TRIALS)
+    for t in SMOKE_TRIALS:
+        run = res.run_dir(exp, t).path
+        m = pd.read_csv(run / "metrics.csv")
+        icl = read_events(run)["eval/icl_acc"]
+        assert [s for s, _ in icl] == list(m.step) == [50, 100, 150, 200]
+        assert [v for _, v in icl] == pytest.approx(list(m.icl_acc), abs=1e-7)
 
 
 def test_rerun_of_a_finished_sweep_reruns_nothing(smoke_run: dict, ray_head, driver_env: dict) -> None:
