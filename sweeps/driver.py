@@ -31,6 +31,7 @@ from sweeps.experiment import (
     with_runtime_paths,
 )
 from sweeps.faults import FAULTS_ENV, parse_faults
+from sweeps.leftovers import forget, mark_embedded_ray, record, stop_leftovers
 from sweeps.progress import concurrency
 from sweeps.ray_session import RayOptions, check_resources, check_storage_shared, start_ray
 from sweeps.spec import PackSpec, SweepSpec, TrialSpec, format_value, make_packs, saved_yaml
@@ -90,6 +91,14 @@ def run_sweep(
     check_storage_writable(exp_dir.parent)
 
     held = contextlib.ExitStack()
+    tag = None if opts.address else mark_embedded_ray()  # a killed driver's Ray is found by it
+    recorded = False
+
+    def stop_ray() -> None:
+        ray.shutdown()
+        if recorded:
+            forget(exp_dir)
+
     start_ray(opts)
     # ResultGrid looks for Tune's per-trial result.json, which TUNE_ENV turns off
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -103,6 +112,12 @@ def run_sweep(
         state = experiment_state(spec)  # again, under the lock
         if not (exp_dir / SPEC_FILE).exists():
             atomic_write(exp_dir / SPEC_FILE, saved_yaml(spec))
+        stopped = stop_leftovers(exp_dir)  # what a killed driver's embedded Ray left running
+        if stopped:
+            print(f"icl-sweep: {stopped}", file=out, flush=True)
+        if tag:
+            record(exp_dir, tag)
+            recorded = True
         done = finished_trials(exp_dir, trials)
         where = "cluster " + opts.address if opts.address else "embedded Ray"
         print(
@@ -160,10 +175,10 @@ def run_sweep(
         outcome = _outcome(grid, exp_dir, trials, time.monotonic() - t0, members)
         prune_ray_checkpoints(grid)
     except BaseException:
+        stop_ray()
         held.close()
         raise
-    finally:
-        ray.shutdown()
+    stop_ray()
 
     with held:
         status = {k: (v, outcome.errors.get(k, "")) for k, v in outcome.status.items()}

@@ -25,7 +25,9 @@ import pandas as pd
 import pytest
 
 from sweep_helpers import read_results, run_cli, short_tmpdir
-from sweep_raynodes import RayNode, kill_pids, pids_mentioning, with_descendants
+from sweep_raynodes import RayNode
+
+from sweeps.procs import kill_pids, pids_mentioning, with_descendants
 
 
 @pytest.fixture(scope="session")

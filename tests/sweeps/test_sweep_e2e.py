@@ -8,6 +8,7 @@ after it reported step 200, once; ``x*`` makes it raise on every attempt.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -17,9 +18,10 @@ import pandas as pd
 import pytest
 import yaml
 from sweep_helpers import STEPS, read_results, run_cli, start_cli, wait_for, without_timing
-from sweep_raynodes import kill_pids, pids_mentioning, with_descendants
 
 from sweeps import results as res
+from sweeps.leftovers import RECORD, TAG_ENV
+from sweeps.procs import pids_mentioning, pids_with_env
 from icl.train.checkpoint import step_of
 from sweeps.spec import expand, load_spec
 
@@ -134,26 +136,32 @@ def test_resume_after_ctrl_c_and_sigkill(
     ray_head, driver_env: dict, embedded_env: dict, reference: pd.DataFrame, tmp_path: Path
 ) -> None:
     """The same command three times: interrupted by Ctrl-C, then killed with SIGKILL, then
-    to the end; the results equal those of the uninterrupted sweep. The SIGKILLed run uses
-    the default embedded Ray; the others join the shared cluster (cheaper, and a resume on
+    to the end; the results equal those of the uninterrupted sweep. The first two use the
+    default embedded Ray: Ctrl-C stops it entirely, and what the SIGKILL leaves of it (Ray's
+    agents) is stopped by the third, which joins the shared cluster (cheaper, and a resume on
     another cluster is allowed)."""
     args = ["smoke", "--storage", str(tmp_path), "--no-analysis"]
     on_cluster = args + ["--address", ray_head.address]
     exp = tmp_path / "smoke"
     log = [tmp_path / f"run{i}.log" for i in (1, 2, 3)]
 
+    embedded = args + ["--num-cpus", "2"]
+    ray_tmp = embedded_env["RAY_TMPDIR"]
+
     # 1. Ctrl-C (SIGINT to the driver's process group, as a terminal sends it) while a trial
-    #    is between two checkpoints
-    driver = start_cli(on_cluster, driver_env, log[0])
+    #    is between two checkpoints: the driver stops its Ray
+    driver = start_cli(embedded, embedded_env, log[0])
     assert wait_for(lambda: any(0 < c < STEPS and s < STEPS for s, c in progress(exp).values()), 180), log[0].read_text()[-3000:]
     os.killpg(driver.pid, signal.SIGINT)
     assert driver.wait(timeout=120) == 130, log[0].read_text()[-3000:]
     assert "interrupted: run the same command again to resume" in log[0].read_text()
+    assert wait_for(lambda: not pids_mentioning(ray_tmp), 30), pids_mentioning(ray_tmp)
+    assert not (exp / RECORD).exists()
     after1, rows1 = progress(exp), len(read_results(exp))
 
     # 2. the same command on an embedded Ray, killed with SIGKILL once it made progress and
     #    results.csv shows it (the table is refreshed while the sweep runs)
-    driver = start_cli(args + ["--num-cpus", "2"], embedded_env, log[1])
+    driver = start_cli(embedded, embedded_env, log[1])
 
     def grown() -> bool:
         more = sum(s for s, _ in progress(exp).values()) >= sum(s for s, _ in after1.values()) + 100
@@ -162,15 +170,17 @@ def test_resume_after_ctrl_c_and_sigkill(
     assert wait_for(grown, 180), log[1].read_text()[-3000:]
     driver.kill()
     driver.wait(timeout=30)
-    kill_pids(with_descendants(pids_mentioning(embedded_env["RAY_TMPDIR"])))  # its orphaned Ray
-    time.sleep(0.5)
+    tag = json.loads((exp / RECORD).read_text())["tag"]
+    assert pids_with_env(TAG_ENV, tag)  # Ray's agents outlive a SIGKILLed driver
     finished = [k for k, (s, _) in progress(exp).items() if s == STEPS]
     tries_before = attempts(exp)
 
-    # 3. the same command, to the end
+    # 3. the same command, to the end: it first stops what the killed driver's Ray left
     driver = start_cli(on_cluster, driver_env, log[2])
     assert driver.wait(timeout=240) == 0, log[2].read_text()[-3000:]
     assert "4/4 models finished" in log[2].read_text()
+    assert "left by the embedded Ray of a killed driver" in log[2].read_text()
+    assert not pids_with_env(TAG_ENV, tag) and not pids_mentioning(ray_tmp)
 
     assert_same_results(exp, reference)
     tries = attempts(exp)
