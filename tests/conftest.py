@@ -11,6 +11,12 @@ For the whole pytest session (restored afterwards):
 Both are plain ``os.environ`` entries, so subprocesses (``icl-data``, ``icl-train`` ...)
 inherit them.
 
+Nothing a test starts outlives the run, also when the run is aborted: every process the
+session starts inherits ``ICL_TEST_SESSION`` (a value unique to this pytest process), and
+when the session ends (normally, on Ctrl-C, on SIGTERM, which is turned into a
+KeyboardInterrupt so that pytest runs its fixture finalizers) every process carrying it is
+killed: Ray nodes, sweep drivers and the Ray processes they orphan.
+
 Fixtures: ``omniglot_dir`` (Path of the data), ``session_cache_dir`` (Path of the cache),
 and ``omniglot_subset(n_background, n_evaluation)``: a folder holding a small npz pair of
 real data (the first characters of each file, written once per session per size) for fast
@@ -19,16 +25,46 @@ tests of the loaders; give it ``data.n_holdout`` < the character count.
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
+import threading
+import uuid
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from sweeps.procs import kill_pids, pids_with_env, with_descendants
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "omniglot"
 _ENV_KEYS = ("ICL_DATA_DIR", "ICL_CACHE_DIR")
+SESSION_ENV = "ICL_TEST_SESSION"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Mark this session's processes before any starts; stop them however the run ends."""
+    os.environ[SESSION_ENV] = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    atexit.register(stop_session_processes)  # also after an interrupted run
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    stop_session_processes()
+
+
+def stop_session_processes() -> None:
+    """Kill every process that carries this session's mark (and what it started)."""
+    kill_pids(with_descendants(pids_with_env(SESSION_ENV, os.environ.get(SESSION_ENV, "-"))))
+
+
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (kill, a CI timeout) ends the run like Ctrl-C: fixture finalizers run."""
+    signal.signal(signal.SIGTERM, lambda *_: None)  # once is enough; let the teardown finish
+    raise KeyboardInterrupt
 
 @pytest.fixture(scope="session", autouse=True)
 def _icl_test_env(tmp_path_factory: pytest.TempPathFactory):
