@@ -1,7 +1,7 @@
 """What a sweep will cost, before it starts: ``icl-sweep SPEC --dry-run --estimate``.
 
 The rate is measured with the engine the trials use: a few steps of the first pack
-(``PackedTrainer``, after a warm-up step) on the device the trials would get here
+(``PackedTrainer``: a warm-up step, then at least 2 steps and 2 s) on the device the trials would get here
 (``train.device``, ``auto``: a GPU if there is one), with the trial's CPU threads. On a CPU a
 large pack is measured as a pack of one and scaled by the pack's size (CPU time grows about
 linearly with the models; the paper preset's ResNet takes seconds per model-step), and the
@@ -38,7 +38,7 @@ from sweeps.ray_session import machine_cpus
 from sweeps.spec import PackSpec, Resources, SweepSpec, TrialSpec
 
 CPU_EVAL_SEQUENCES = 64  # per evaluation set when timing an evaluation on a CPU
-MIN_TIMED_S = 2.0  # time at least this long (or MAX_TIMED_STEPS steps)
+MIN_TIMED_S = 2.0  # time at least 2 steps and this long (or MAX_TIMED_STEPS steps)
 MAX_TIMED_STEPS = 200
 
 
@@ -118,7 +118,7 @@ def measure(pack: PackSpec, cfgs: Sequence[Config], train: bool = True) -> Measu
     if train:
         trainer.run(1, 1)  # warm-up: allocations, caches, a CUDA graph's capture
         _sync(device)
-        n, at = 1, 1
+        n, at = 2, 1
         while True:
             t0 = time.perf_counter()
             loss, _ = trainer.run(at + 1, at + n)
@@ -257,6 +257,8 @@ def report(spec: SweepSpec, trials: Sequence[TrialSpec], packs: Sequence[PackSpe
     lines.append(per + f": {format_duration(max(p.trial_s))}")
     where = f"this machine: {cpus:g} CPUs, {gpus:g} GPUs" + ("" if m.device == "cuda" else ", trials on the CPU")
     wall = f"  wall time    {format_duration(p.wall_s)} at {p.slots} trial{'s' if p.slots > 1 else ''} at a time ({where})"
+    if p.slots > 1:
+        wall += ", if trials side by side do not slow each other"
     if p.wall_turns_s is not None and p.wall_turns_s > p.wall_s:
         wall += f"; {format_duration(p.wall_turns_s)} if trials sharing a GPU take turns"
     lines.append(wall)

@@ -87,7 +87,6 @@ class SweepReporter(CLIReporter):
             print_intermediate_tables=True,
         )
         self.packs = {p: tuple(m) for p, m in packs.items()}
-        self.pack_of = {m: p for p, members in self.packs.items() for m in members}
         self.cells = {t.trial_id: {k: format_value(t.grid[k]) for k in keys} for t in trials}
         self.steps = {t.trial_id: int(t.config["train.steps"]) for t in trials}
         self.dirnames = {t.trial_id: t.dirname for t in trials}

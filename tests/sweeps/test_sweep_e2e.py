@@ -23,6 +23,7 @@ from sweeps import results as res
 from sweeps.leftovers import RECORD, TAG_ENV
 from sweeps.procs import pids_mentioning, pids_with_env
 from icl.train.checkpoint import step_of
+from icl.train.tensorboard import EVENTS_GLOB, read_events
 from sweeps.spec import expand, load_spec
 
 SMOKE_TRIALS = expand(load_spec("smoke"))
@@ -96,8 +97,6 @@ def test_the_live_table_shows_each_model_by_cell(smoke_run: dict) -> None:
 
 
 def test_tensorboard_shows_one_run_per_model_with_its_metrics(smoke_run: dict) -> None:
-    from icl.train.tensorboard import EVENTS_GLOB, read_events
-
     exp = smoke_run["exp"]
     runs = sorted(p.parent for p in exp.rglob(EVENTS_GLOB))  # TensorBoard's runs: folders of event files
     assert runs == sorted(res.run_dir(exp, t).path for t in SMOKE_TRIALS)
@@ -183,6 +182,8 @@ def test_resume_after_ctrl_c_and_sigkill(
     assert not pids_with_env(TAG_ENV, tag) and not pids_mentioning(ray_tmp)
 
     assert_same_results(exp, reference)
+    for t in SMOKE_TRIALS:  # each model's TensorBoard events: every step once, after 2 interruptions
+        assert [s for s, _ in read_events(res.run_dir(exp, t).path)["eval/icl_acc"]] == [50, 100, 150, 200]
     tries = attempts(exp)
     for trial_id in finished:  # finished trials are not trained again: at most Tune, whose
         # saved state may predate their end (SIGKILL), starts them to learn they are done
