@@ -31,7 +31,7 @@ from sweeps.experiment import (
     with_runtime_paths,
 )
 from sweeps.faults import FAULTS_ENV, parse_faults
-from sweeps.leftovers import forget, mark_embedded_ray, record, stop_leftovers
+from sweeps.leftovers import forget, record, session_dir, stop_leftovers
 from sweeps.progress import concurrency
 from sweeps.ray_session import RayOptions, check_resources, check_storage_shared, start_ray
 from sweeps.spec import PackSpec, SweepSpec, TrialSpec, format_value, make_packs, saved_yaml
@@ -91,7 +91,6 @@ def run_sweep(
     check_storage_writable(exp_dir.parent)
 
     held = contextlib.ExitStack()
-    tag = None if opts.address else mark_embedded_ray()  # a killed driver's Ray is found by it
     recorded = False
 
     def stop_ray() -> None:
@@ -115,8 +114,9 @@ def run_sweep(
         stopped = stop_leftovers(exp_dir)  # what a killed driver's embedded Ray left running
         if stopped:
             print(f"icl-sweep: {stopped}", file=out, flush=True)
-        if tag:
-            record(exp_dir, tag)
+        session = None if opts.address else session_dir()  # what a SIGKILL would leave
+        if session:
+            record(exp_dir, session)
             recorded = True
         done = finished_trials(exp_dir, trials)
         where = "cluster " + opts.address if opts.address else "embedded Ray"

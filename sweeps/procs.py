@@ -1,9 +1,12 @@
 """Finding and ending processes of this user by what they carry (Linux ``/proc``).
 
-Why by a marker and not by name: Ray's processes retitle themselves (``ray::DashboardAgent``)
-and outlive a killed parent as orphans, and other Ray users may share the machine. A
-process started with a unique value in its environment (every child inherits it) or a
-unique path on its command line is found exactly, and nothing else is touched.
+Why by a marker and not by name: Ray's processes retitle themselves (``ray::DashboardAgent``,
+which also overwrites part of what ``/proc`` shows of their environment) and outlive a
+killed parent as orphans, and other Ray users may share the machine. A process is found
+exactly by a unique path it was started with or holds open (a Ray session directory: its
+daemons name it in their arguments, every Ray process keeps its logs there open), or by a
+unique value in its environment (for processes that do not retitle themselves), and
+nothing else is touched.
 """
 
 from __future__ import annotations
@@ -39,19 +42,29 @@ def pids_with_env(name: str, value: str) -> list[int]:
 
 
 def pids_mentioning(text: str) -> list[int]:
-    """Processes (not this one) whose command line or environment contains ``text`` (a unique
-    temporary path: a Ray temp dir appears in its daemons' arguments and, through
-    ``RAY_TMPDIR``, in the environment of everything they start)."""
+    """Processes (not this one) whose command line, environment or an open file's path
+    contains ``text`` (a unique path: a Ray session or temp directory appears in its daemons'
+    arguments, and every Ray process, retitled ones too, keeps its log files there open)."""
     needle = text.encode()
     found = []
     for pid in _pids():
         if pid == os.getpid():
             continue
+        proc = PROC / str(pid)
         try:
-            if needle in (PROC / str(pid) / "cmdline").read_bytes() or needle in (PROC / str(pid) / "environ").read_bytes():
+            if needle in (proc / "cmdline").read_bytes() or needle in (proc / "environ").read_bytes():
                 found.append(pid)
-        except OSError:
+                continue
+            fds = list((proc / "fd").iterdir())
+        except OSError:  # gone, or another user's
             continue
+        for fd in fds:
+            try:
+                if text in os.readlink(fd):
+                    found.append(pid)
+                    break
+            except OSError:
+                continue
     return found
 
 

@@ -12,10 +12,12 @@ Both are plain ``os.environ`` entries, so subprocesses (``icl-data``, ``icl-trai
 inherit them.
 
 Nothing a test starts outlives the run, also when the run is aborted: every process the
-session starts inherits ``ICL_TEST_SESSION`` (a value unique to this pytest process), and
-when the session ends (normally, on Ctrl-C, on SIGTERM, which is turned into a
-KeyboardInterrupt so that pytest runs its fixture finalizers) every process carrying it is
-killed: Ray nodes, sweep drivers and the Ray processes they orphan.
+session starts inherits ``ICL_TEST_SESSION`` (a value unique to this pytest process), the
+temporary folders Ray runs in are marked with it (``.icl-test-session``, written by
+``sweep_helpers.short_tmpdir``), and when the session ends (normally, on Ctrl-C, on SIGTERM,
+which is turned into a KeyboardInterrupt so that pytest runs its fixture finalizers) every
+process carrying the value, or naming or holding open a file in a marked folder (Ray's
+retitled agents, orphaned by a killed driver), is killed and the folders are removed.
 
 Fixtures: ``omniglot_dir`` (Path of the data), ``session_cache_dir`` (Path of the cache),
 and ``omniglot_subset(n_background, n_evaluation)``: a folder holding a small npz pair of
@@ -27,7 +29,9 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import uuid
 import zipfile
@@ -36,12 +40,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sweeps.procs import kill_pids, pids_with_env, with_descendants
+from sweeps.procs import kill_pids, pids_mentioning, pids_with_env, with_descendants
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "omniglot"
 _ENV_KEYS = ("ICL_DATA_DIR", "ICL_CACHE_DIR")
 SESSION_ENV = "ICL_TEST_SESSION"
+SESSION_MARK = ".icl-test-session"  # in a temporary folder of the session: its value
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -57,8 +62,24 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def stop_session_processes() -> None:
-    """Kill every process that carries this session's mark (and what it started)."""
-    kill_pids(with_descendants(pids_with_env(SESSION_ENV, os.environ.get(SESSION_ENV, "-"))))
+    """Kill every process of this session (and what it started); remove its marked folders."""
+    session = os.environ.get(SESSION_ENV)
+    if not session:
+        return
+    folders = [d for d in Path(tempfile.gettempdir()).glob("icl-*") if _marked(d, session)]
+    doomed = pids_with_env(SESSION_ENV, session)
+    for d in folders:
+        doomed += pids_mentioning(str(d))
+    kill_pids(with_descendants(doomed))
+    for d in folders:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _marked(folder: Path, session: str) -> bool:
+    try:
+        return (folder / SESSION_MARK).read_text() == session
+    except OSError:
+        return False
 
 
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:

@@ -87,8 +87,8 @@ class RayNode:
         else:
             cmd += [f"--address={self.head_address}"]
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(  # the marker finds processes that outlive their parent
-                cmd, env=dict(self.env, ICL_TEST_RAY_NODE=str(self.root)), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root
+            self.proc = subprocess.Popen(
+                cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -102,9 +102,8 @@ class RayNode:
         raise RuntimeError(f"ray start failed:\n{text[-3000:]}")
 
     def pids(self) -> list[int]:
-        """Processes of this node: those whose command line or environment names its
-        directory (every process it starts inherits the marker) and their descendants (Ray
-        workers retitle themselves ``ray::...`` and run in process groups of their own)."""
+        """Processes of this node: those that name its directory or hold a file there open
+        (Ray's agents and workers retitle themselves ``ray::...``), and their descendants."""
         return with_descendants(pids_mentioning(str(self.root)))
 
     def kill(self) -> None:

@@ -5,6 +5,7 @@ that run started survives it. (A SIGKILLed sweep driver's leftovers: test_sweep_
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from sweep_helpers import wait_for
 
-from sweeps.procs import kill_pids, pids_with_env, with_descendants
+from sweeps.procs import kill_pids, pids_mentioning, pids_with_env, with_descendants
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SESSION_ENV = "ICL_TEST_SESSION"
@@ -27,20 +28,24 @@ def test_an_aborted_test_run_leaves_no_process(signum: int, tmp_path: Path) -> N
     with open(log, "w") as out:
         run = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=dict(os.environ, ICL_ABORT_MARKER=str(marker)),
                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    session = ""
+    started: dict = {}
+
+    def survivors() -> list[int]:
+        return sorted(set(pids_with_env(SESSION_ENV, started["session"]) + pids_mentioning(started["root"])))
+
     try:
         assert wait_for(marker.exists, 180, interval=0.2), log.read_text()[-3000:]
-        session = marker.read_text()
-        started = pids_with_env(SESSION_ENV, session)
-        assert len(started) >= 3, started  # ray start, GCS, raylet, agents ...
+        started = json.loads(marker.read_text())
+        assert len(survivors()) >= 4, survivors()  # ray start, GCS, raylet, agents ...
         if signum == signal.SIGINT:
             os.killpg(run.pid, signum)
         else:
             run.send_signal(signum)
         assert run.wait(timeout=120) != 0
         assert "KeyboardInterrupt" in log.read_text()
-        assert wait_for(lambda: not pids_with_env(SESSION_ENV, session), 10), pids_with_env(SESSION_ENV, session)
+        assert wait_for(lambda: not survivors(), 10), survivors()
+        assert not Path(started["root"]).exists()
     finally:
         run.kill()
-        if session:
-            kill_pids(with_descendants(pids_with_env(SESSION_ENV, session)))
+        if started:
+            kill_pids(with_descendants(survivors()))

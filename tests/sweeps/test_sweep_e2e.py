@@ -20,8 +20,8 @@ import yaml
 from sweep_helpers import STEPS, read_results, run_cli, start_cli, wait_for, without_timing
 
 from sweeps import results as res
-from sweeps.leftovers import RECORD, TAG_ENV
-from sweeps.procs import pids_mentioning, pids_with_env
+from sweeps.leftovers import RECORD
+from sweeps.procs import pids_mentioning
 from icl.train.checkpoint import step_of
 from icl.train.tensorboard import EVENTS_GLOB, read_events
 from sweeps.spec import expand, load_spec
@@ -169,8 +169,8 @@ def test_resume_after_ctrl_c_and_sigkill(
     assert wait_for(grown, 180), log[1].read_text()[-3000:]
     driver.kill()
     driver.wait(timeout=30)
-    tag = json.loads((exp / RECORD).read_text())["tag"]
-    assert pids_with_env(TAG_ENV, tag)  # Ray's agents outlive a SIGKILLed driver
+    session = json.loads((exp / RECORD).read_text())["session_dir"]
+    assert session.startswith(ray_tmp) and pids_mentioning(session)  # Ray's agents outlive a SIGKILLed driver
     finished = [k for k, (s, _) in progress(exp).items() if s == STEPS]
     tries_before = attempts(exp)
 
@@ -179,7 +179,7 @@ def test_resume_after_ctrl_c_and_sigkill(
     assert driver.wait(timeout=240) == 0, log[2].read_text()[-3000:]
     assert "4/4 models finished" in log[2].read_text()
     assert "left by the embedded Ray of a killed driver" in log[2].read_text()
-    assert not pids_with_env(TAG_ENV, tag) and not pids_mentioning(ray_tmp)
+    assert not pids_mentioning(session) and not pids_mentioning(ray_tmp)
 
     assert_same_results(exp, reference)
     for t in SMOKE_TRIALS:  # each model's TensorBoard events: every step once, after 2 interruptions
