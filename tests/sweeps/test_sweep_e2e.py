@@ -81,7 +81,7 @@ def test_smoke_sweep_end_to_end(smoke_run: dict) -> None:
 def test_the_live_table_shows_each_model_by_cell(smoke_run: dict) -> None:
     out = smoke_run["proc"].stdout
     tables = out.split("== Status ==")[1:]
-    assert len(tables) >= 2
+    assert len(tables) >= 2  # the first (all pending) and the last
     final = tables[-1]
     header = next(line for line in final.splitlines() if line.startswith("| Trial name"))
     assert [c.strip() for c in header.strip("|").split("|")] == [
@@ -93,7 +93,8 @@ def test_the_live_table_shows_each_model_by_cell(smoke_run: dict) -> None:
         assert cells[1] == "TERMINATED" and cells[3:7] == [str(t.grid["data.num_classes"]), "0",
                                                           str(t.grid["seed"]), "200/200"]
     assert "Sweep: 4/4 models finished, 800/800 model-steps (100%)" in final
-    assert "| ETA" in out and "ETA " in out  # while trials ran: each trial's ETA and the sweep's
+    # (the tables in between, with each trial's and the sweep's ETA, depend on timing: see
+    # test_sweep_progress.py)
 
 
 def test_tensorboard_shows_one_run_per_model_with_its_metrics(smoke_run: dict) -> None:
