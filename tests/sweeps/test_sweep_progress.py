@@ -14,7 +14,6 @@ from sweeps.progress import PER_MODEL, RATE, concurrency, finish_time, pack_prog
 from sweeps.reporter import SweepReporter
 from sweeps.spec import Resources, TrialSpec
 
-NOW = time.time() + 60  # the time of the table (after the reporter starts: results are this run's)
 GRID = [(100, 0.0, 0), (100, 0.1, 0), (1600, 0.0, 0), (1600, 0.1, 0)]
 TRIALS = [
     TrialSpec(f"t00{i}", f"t00{i}_cell", {"data.num_classes": c, "optim.weight_decay": wd, "seed": s},
@@ -32,10 +31,10 @@ def tune_trial(pack_id: str, status: str, result: dict | None = None, error_file
     )
 
 
-def report(per_model: dict[str, tuple[int, float, float]], rate: float | None, age: float = 0.0) -> dict:
+def report(per_model: dict[str, tuple[int, float, float]], rate: float | None, now: float, age: float = 0.0) -> dict:
     rows = {m: {"step": s, "icl_acc": icl, "iwl_acc": iwl, "train_acc": 0.5, "train_loss": 1.0}
             for m, (s, icl, iwl) in per_model.items()}
-    return {**pack_progress(rows, rate), "timestamp": NOW - age, "node_ip": "10.0.0.5", "pid": 4121,
+    return {**pack_progress(rows, rate), "timestamp": now - age, "node_ip": "10.0.0.5", "pid": 4121,
             "training_iteration": 3}
 
 
@@ -69,12 +68,13 @@ def test_one_row_per_model_with_its_cell_in_a_packed_sweep(tmp_path: Path) -> No
     packs = {"p000": ("t000", "t001"), "p001": ("t002", "t003")}
     reporter = SweepReporter(TRIALS, packs, tmp_path, slots=1, period_s=0)
     reporter.setup(start_time=time.time(), total_samples=2)
+    now = time.time() + 60  # the table's time; the results are this driver's
     trials = [
-        tune_trial("p000", "RUNNING", report({"t000": (4000, 0.52, 0.99), "t001": (4000, 0.51, 0.98)}, rate=100.0)),
+        tune_trial("p000", "RUNNING", report({"t000": (4000, 0.52, 0.99), "t001": (4000, 0.51, 0.98)}, 100.0, now)),
         tune_trial("p001", "PENDING"),
     ]
     assert reporter.should_report(trials)
-    rows, line = reporter.rows(trials, NOW)
+    rows, line = reporter.rows(trials, now)
     text = reporter._progress_str(rows, False, line)
 
     header = next(line for line in text.splitlines() if line.startswith("| Trial name"))
@@ -100,13 +100,14 @@ def test_finished_models_errors_and_resumed_models(tmp_path: Path) -> None:
     ckpt = tmp_path / "t003_cell" / "run" / "checkpoints" / "step_000002500"
     ckpt.mkdir(parents=True)  # t003 resumes from step 2500
     reporter = SweepReporter(TRIALS, packs, tmp_path, slots=2, period_s=0)
+    now = time.time() + 60
     trials = [
-        tune_trial("t000", "TERMINATED", report({"t000": (10000, 0.53, 1.0)}, rate=50.0)),
-        tune_trial("t001", "ERROR", report({"t001": (500, 0.5, 0.01)}, rate=50.0), error_file="/exp/t001/error.txt"),
-        tune_trial("t002", "RUNNING", report({"t002": (9000, 0.8, 0.3)}, rate=50.0, age=5)),
+        tune_trial("t000", "TERMINATED", report({"t000": (10000, 0.53, 1.0)}, 50.0, now)),
+        tune_trial("t001", "ERROR", report({"t001": (500, 0.5, 0.01)}, 50.0, now), error_file="/exp/t001/error.txt"),
+        tune_trial("t002", "RUNNING", report({"t002": (9000, 0.8, 0.3)}, 50.0, now, age=5)),
         tune_trial("t003", "PENDING"),
     ]
-    rows, line = reporter.rows(trials, NOW)
+    rows, line = reporter.rows(trials, now)
     text = reporter._progress_str(rows, False, line)
     body = table_rows(text)
     assert "| pack" not in text  # a pack of one is its model: no pack column
@@ -123,3 +124,13 @@ def test_durations(seconds: float, text: str) -> None:
     from icl.train.progress import format_duration
 
     assert format_duration(seconds) == text
+
+
+def test_a_report_from_a_previous_driver_is_not_counted_down(tmp_path: Path) -> None:
+    """A resumed sweep's Tune trials carry their last result from before this driver started:
+    its age says nothing about the trial now (it has not restarted yet)."""
+    reporter = SweepReporter(TRIALS, {t.trial_id: (t.trial_id,) for t in TRIALS}, tmp_path, slots=4, period_s=0)
+    old = time.time() - 3600
+    trials = [tune_trial("t000", "RUNNING", report({"t000": (9000, 0.8, 0.3)}, 50.0, old))]
+    rows, _ = reporter.rows(trials, time.time())
+    assert rows[0].last_result["eta"] == "0:00:20"  # 1000 model-steps at 50/s, not 0
