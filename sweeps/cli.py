@@ -7,10 +7,13 @@ interrupted (run the same command again to resume).
 
 from __future__ import annotations
 
-from icl.errors import ArgumentParser, cli_entry
+from pathlib import Path
+
+from icl.errors import ArgumentParser, UserError, cli_entry
 from sweeps.driver import dry_run_table, run_sweep
+from sweeps.estimate import estimate
 from sweeps.ray_session import RayOptions
-from sweeps.spec import expand, load_spec, shipped_specs
+from sweeps.spec import expand, load_spec, make_packs, shipped_specs
 
 
 def build_parser() -> ArgumentParser:
@@ -31,6 +34,11 @@ def build_parser() -> ArgumentParser:
         help="override a config key for every trial (repeatable), e.g. --set train.steps=1000",
     )
     p.add_argument("--dry-run", action="store_true", help="print the trial table and exit; starts nothing")
+    p.add_argument("--estimate", action="store_true",
+                   help="with --dry-run: time a few steps of the first pack here and print the sweep's model-steps, "
+                        "wall time, GPU-hours and disk")
+    p.add_argument("--rate-from", type=Path, metavar="FILE.json",
+                   help="with --dry-run: take the training rate for --estimate from a benchmarks/throughput.py --json file")
     p.add_argument("--no-analysis", action="store_true", help="do not write the analysis report at the end")
     p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: those this process may use)")
     p.add_argument("--num-gpus", type=int, help="GPUs of the embedded Ray (default: those Ray detects)")
@@ -42,8 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     spec = load_spec(args.spec, storage=args.storage, name=args.name, sets=args.sets)
     trials = expand(spec)
+    if (args.estimate or args.rate_from) and not args.dry_run:
+        raise UserError("--estimate and --rate-from go with --dry-run (an estimate starts no sweep)")
     if args.dry_run:
         dry_run_table(spec, trials)
+        if args.estimate or args.rate_from:
+            print("estimate:   measuring the first pack here ...", flush=True)
+            for line in estimate(spec, trials, make_packs(spec, trials), rate_from=args.rate_from,
+                                 num_cpus=args.num_cpus, num_gpus=args.num_gpus):
+                print(line)
         return 0
     return run_sweep(spec, trials, RayOptions(args.address, args.num_cpus, args.num_gpus), analysis=not args.no_analysis)
 

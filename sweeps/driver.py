@@ -33,6 +33,8 @@ from sweeps.experiment import (
     with_runtime_paths,
 )
 from sweeps.faults import FAULTS_ENV, parse_faults
+from sweeps.leftovers import forget, record, session_dir, stop_leftovers
+from sweeps.progress import concurrency
 from sweeps.ray_session import RayOptions, check_resources, check_storage_shared, start_ray
 from sweeps.spec import PackSpec, SweepSpec, TrialSpec, format_value, make_packs, saved_yaml
 from sweeps.trainable import TrialNames, make_trainable
@@ -52,6 +54,9 @@ TUNE_ENV = {
     # a failed trial is listed in the summary with its error and the file holding its
     # traceback (error.txt); Tune would also print the whole traceback into the live output
     "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",
+    # the live table is our RunConfig(progress_reporter=...) (sweeps.reporter); Ray 2.60's
+    # default output engine ignores it and picks its own columns.
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
 
 
@@ -80,6 +85,7 @@ def run_sweep(
     from ray import tune
 
     from sweeps.callback import ResultsCallback
+    from sweeps.reporter import SweepReporter
 
     out = out or sys.stdout
     t0 = time.monotonic()
@@ -94,6 +100,13 @@ def run_sweep(
     check_storage_writable(exp_dir.parent)
 
     held = contextlib.ExitStack()
+    recorded = False
+
+    def stop_ray() -> None:
+        ray.shutdown()
+        if recorded:
+            forget(exp_dir)
+
     start_ray(opts)
     # ResultGrid looks for Tune's per-trial result.json, which TUNE_ENV turns off
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -110,6 +123,13 @@ def run_sweep(
         state = experiment_state(spec)  # again, under the lock
         if not (exp_dir / SPEC_FILE).exists():
             atomic_write(exp_dir / SPEC_FILE, saved_yaml(spec))
+        stopped = stop_leftovers(exp_dir)  # what a killed driver's embedded Ray left running
+        if stopped:
+            print(f"icl-sweep: {stopped}", file=out, flush=True)
+        session = None if opts.address else session_dir()  # what a SIGKILL would leave
+        if session:
+            record(exp_dir, session)
+            recorded = True
         done = finished_trials(exp_dir, trials)
         where = "cluster " + opts.address if opts.address else "embedded Ray"
         print(
@@ -120,6 +140,9 @@ def run_sweep(
             flush=True,
         )
 
+        have = ray.cluster_resources()
+        slots = concurrency(spec.resources, have.get("CPU", 0.0), have.get("GPU", 0.0), spec.max_concurrent)
+        reporter = SweepReporter(trials, members, exp_dir, min(slots, len(packs)))
         trainable = tune.with_resources(
             make_trainable(exp_dir, trials, packs, faults, heads=spec.heads), spec.resources.as_ray()
         )
@@ -131,6 +154,8 @@ def run_sweep(
             tuner = tune.Tuner.restore(
                 str(exp_dir), trainable=trainable, param_space=param_space, resume_unfinished=True, resume_errored=True
             )
+            # the run config comes from tuner.pkl; this driver's reporter knows this spec's table
+            tuner._local_tuner.get_run_config().progress_reporter = reporter
         else:
             dirnames = {p.pack_id: p.dirname for p in packs}
             tuner = tune.Tuner(
@@ -150,6 +175,7 @@ def run_sweep(
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.checkpoint_keep),
                     callbacks=[ResultsCallback(trials, members)],
+                    progress_reporter=reporter,
                     verbose=1,
                 ),
             )
@@ -167,10 +193,10 @@ def run_sweep(
         except UNREADABLE_STATE:  # nothing pruned: Tune's copies are kept, which is safe
             pass
     except BaseException:
+        stop_ray()
         held.close()
         raise
-    finally:
-        ray.shutdown()
+    stop_ray()
 
     with held:
         status = {k: (v, outcome.errors.get(k, "")) for k, v in outcome.status.items()}

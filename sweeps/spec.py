@@ -383,7 +383,7 @@ def expand(spec: SweepSpec) -> list[TrialSpec]:
     keys = list(spec.grid)
     points = list(product(*(spec.grid[k] for k in keys)))
     width = max(3, len(str(len(points) - 1)))
-    short = _short_names(keys)
+    short = short_names(keys)
     trials: list[TrialSpec] = []
     seen: dict[tuple[Any, ...], str] = {}
     for index, values in enumerate(points):
@@ -445,7 +445,7 @@ def make_packs(spec: SweepSpec, trials: Sequence[TrialSpec]) -> list[PackSpec]:
     return packs
 
 
-def _short_names(keys: list[str]) -> dict[str, str]:
+def short_names(keys: list[str]) -> dict[str, str]:
     """Last component of each dotted key, unless two keys share it."""
     last = [k.split(".")[-1] for k in keys]
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}

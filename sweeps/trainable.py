@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,6 +33,7 @@ from icl.io import atomic_write, writing_to
 from icl.train.rundir import RunDir
 from sweeps import results as res
 from sweeps.faults import Fault, maybe_inject
+from sweeps.progress import pack_progress
 from sweeps.spec import PackSpec, TrialSpec
 
 STAGING_PREFIX = ".tune-checkpoint-"  # a pack's checkpoint for tune.report, being assembled
@@ -46,7 +48,8 @@ class PackReporter:
     finished, is not), or when a row of another step arrives (a model that diverged stops
     evaluating), or at the end. The metrics are the step, the number of models in the row
     and each metric's mean over them (the per-model rows are in the run directories and
-    results.csv); the checkpoint is a directory with one sub-directory per member, a copy of
+    results.csv), and for the live table (``sweeps.progress``) every member's latest step
+    and accuracies and the trial's rate in model-steps/s; the checkpoint is a directory with one sub-directory per member, a copy of
     its run's checkpoint of that step (those that have one), so a restored trial can install
     each member's checkpoint into its run directory.
     """
@@ -59,6 +62,13 @@ class PackReporter:
         self.step: int | None = None
         self.rows: dict[int, dict[str, float]] = {}
         self.reported = False
+        # for the progress table: every member's latest row (a finished member is not evaluated
+        # again) and the model-steps trained this attempt over the time they took
+        self.latest = {k: row for k, run in enumerate(self.runs) if (row := _last_row(run))}
+        self.at = dict(enumerate(self.starts))  # each member's step as last counted
+        self.trained = 0
+        self.seconds = 0.0
+        self.clock: float | None = None
 
     def add(self, k: int, row: dict[str, float]) -> None:
         step = int(row["step"])
@@ -76,7 +86,28 @@ class PackReporter:
         step, rows = self.step, self.rows
         self.step, self.rows = None, {}
         ckpts = {self.trial_ids[k]: run.checkpoint_dir(step) for k, run in enumerate(self.runs)}
-        self.report(pack_metrics(step, list(rows.values())), {k: v for k, v in ckpts.items() if v.is_dir()})
+        metrics = pack_metrics(step, list(rows.values()))
+        rate = self.rate(step, rows)
+        self.latest.update(rows)
+        metrics.update(pack_progress({self.trial_ids[k]: r for k, r in self.latest.items()}, rate))
+        self.report(metrics, {k: v for k, v in ckpts.items() if v.is_dir()})
+
+    def rate(self, step: int, rows: dict[int, dict[str, float]]) -> float | None:
+        """Model-steps per second of wall time since training started in this attempt. Until
+        the first report the time comes from the rows (the training rate and the evaluation
+        times), so that loading the data and building the models do not count; then the clock."""
+        trained = sum(step - self.at[k] for k in rows)
+        now = time.monotonic()
+        if self.clock is None:
+            first = next(iter(rows.values()))
+            self.seconds = (step - min(self.at[k] for k in rows)) / max(float(first.get("steps_per_s", 0.0)), 1e-9)
+            self.seconds += sum(float(r.get("eval_s", 0.0)) for r in rows.values())
+        else:
+            self.seconds += now - self.clock
+        self.clock = now
+        self.trained += trained
+        self.at.update({k: step for k in rows})
+        return self.trained / self.seconds if self.seconds > 0 else None
 
     def report(self, metrics: dict[str, float], ckpts: dict[str, Path]) -> None:
         from ray import tune
@@ -101,6 +132,15 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def _last_row(run: RunDir) -> dict[str, float]:
+    """A run's last metrics row (numbers), or {} if it has none yet."""
+    header, rows = run.metrics_table()
+    try:
+        return {c: float(v) for c, v in zip(header, rows[-1])} if rows else {}
+    except ValueError:  # a cell that is not a number: the table will show none
+        return {}
 
 
 def pack_metrics(step: int, rows: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -192,7 +232,9 @@ def run_pack(
         # trial finished): hand Tune the final checkpoints, so its view ends where the runs did
         last = {m: run.latest_checkpoint() for m, run in zip(members, runs)}
         step = max((int(r.get("step", 0)) for r in final), default=0)
-        reporter.report(pack_metrics(step, [r for r in final if r]), {m: p for m, p in last.items() if p})
+        metrics = pack_metrics(step, [r for r in final if r])
+        metrics.update(pack_progress({m: r for m, r in zip(members, final) if r}, None))
+        reporter.report(metrics, {m: p for m, p in last.items() if p})
 
 
 def attribute_heads(run: RunDir, cfg: Any) -> None:

@@ -12,6 +12,14 @@ For the whole pytest session (restored afterwards):
 All are plain ``os.environ`` entries, so subprocesses (``icl-data``, ``icl-train`` ...)
 inherit them.
 
+Nothing a test starts outlives the run, also when the run is aborted: every process the
+session starts inherits ``ICL_TEST_SESSION`` (a value unique to this pytest process), the
+temporary folders Ray runs in are marked with it (``.icl-test-session``, written by
+``sweep_helpers.short_tmpdir``), and when the session ends (normally, on Ctrl-C, on SIGTERM,
+which is turned into a KeyboardInterrupt so that pytest runs its fixture finalizers) every
+process carrying the value, or naming or holding open a file in a marked folder (Ray's
+retitled agents, orphaned by a killed driver), is killed and the folders are removed.
+
 Fixtures: ``omniglot_dir`` (Path of the data), ``session_cache_dir`` (Path of the cache),
 ``omniglot_subset(n_background, n_evaluation)``: a folder holding a small npz pair of
 real data (the first characters of each file, written once per session per size) for fast
@@ -25,7 +33,13 @@ Hypothesis runs derandomized (the same examples on every run, as CI needs) unles
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import signal
+import tempfile
+import threading
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -41,10 +55,52 @@ settings.register_profile("explore", deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+from sweeps.procs import kill_pids, pids_mentioning, pids_with_env, with_descendants
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "omniglot"
 _ENV_KEYS = ("ICL_DATA_DIR", "ICL_CACHE_DIR", "OMP_NUM_THREADS")
+SESSION_ENV = "ICL_TEST_SESSION"
+SESSION_MARK = ".icl-test-session"  # in a temporary folder of the session: its value
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Mark this session's processes before any starts; stop them however the run ends."""
+    os.environ[SESSION_ENV] = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    atexit.register(stop_session_processes)  # also after an interrupted run
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    stop_session_processes()
+
+
+def stop_session_processes() -> None:
+    """Kill every process of this session (and what it started); remove its marked folders."""
+    session = os.environ.get(SESSION_ENV)
+    if not session:
+        return
+    folders = [d for d in Path(tempfile.gettempdir()).glob("icl-*") if _marked(d, session)]
+    doomed = pids_with_env(SESSION_ENV, session)
+    for d in folders:
+        doomed += pids_mentioning(str(d))
+    kill_pids(with_descendants(doomed))
+    for d in folders:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _marked(folder: Path, session: str) -> bool:
+    try:
+        return (folder / SESSION_MARK).read_text() == session
+    except OSError:
+        return False
+
+
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (kill, a CI timeout) ends the run like Ctrl-C: fixture finalizers run."""
+    signal.signal(signal.SIGTERM, lambda *_: None)  # once is enough; let the teardown finish
+    raise KeyboardInterrupt
 
 @pytest.fixture(scope="session", autouse=True)
 def _icl_test_env(tmp_path_factory: pytest.TempPathFactory):

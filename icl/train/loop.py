@@ -4,9 +4,9 @@
     train(cfg, out_dir)          -> the last metrics row   (a pack of one)
 
 Model ``k`` writes ``out_dirs[k]`` (:class:`~icl.train.rundir.RunDir`): ``config.yaml``,
-``metrics.csv`` (one row per evaluation), ``attention.npz`` and ``checkpoints/``. Calling
-again on the same directories resumes from each run's newest intact checkpoint; because a
-training batch is a pure function of (seed, step) and every piece of state is
+``metrics.csv`` (one row per evaluation), ``attention.npz``, its TensorBoard event file and
+``checkpoints/``. Calling again on the same directories resumes from each run's newest
+intact checkpoint; because a training batch is a pure function of (seed, step) and every piece of state is
 checkpointed, a resumed run reproduces an uninterrupted one exactly (on CPU; timing
 columns aside), and a run directory can be resumed in a pack of any size.
 
@@ -141,6 +141,24 @@ def train_packed(
     for cfg, run in zip(cfgs, runs):
         run.open(cfg)
 
+    try:
+        results, diverged = _train_all(cfgs, runs, datas, device, on_eval, progress)
+    finally:
+        for run in runs:
+            run.close()
+    if diverged:
+        names = "; ".join(f"model {k} ({runs[k].path}): {msg}" for k, msg in sorted(diverged.items()))
+        raise PackTrainingDiverged(
+            f"{len(diverged)} of {len(cfgs)} packed models diverged, the others finished: {names}", results, diverged
+        )
+    return [r if r is not None else {} for r in results]
+
+
+def _train_all(cfgs: list[Config], runs: list[RunDir], datas: list[StudyData], device: torch.device,
+               on_eval: OnEval | None, progress: bool | None) -> tuple[list[dict[str, float] | None], dict[int, str]]:
+    """Segments until every model is finished or diverged: each model's last row (None if it
+    diverged) and why each diverged model stopped."""
+    t = cfgs[0].train
     results: list[dict[str, float] | None] = [None] * len(cfgs)
     diverged: dict[int, str] = {}
     while True:
@@ -152,7 +170,7 @@ def train_packed(
                 results[k] = r.state.last_row
         todo = [k for k in restored if at[k] < t.steps]
         if not todo:
-            break
+            return results, diverged
         start = min(at[k] for k in todo)
         ahead = [at[k] for k in todo if at[k] > start]
         group = [Member(k, cfgs[k], runs[k], datas[k], restored[k]) for k in todo if at[k] == start]
@@ -163,12 +181,6 @@ def train_packed(
                 diverged[m.k] = m.diverged
             elif segment.stop >= t.steps:
                 results[m.k] = m.state.last_row
-    if diverged:
-        names = "; ".join(f"model {k} ({runs[k].path}): {msg}" for k, msg in sorted(diverged.items()))
-        raise PackTrainingDiverged(
-            f"{len(diverged)} of {len(cfgs)} packed models diverged, the others finished: {names}", results, diverged
-        )
-    return [r if r is not None else {} for r in results]
 
 
 # --------------------------------------------------------------------------- the state machine

@@ -11,10 +11,13 @@ import time
 from pathlib import Path
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS``; past a day ``Nd HH:MM:SS`` (a sweep's ETA, a cost estimate)."""
     seconds = int(max(seconds, 0))
+    days, seconds = divmod(seconds, 86400)
     h, rest = divmod(seconds, 3600)
-    return f"{h}:{rest // 60:02d}:{rest % 60:02d}"
+    clock = f"{h}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {h:02d}:{rest // 60:02d}:{rest % 60:02d}" if days else clock
 
 
 class Progress:
@@ -48,7 +51,7 @@ class Progress:
         eta = (self.total - step) / rate if rate > 0 else float("nan")
         text = f"step {step:,}/{self.total:,} ({100 * step / self.total:5.1f}%) | {rate:7.1f} steps/s"
         if rate > 0 and done:
-            text += f" | ETA {_duration(eta)}"
+            text += f" | ETA {format_duration(eta)}"
         if self.row:
             r = self.row
             text += f" | loss {r['train_loss']:.3f} | ICL {r['icl_acc']:.3f} | IWL {r['iwl_acc']:.3f}"

@@ -4,6 +4,7 @@
       config.yaml            the fully resolved config (a resume must match it)
       metrics.csv            one row per evaluation
       attention.npz          per-head diagnostics per evaluation: step [E], heads [E, L, H, 5]
+      events.out.tfevents.*  the same rows and per-head scores for TensorBoard (icl.train.tensorboard)
       checkpoints/
         step_000012000/      one checkpoint (icl.train.checkpoint), the newest N kept
 
@@ -31,6 +32,7 @@ from icl.errors import UserError
 from icl.io import atomic_write, remove_stale_temporaries
 from icl.train import checkpoint as ckpt
 from icl.train.evaluate import ATTN_STATS
+from icl.train.tensorboard import EventLog
 
 CONFIG = "config.yaml"
 METRICS = "metrics.csv"
@@ -78,6 +80,7 @@ class RunDir:
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self.checkpoints_dir = self.path / CHECKPOINTS
+        self.events = EventLog(self.path)
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -204,11 +207,18 @@ class RunDir:
     # ------------------------------------------------------------------ logs
 
     def record(self, state: RunState) -> dict[str, bytes]:
-        """Rewrite the logs from ``state``; returns their bytes (a checkpoint keeps them too)."""
+        """Rewrite the logs from ``state``; returns their bytes (a checkpoint keeps them too).
+        The TensorBoard events follow: appended during a run, rebuilt on its first record in a
+        process (a start or resume), so they never hold a step twice or miss one."""
         files = {METRICS: metrics_csv(state.rows), ATTENTION: attention_npz(state)}
         for name, data in files.items():
             atomic_write(self.path / name, data)
+        self.events.sync(state.rows, state.heads)
         return files
+
+    def close(self) -> None:
+        """Close the event file (the other logs are written whole by every record)."""
+        self.events.close()
 
     def metrics_table(self) -> tuple[list[str], list[list[str]]]:
         """Header and rows of ``metrics.csv`` as text; missing file -> no rows; a torn last

@@ -255,6 +255,8 @@ def test_one_node_sweep_completes_with_allocated_cpus_and_gpus(slurm):
     assert_job_ok(slurm, job, store, info)
     # Ray was sized to the allocation, not to the machine.
     assert "--num-cpus 2 --num-gpus 1" in log, log[-3000:]
+    # the live table goes to the job's log too (the last one: every model finished)
+    assert "| Trial name" in log and "Sweep: 4/4 models finished, 800/800 model-steps (100%)" in log, log[-3000:]
     assert_complete(store / "one")
     assert_no_leftovers(slurm)
     assert not Path(f"/tmp/ray_{job}").exists(), "the job's Ray temp dir was not removed"

@@ -10,7 +10,8 @@
   ``reference``: its results, which the resumed, retried and multi-node sweeps of the same
   spec must reproduce exactly.
 Nothing here touches ``~/.ray`` or other Ray users of the machine: every process this
-session starts is found by its own temporary directory and killed by pid.
+session starts is found by its own temporary directory and killed by pid; whatever an
+interrupted test leaves is killed at the end of the session by its mark (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import pandas as pd
 import pytest
 
 from sweep_helpers import read_results, run_cli, short_tmpdir
-from sweep_raynodes import RayNode, kill_pids, pids_mentioning, with_descendants
+from sweep_raynodes import RayNode
+
+from sweeps.procs import kill_pids, pids_mentioning, with_descendants
 
 
 @pytest.fixture(scope="session")
@@ -78,12 +81,14 @@ def smoke_run(driver_env: dict[str, str], tmp_path_factory: pytest.TempPathFacto
     """``icl-sweep smoke`` end to end on an embedded Ray (the default), report included."""
     storage = tmp_path_factory.mktemp("smoke-storage")
     raytmp = short_tmpdir("icl-ray-")
-    env = dict(driver_env, RAY_TMPDIR=str(raytmp))
+    env = dict(driver_env, RAY_TMPDIR=str(raytmp), ICL_SWEEP_REPORT_S="2")  # live tables while it runs
     t0 = time.monotonic()
-    proc = run_cli(["smoke", "--storage", str(storage), "--num-cpus", "2"], env)
+    try:
+        proc = run_cli(["smoke", "--storage", str(storage), "--num-cpus", "2"], env)
+    finally:  # an interrupted run_cli kills the driver, not the Ray it started
+        kill_pids(with_descendants(pids_mentioning(str(raytmp))))
+        shutil.rmtree(raytmp, ignore_errors=True)
     wall = time.monotonic() - t0
-    kill_pids(with_descendants(pids_mentioning(str(raytmp))))
-    shutil.rmtree(raytmp, ignore_errors=True)
     return {"proc": proc, "storage": storage, "exp": storage / "smoke", "wall": wall}
 
 

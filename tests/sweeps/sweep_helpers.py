@@ -3,6 +3,7 @@ would be ambiguous for ``conftest`` with several conftest.py files in the tree).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -20,8 +21,12 @@ STEPS = 200  # smoke.yaml: 200-step trials, evaluated every 50 steps, checkpoint
 
 
 def short_tmpdir(prefix: str) -> Path:
-    """Ray puts unix sockets under its temp dir: keep the path short (108-byte limit)."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    """Ray puts unix sockets under its temp dir: keep the path short (108-byte limit). The
+    folder is marked as this test session's (tests/conftest.py stops what runs in it when
+    the session ends, however it ends)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    (path / ".icl-test-session").write_text(os.environ.get("ICL_TEST_SESSION", ""))
+    return path
 
 
 def icl_sweep_cmd() -> list[str]:

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from sweeps.procs import kill_pids, pids_mentioning, with_descendants
+
 READY = "Ray runtime started"
 
 
@@ -100,9 +102,8 @@ class RayNode:
         raise RuntimeError(f"ray start failed:\n{text[-3000:]}")
 
     def pids(self) -> list[int]:
-        """Processes of this node: those whose command line names its directory (raylet,
-        GCS, agents) and their descendants (Ray workers: they retitle themselves
-        ``ray::...`` and run in process groups of their own)."""
+        """Processes of this node: those that name its directory or hold a file there open
+        (Ray's agents and workers retitle themselves ``ray::...``), and their descendants."""
         return with_descendants(pids_mentioning(str(self.root)))
 
     def kill(self) -> None:
@@ -121,48 +122,3 @@ class RayNode:
         """End the node for good (test teardown): SIGKILL its processes, found by pid."""
         self.kill()
         self.proc = None
-
-
-def pids_mentioning(text: str) -> list[int]:
-    """Pids of this user's processes whose command line contains ``text`` (a unique temp path)."""
-    me = os.getpid()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
-def with_descendants(pids: list[int]) -> list[int]:
-    """``pids`` and every process below them in the process tree."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], list(pids)
-    while todo:
-        pid = todo.pop()
-        if pid not in out:
-            out.append(pid)
-            todo.extend(children.get(pid, []))
-    return out
-
-
-def kill_pids(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

@@ -8,18 +8,22 @@ after it reported step 200, once; ``x*`` makes it raise on every attempt.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 from sweep_helpers import STEPS, read_results, run_cli, start_cli, wait_for, without_timing
-from sweep_raynodes import kill_pids, pids_mentioning, with_descendants
 
 from sweeps import results as res
+from sweeps.leftovers import RECORD
+from sweeps.procs import pids_mentioning
 from icl.train.checkpoint import step_of
+from icl.train.tensorboard import EVENTS_GLOB, read_events
 from sweeps.spec import expand, load_spec
 
 SMOKE_TRIALS = expand(load_spec("smoke"))
@@ -74,6 +78,37 @@ def test_smoke_sweep_end_to_end(smoke_run: dict) -> None:
     assert (exp / "report").is_dir() or "analysis:   not available" in proc.stdout
 
 
+def test_the_live_table_shows_each_model_by_cell(smoke_run: dict) -> None:
+    out = smoke_run["proc"].stdout
+    tables = out.split("== Status ==")[1:]
+    assert len(tables) >= 2  # the first (all pending) and the last
+    final = tables[-1]
+    header = next(line for line in final.splitlines() if line.startswith("| Trial name"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "Trial name", "status", "loc", "num_classes", "weight_decay", "seed", "step", "ICL", "IWL", "train acc",
+        "model-steps/s"]  # (no ETA column once every model is finished)
+    for t in SMOKE_TRIALS:
+        row = next(line for line in final.splitlines() if line.startswith(f"| {t.trial_id} "))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == "TERMINATED" and cells[3:7] == [str(t.grid["data.num_classes"]), "0",
+                                                          str(t.grid["seed"]), "200/200"]
+    assert "Sweep: 4/4 models finished, 800/800 model-steps (100%)" in final
+    # (the tables in between, with each trial's and the sweep's ETA, depend on timing: see
+    # test_sweep_progress.py)
+
+
+def test_tensorboard_shows_one_run_per_model_with_its_metrics(smoke_run: dict) -> None:
+    exp = smoke_run["exp"]
+    runs = sorted(p.parent for p in exp.rglob(EVENTS_GLOB))  # TensorBoard's runs: folders of event files
+    assert runs == sorted(res.run_dir(exp, t).path for t in SMOKE_TRIALS)
+    for t in SMOKE_TRIALS:
+        run = res.run_dir(exp, t).path
+        m = pd.read_csv(run / "metrics.csv")
+        icl = read_events(run)["eval/icl_acc"]
+        assert [s for s, _ in icl] == list(m.step) == [50, 100, 150, 200]
+        assert [v for _, v in icl] == pytest.approx(list(m.icl_acc), abs=1e-7)
+
+
 def test_rerun_of_a_finished_sweep_reruns_nothing(smoke_run: dict, ray_head, driver_env: dict) -> None:
     exp = smoke_run["exp"]
     before = (exp / "results.csv").read_bytes(), attempts(exp)
@@ -101,26 +136,32 @@ def test_resume_after_ctrl_c_and_sigkill(
     ray_head, driver_env: dict, embedded_env: dict, reference: pd.DataFrame, tmp_path: Path
 ) -> None:
     """The same command three times: interrupted by Ctrl-C, then killed with SIGKILL, then
-    to the end; the results equal those of the uninterrupted sweep. The SIGKILLed run uses
-    the default embedded Ray; the others join the shared cluster (cheaper, and a resume on
+    to the end; the results equal those of the uninterrupted sweep. The first two use the
+    default embedded Ray: Ctrl-C stops it entirely, and what the SIGKILL leaves of it (Ray's
+    agents) is stopped by the third, which joins the shared cluster (cheaper, and a resume on
     another cluster is allowed)."""
     args = ["smoke", "--storage", str(tmp_path), "--no-analysis"]
     on_cluster = args + ["--address", ray_head.address]
     exp = tmp_path / "smoke"
     log = [tmp_path / f"run{i}.log" for i in (1, 2, 3)]
 
+    embedded = args + ["--num-cpus", "2"]
+    ray_tmp = embedded_env["RAY_TMPDIR"]
+
     # 1. Ctrl-C (SIGINT to the driver's process group, as a terminal sends it) while a trial
-    #    is between two checkpoints
-    driver = start_cli(on_cluster, driver_env, log[0])
+    #    is between two checkpoints: the driver stops its Ray
+    driver = start_cli(embedded, embedded_env, log[0])
     assert wait_for(lambda: any(0 < c < STEPS and s < STEPS for s, c in progress(exp).values()), 180), log[0].read_text()[-3000:]
     os.killpg(driver.pid, signal.SIGINT)
     assert driver.wait(timeout=120) == 130, log[0].read_text()[-3000:]
     assert "interrupted: run the same command again to resume" in log[0].read_text()
+    assert wait_for(lambda: not pids_mentioning(ray_tmp), 30), pids_mentioning(ray_tmp)
+    assert not (exp / RECORD).exists()
     after1, rows1 = progress(exp), len(read_results(exp))
 
     # 2. the same command on an embedded Ray, killed with SIGKILL once it made progress and
     #    results.csv shows it (the table is refreshed while the sweep runs)
-    driver = start_cli(args + ["--num-cpus", "2"], embedded_env, log[1])
+    driver = start_cli(embedded, embedded_env, log[1])
 
     def grown() -> bool:
         more = sum(s for s, _ in progress(exp).values()) >= sum(s for s, _ in after1.values()) + 100
@@ -129,17 +170,21 @@ def test_resume_after_ctrl_c_and_sigkill(
     assert wait_for(grown, 180), log[1].read_text()[-3000:]
     driver.kill()
     driver.wait(timeout=30)
-    kill_pids(with_descendants(pids_mentioning(embedded_env["RAY_TMPDIR"])))  # its orphaned Ray
-    time.sleep(0.5)
+    session = json.loads((exp / RECORD).read_text())["session_dir"]
+    assert session.startswith(ray_tmp) and pids_mentioning(session)  # Ray's agents outlive a SIGKILLed driver
     finished = [k for k, (s, _) in progress(exp).items() if s == STEPS]
     tries_before = attempts(exp)
 
-    # 3. the same command, to the end
+    # 3. the same command, to the end: it first stops what the killed driver's Ray left
     driver = start_cli(on_cluster, driver_env, log[2])
     assert driver.wait(timeout=240) == 0, log[2].read_text()[-3000:]
     assert "4/4 models finished" in log[2].read_text()
+    assert "left by the embedded Ray of a killed driver" in log[2].read_text()
+    assert not pids_mentioning(session) and not pids_mentioning(ray_tmp)
 
     assert_same_results(exp, reference)
+    for t in SMOKE_TRIALS:  # each model's TensorBoard events: every step once, after 2 interruptions
+        assert [s for s, _ in read_events(res.run_dir(exp, t).path)["eval/icl_acc"]] == [50, 100, 150, 200]
     tries = attempts(exp)
     for trial_id in finished:  # finished trials are not trained again: at most Tune, whose
         # saved state may predate their end (SIGKILL), starts them to learn they are done

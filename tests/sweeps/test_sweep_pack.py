@@ -21,12 +21,12 @@ import pandas as pd
 import pytest
 import yaml
 from sweep_helpers import cli_error, read_results, run_cli, start_cli, wait_for, without_timing
-from sweep_raynodes import kill_pids, pids_mentioning, with_descendants
 
 from icl.config import build_config
 from icl.train import train
 from icl.train.checkpoint import step_of
 from sweeps import results as res
+from sweeps.procs import kill_pids, pids_mentioning, with_descendants
 from sweeps.cli import main
 from sweeps.spec import expand, load_spec, make_packs, parse_spec, saved_yaml
 

@@ -17,6 +17,7 @@ from icl.config import load_config
 from icl.train import TIMING_COLUMNS, TrainingDiverged, train
 from icl.train.cli import main as train_main
 from icl.train.pack import PackedTrainer
+from icl.train.tensorboard import EVENTS_GLOB, read_events, tag
 
 
 def science(path: Path) -> pd.DataFrame:
@@ -83,6 +84,24 @@ def test_resumed_run_equals_uninterrupted(finished, tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
     with np.load(out / "attention.npz") as x, np.load(finished / "attention.npz") as y:
         assert np.array_equal(x["heads"], y["heads"])
+    assert_events_equal_metrics(out)  # step 150 was dropped and trained again: once in the events
+
+
+def assert_events_equal_metrics(run: Path) -> None:
+    """The run's one event file holds every metrics.csv column at every evaluated step exactly
+    once (float32, as TensorBoard keeps scalars) and the per-head attention histograms."""
+    assert len(list(run.glob(EVENTS_GLOB))) == 1
+    m = pd.read_csv(run / "metrics.csv")
+    events = read_events(run)
+    for column in m.columns.drop("step"):
+        steps, values = zip(*events[tag(column)])
+        assert list(steps) == list(m["step"]), column
+        np.testing.assert_array_equal(np.float32(values), m[column].to_numpy(np.float32), err_msg=column)
+    with np.load(run / "attention.npz") as z:
+        layers, heads = z["heads"].shape[1:3]
+    induction = events["heads/L1_induction"]
+    assert [s for s, _ in induction] == list(m["step"]) and all(h.num == heads for _, h in induction)
+    assert len([t for t in events if t.startswith("heads/")]) == layers * 5
 
 
 def test_a_run_killed_with_sigkill_resumes_exactly(tmp_path):

@@ -1,0 +1,131 @@
+"""TensorBoard event files of a run, kept equal to its ``metrics.csv``.
+
+Every run directory holds one event file (``events.out.tfevents.*``) beside its
+``metrics.csv``: every column as a scalar (tags grouped for TensorBoard's dashboard:
+``train/train_loss``, ``eval/icl_acc``, ``attention/attn_L0_induction``, ``timing/wall_s``;
+a column a new evaluator adds lands under ``eval/``) and the per-head attention scores of
+``attention.npz`` as histograms over heads (``heads/L0_induction``). TensorBoard names a run
+by its directory, so ``tensorboard --logdir STORAGE/NAME`` shows one run per model, named by
+its grid cell (``t003_num_classes=100_weight_decay=0.1_seed=0/run``).
+
+Why rebuild rather than append across processes: a resumed run drops the rows written after
+its checkpoint and trains them again; appending would show those steps twice. So the first
+write in a process (a start, a resume) rebuilds the file from the rows the run holds, and
+later evaluations are appended. A rebuild writes into a temporary folder first and replaces
+the old file only when the new one is complete; a crash in between leaves at most a stray
+temporary (removed by the next rebuild) or no event file, and the next open rebuilds anyway.
+
+Written with tensorboardX's synchronous ``EventsWriter`` (tensorboardX comes with
+``ray[tune]``): no writer thread per model, and a flush puts every event on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2, summary_pb2
+from tensorboardX.summary import histogram, scalar
+
+from icl.train.evaluate import ATTN_STATS
+
+EVENTS_PREFIX = "events"  # TensorBoard reads files named events.out.tfevents.*
+EVENTS_GLOB = f"{EVENTS_PREFIX}.out.tfevents.*"
+TEMP_PREFIX = ".tb-rebuild-"
+
+
+def tag(column: str) -> str:
+    """The TensorBoard tag of a ``metrics.csv`` column: the column under its group."""
+    if column.startswith("attn_"):
+        group = "attention"
+    elif column.endswith("_s"):  # steps_per_s, sequences_per_s, eval_s, wall_s
+        group = "timing"
+    elif column.startswith("train_") or column in ("lr", "sequences"):
+        group = "train"
+    else:
+        group = "eval"
+    return f"{group}/{column}"
+
+
+class EventLog:
+    """The event file of one run directory; :meth:`sync` makes it hold exactly ``rows``."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir)
+        self.writer: EventsWriter | None = None
+        self.steps: list[int] = []  # the steps of the rows in the file, in order
+
+    def sync(self, rows: Sequence[dict[str, float]], heads: Sequence[np.ndarray]) -> None:
+        """Append the rows the file lacks, or rebuild it if its rows are not a prefix of
+        ``rows`` (a resume) or this process has not written it yet."""
+        steps = [int(r["step"]) for r in rows]
+        if self.writer is not None and steps[: len(self.steps)] == self.steps:
+            now = time.time()
+            for row, h in zip(rows[len(self.steps) :], heads[len(self.steps) :]):
+                self._write(self.writer, row, h, now)
+            self.writer.flush()
+        else:
+            self._rebuild(rows, heads)
+        self.steps = steps
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def _rebuild(self, rows: Sequence[dict[str, float]], heads: Sequence[np.ndarray]) -> None:
+        self.close()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(f"{TEMP_PREFIX}*"):  # a crashed rebuild's
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = self.dir / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        writer = EventsWriter(str(tmp / EVENTS_PREFIX))
+        # wall times as the run spent them (wall_s), ending now
+        start = time.time() - float(rows[-1].get("wall_s", 0.0)) if rows else time.time()
+        for row, h in zip(rows, heads):
+            self._write(writer, row, h, start + float(row.get("wall_s", 0.0)))
+        writer.flush()
+        (new,) = tmp.iterdir()
+        for old in self.dir.glob(EVENTS_GLOB):
+            old.unlink()
+        os.replace(new, self.dir / new.name)  # the open file moves with it
+        tmp.rmdir()
+        self.writer = writer
+
+    @staticmethod
+    def _write(writer: EventsWriter, row: dict[str, float], heads: np.ndarray | None, wall_time: float) -> None:
+        step = int(row["step"])
+        values = [scalar(tag(k), float(v)).value[0] for k, v in row.items() if k != "step"]
+        if heads is not None and np.size(heads):
+            h = np.asarray(heads, dtype=np.float64)  # [L, H, len(ATTN_STATS)]
+            for layer in range(h.shape[0]):
+                for s, stat in enumerate(ATTN_STATS):
+                    values.append(histogram(f"heads/L{layer}_{stat}", h[layer, :, s], bins="auto").value[0])
+        summary = summary_pb2.Summary(value=values)
+        writer.write_event(event_pb2.Event(wall_time=wall_time, step=step, summary=summary))
+
+
+def read_events(run_dir: Path) -> dict[str, list[tuple[int, Any]]]:
+    """Every series in a run directory's event files: tag -> [(step, value)] in file order,
+    a float for a scalar, the ``HistogramProto`` for a histogram. For tests and notebooks
+    (TensorBoard itself is not a dependency)."""
+    out: dict[str, list[tuple[int, Any]]] = {}
+    for path in sorted(Path(run_dir).glob(EVENTS_GLOB)):
+        data = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            (n,) = struct.unpack("Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
+            pos += 12 + n + 4  # length, its crc, the event, its crc
+            for v in event.summary.value:
+                value = v.simple_value if v.HasField("simple_value") else v.histo
+                out.setdefault(v.tag, []).append((event.step, value))
+    return out

@@ -1,0 +1,51 @@
+"""An aborted test run leaves no process behind: a pytest run that has started a Ray cluster
+(``sweep_abort_target.py``: the session's head node) is stopped by SIGTERM (``kill``, a CI
+timeout) or Ctrl-C (SIGINT to its process group, as a terminal sends it), and no process
+that run started survives it. (A SIGKILLed sweep driver's leftovers: test_sweep_e2e.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sweep_helpers import wait_for
+
+from sweeps.procs import kill_pids, pids_mentioning, pids_with_env, with_descendants
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SESSION_ENV = "ICL_TEST_SESSION"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_an_aborted_test_run_leaves_no_process(signum: int, tmp_path: Path) -> None:
+    marker, log = tmp_path / "cluster-up", tmp_path / "pytest.log"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sweeps/sweep_abort_target.py"]
+    with open(log, "w") as out:
+        run = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=dict(os.environ, ICL_ABORT_MARKER=str(marker)),
+                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    started: dict = {}
+
+    def survivors() -> list[int]:
+        return sorted(set(pids_with_env(SESSION_ENV, started["session"]) + pids_mentioning(started["root"])))
+
+    try:
+        assert wait_for(marker.exists, 180, interval=0.2), log.read_text()[-3000:]
+        started = json.loads(marker.read_text())
+        assert len(survivors()) >= 4, survivors()  # ray start, GCS, raylet, agents ...
+        if signum == signal.SIGINT:
+            os.killpg(run.pid, signum)
+        else:
+            run.send_signal(signum)
+        assert run.wait(timeout=120) != 0
+        assert "KeyboardInterrupt" in log.read_text()
+        assert wait_for(lambda: not survivors(), 10), survivors()
+        assert not Path(started["root"]).exists()
+    finally:
+        run.kill()
+        if started:
+            kill_pids(with_descendants(survivors()))
