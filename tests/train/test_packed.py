@@ -18,7 +18,8 @@ from icl.model import build_model
 from icl.train import TIMING_COLUMNS, PackTrainingDiverged, RunDir, train, train_packed
 from icl.train.evaluate import evaluate
 from icl.train.optim import decay_groups, lr_at, make_optimizer, set_lr
-from icl.train.pack import PackedAdamW, PackedModels, PackedTrainer, check_packable, data_for, initial_model
+from icl.train.adamw import PackedAdamW
+from icl.train.pack import PackedModels, PackedTrainer, check_packable, data_for, initial_model
 
 RUN = ["train.steps=40", "train.eval_every=20", "train.checkpoint_every=20", "train.threads=1"]
 GRID = [(0, 0.0), (1, 0.1), (2, 0.5)]  # (seed, weight decay) of the three packed models
