@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
-import pytest
 from disk_helpers import fill
 
 PROJECT = Path(__file__).resolve().parents[1]

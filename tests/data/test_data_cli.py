@@ -238,13 +238,6 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(capsys, tmp_path, omniglot_subs
 # --------------------------------------------------------------------------- the console script
 
 
-def icl_data(*argv: str, **env: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("icl-data")
-    cmd = [exe] if exe else [sys.executable, "-c", "import sys; from icl.data.cli import main; sys.exit(main())"]
-    return subprocess.run([*cmd, *argv], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **env})
-
-
 def test_console_script(tmp_path):
     """The installed ``icl-data`` as a real process: bad input -> exit 2, one error line."""
     out = tmp_path / "x.npz"

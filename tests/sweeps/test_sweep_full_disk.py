@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
 from disk_helpers import fill
 
 from sweep_helpers import read_results, run_cli, start_cli, wait_for
