@@ -40,12 +40,12 @@ def count(fn) -> KernelCounter:
     return c
 
 
-def measure(config: str, overrides: list[str], packs: list[int], repeats: int) -> list[dict]:
+def measure(config: str, overrides: list[str], packs: list[int], repeats: int, bf16: bool = False) -> list[dict]:
     cfg = load_config(config, [*overrides, "train.device=cpu"])
     shared = load_data(cfg)
     rows = []
     for k in packs:
-        trainer = PackedTrainer.fresh(pack_configs(cfg, k, [0.0, 1e-3]), shared)
+        trainer = PackedTrainer.fresh(pack_configs(cfg, k, [0.0, 1e-3]), shared, mixed=bf16)
         trainer.optimizer.schedule(1, 100)
         trainer.optimizer.single_pass()  # AdamW as on CUDA
         trainer.step(1)  # warm-up: caches, allocator (eager: on CUDA the graph replays this step)
@@ -56,11 +56,13 @@ def measure(config: str, overrides: list[str], packs: list[int], repeats: int) -
             trainer.batch(i)
         ms = (time.perf_counter() - t0) / repeats * 1e3
         row = {"pack": k, "sampling_ops": sampling.kernels, "step_ops": step.kernels,
-               "rest_ops": step.kernels - sampling.kernels, "syncs_in_step": step.syncs,
+               "rest_ops": step.kernels - sampling.kernels, "casts_in_step": step.ops["aten._to_copy.default"],
+               "syncs_in_step": step.syncs,
                "sampling_ms_cpu": round(ms, 3)}
         rows.append(row)
         print(f"K={k:3d}: sampling {row['sampling_ops']:5d} ops ({ms:7.2f} ms on CPU), "
-              f"rest of the step {row['rest_ops']:5d} ops, syncing ops in the step: {step.syncs or 'none'}")
+              f"rest of the step {row['rest_ops']:5d} ops ({row['casts_in_step']} casts), "
+              f"syncing ops in the step: {step.syncs or 'none'}")
     return rows
 
 
@@ -70,10 +72,12 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--pack", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--repeats", type=int, default=20, help="sampling calls timed per pack size")
+    p.add_argument("--bf16", action="store_true",
+                   help="the bf16 step (weight copies), with CPU autocast standing in for CUDA's")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(1)
-    rows = measure(args.config, args.overrides, args.pack, args.repeats)
+    rows = measure(args.config, args.overrides, args.pack, args.repeats, args.bf16)
     if args.json:
         args.json.write_text(json.dumps({"config": args.config, "overrides": args.overrides, "rows": rows}, indent=1))
 

@@ -218,10 +218,6 @@ class PackedModels:
         if self.n_cast:
             self.shadow.copy_(self.flat[:, : self.n_cast])
 
-    @property
-    def n(self) -> int:
-        return self.flat.shape[1]
-
     def model_logits(self, k: int, images: Tensor, labels: Tensor) -> Tensor:
         """Model ``k`` alone on its batch (``[B, 9, S, S]``, ``[B, 9]``): its own module, with
         its bf16 copies swapped in when there are any."""
