@@ -38,7 +38,8 @@ from icl.data import load_data
 from icl.data.images import transform
 from icl.model import build_model
 from icl.train.evaluate import autocast
-from icl.train.optim import lr_at, make_optimizer, set_lr
+from icl.schedule import lr_at
+from icl.train.optim import make_optimizer, set_lr
 
 
 class NaiveBaseline:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from icl.config import Config
-from icl.train.optim import lr_at
+from icl.schedule import lr_at
 
 
 class PackedAdamW:

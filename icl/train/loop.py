@@ -44,7 +44,7 @@ from icl.data import StudyData, load_data
 from icl.errors import UserError
 from icl.machine import check_fits, resolve_device
 from icl.train.evaluate import evaluate
-from icl.train.optim import lr_at
+from icl.schedule import lr_at
 from icl.train.pack import PackedTrainer, check_packable, data_for, initial_model
 from icl.train.progress import Progress
 from icl.train.rundir import Restored, RunDir, RunState

@@ -27,7 +27,6 @@ from fading, and decay on attention alone does not; this is the knob that tests 
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -112,22 +111,6 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = True) -> to
         decayed = [params[n] for n in decay]
         opt.register_step_pre_hook(lambda _opt, _args, _kwargs: add_l2_gradient(decayed, cfg.weight_decay))
     return opt
-
-
-def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Learning rate for update number ``step`` (1-based): linear warmup to ``lr`` over
-    ``warmup_steps``, then inverse square root (the reference), constant, or cosine to 0."""
-    warmup = cfg.warmup_steps
-    if warmup > 0 and step <= warmup:
-        return cfg.lr * step / warmup
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "inverse_sqrt":
-        return cfg.lr * math.sqrt(max(warmup, 1) / step)
-    if cfg.schedule == "cosine":
-        progress = (step - warmup) / max(total_steps - warmup, 1)
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    raise ValueError(f"unknown schedule {cfg.schedule!r}")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

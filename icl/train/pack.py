@@ -48,7 +48,8 @@ from icl.errors import UserError
 from icl.model import SequenceModel, build_model
 from icl.train.adamw import PackedAdamW, adam_update
 from icl.train.evaluate import autocast, mixed_precision, param_dtype
-from icl.train.optim import decay_groups, lr_at, make_optimizer, set_lr
+from icl.schedule import lr_at
+from icl.train.optim import decay_groups, make_optimizer, set_lr
 
 # Keys in which the models of one pack may differ; every other config key must be equal.
 PER_MODEL_KEYS = ("seed", "optim.weight_decay")

@@ -8,7 +8,8 @@ from torch import nn
 
 from icl.config import load_config
 from icl.model import build_model
-from icl.train.optim import decay_groups, lr_at, make_optimizer
+from icl.schedule import lr_at
+from icl.train.optim import decay_groups, make_optimizer
 
 
 def resnet_model():

@@ -10,7 +10,8 @@ from icl.config import load_config
 from icl.data import load_data
 from icl.train.evaluate import autocast
 from icl.train.kernels import KernelCounter
-from icl.train.optim import lr_at, make_optimizer, set_lr
+from icl.schedule import lr_at
+from icl.train.optim import make_optimizer, set_lr
 from icl.train.pack import PackedTrainer, data_for, initial_model
 
 RUN = ["train.steps=40", "train.eval_every=20", "train.threads=1"]
