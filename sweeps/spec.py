@@ -378,7 +378,7 @@ def merged_flat(spec: SweepSpec) -> dict[str, Any]:
 def expand(spec: SweepSpec) -> list[TrialSpec]:
     """The trials in grid order; builds and validates every trial's config now, before Ray,
     with the checks a trial makes when it starts (config ranges, the model fitting in memory)."""
-    from icl.machine import check_model_fits_host  # imports torch: only once there are trials
+    from icl.model.footprint import check_model_fits_host  # imports torch: only once there are trials
 
     keys = list(spec.grid)
     points = list(product(*(spec.grid[k] for k in keys)))

@@ -42,7 +42,8 @@ import torch
 from icl.config import Config
 from icl.data import StudyData, load_data
 from icl.errors import UserError
-from icl.machine import check_fits, resolve_device
+from icl.machine import resolve_device
+from icl.model.footprint import check_fits
 from icl.train.evaluate import evaluate
 from icl.schedule import lr_at
 from icl.train.pack import PackedTrainer, check_packable, data_for, initial_model
