@@ -23,9 +23,7 @@ from analysis.fmt import cell_label, fmt_number, markdown_table, mean_std, short
 from analysis.summary import ONSET_THRESHOLD, missing_cells, summarize, trial_summary
 from analysis.verdict import COLLAPSE_FRACTION, RATIO, Verdict, summary_keys, verdict
 from icl.errors import UserError
-
-SUMMARY_CSV = "summary.csv"
-REPORT_MD = "report.md"
+from icl.layout import REPORT, SUMMARY, ReportDir
 
 
 @dataclass
@@ -140,13 +138,13 @@ def write_report(
     trials = trial_summary(df, threshold)
     grid = df.attrs.get("grid") or {}
     v = verdict(summary, trials, ratio=ratio, collapse_fraction=collapse_fraction, grid=grid)
+    files = ReportDir(out)
     with all_or_nothing():  # a failed write (a full disk) leaves the previous report whole
-        atomic_write(out / SUMMARY_CSV, summary.to_csv(index=False))
+        atomic_write(files.summary, summary.to_csv(index=False))
         plots = write_plots(df, summary, out, x=x, logx=logx, ratio=ratio, dpi=dpi)
         text = _render(df, summary, trials, v, plots, out, grid, threshold, ratio, collapse_fraction)
-        path = out / REPORT_MD
-        atomic_write(path, text)
-    return Report(path, summary, trials, v, plots)
+        atomic_write(files.report, text)
+    return Report(files.report, summary, trials, v, plots)
 
 
 def _render(
@@ -203,7 +201,7 @@ def _render(
         "",
         "## Summary per cell",
         "",
-        f"Mean ± sd over seeds (sample sd; none with one seed). Machine-readable: [`{SUMMARY_CSV}`]({SUMMARY_CSV}).",
+        f"Mean ± sd over seeds (sample sd; none with one seed). Machine-readable: [`{SUMMARY}`]({SUMMARY}).",
         "",
         markdown_table(format_summary(summary)),
         "",
@@ -248,8 +246,7 @@ def default_out(paths: Sequence[str | os.PathLike[str]]) -> Path:
     if len(paths) != 1:
         raise UserError("several paths given: choose where the combined report goes with --out DIR")
     p = Path(paths[0])
-    return (p if p.is_dir() else p.parent) / "report"
+    return (p if p.is_dir() else p.parent) / REPORT
 
 
-__all__ = ["Report", "write_report", "format_summary", "completeness", "default_out",
-           "SUMMARY_CSV", "REPORT_MD"]
+__all__ = ["Report", "write_report", "format_summary", "completeness", "default_out"]

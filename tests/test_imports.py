@@ -15,7 +15,7 @@ PACKAGES = ("icl", "sweeps", "analysis")
 def test_the_analysis_and_the_sweep_spec_import_no_torch() -> None:
     """``import analysis, sweeps.spec`` (and the names they read) must work without torch: the
     analysis runs where torch is not installed, and ``icl-sweep --dry-run`` stays quick."""
-    code = ("import sys, analysis, analysis.report, sweeps.spec; "
+    code = ("import sys, analysis, analysis.report, sweeps.spec, icl.layout, icl.metrics; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

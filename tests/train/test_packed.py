@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from icl.data import load_data
 from icl.model import build_model
-from icl.train import TIMING_COLUMNS, PackTrainingDiverged, RunDir, train, train_packed
+from icl.metrics import TIMING
+from icl.train import PackTrainingDiverged, RunDir, train, train_packed
 from icl.train.evaluate import evaluate
 from icl.schedule import lr_at
 from icl.train.optim import decay_groups, make_optimizer, set_lr
@@ -50,7 +51,7 @@ def restore_threads():
 
 
 def science(path):
-    return pd.read_csv(path / "metrics.csv").drop(columns=list(TIMING_COLUMNS))
+    return pd.read_csv(path / "metrics.csv").drop(columns=list(TIMING))
 
 
 def final_state(path):
