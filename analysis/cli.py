@@ -7,14 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-from analysis.load import load_results
-from analysis.report import default_out
 from analysis.summary import ONSET_THRESHOLD
 from analysis.verdict import COLLAPSE_FRACTION, RATIO
 from icl.errors import ArgumentParser, UserError, cli_entry
 from icl.inputs import user_path
-from icl.io import check_writable, remove_stale_temporaries
-from icl.layout import CHECKPOINTS, CONFIG, METRICS, REPORT, RESULTS, ReportDir, RunLayout
+from icl.layout import CHECKPOINTS, CONFIG, METRICS, REPORT, RESULTS, RunLayout
 from icl.metrics import STEP, X_LABELS
 
 DESCRIPTION = """\
@@ -112,24 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     if not 10 <= args.dpi <= 600:
         raise UserError(f"--dpi must be between 10 and 600, got {args.dpi}")
 
-    out = user_path(args.out, "--out") if args.out else default_out(args.paths)
-    _check_out(out, args.paths)
-    df = load_results(args.paths)
-    check_writable(out, "--out", folder=True)  # before the plots: they are the slow part
-    remove_stale_temporaries(out)  # left by a report killed while it was written
-
     import matplotlib
 
     matplotlib.use("Agg")
-    from analysis.report import write_report
+    from analysis.report import analyze, default_out, summary_lines
 
-    rep = write_report(df, out, threshold=args.threshold, ratio=args.ratio,
-                       collapse_fraction=args.collapse_fraction, x=args.x, logx=args.logx, dpi=args.dpi)
-    print(f"verdict: {rep.verdict.headline}")
-    if rep.verdict.provisional:
-        print("(provisional: see 'Data completeness' in the report)")
-    cells, trials = len(rep.summary), len(rep.trials)
-    print(f"summary: {ReportDir(out).summary} ({cells} cell{'s' * (cells != 1)}, {trials} trial{'s' * (trials != 1)})")
-    print(f"plots:   {len(rep.plots)} PNG files in {out}")
-    print(f"report:  {rep.path}")
+    out = user_path(args.out, "--out") if args.out else default_out(args.paths)
+    _check_out(out, args.paths)
+    rep = analyze(args.paths, out, threshold=args.threshold, ratio=args.ratio,
+                  collapse_fraction=args.collapse_fraction, x=args.x, logx=args.logx, dpi=args.dpi)
+    print("\n".join(summary_lines(rep)))
     return 0

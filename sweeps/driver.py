@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from icl.errors import OutputError
+from icl.errors import OutputError, UserError
 from icl.io import atomic_write
 from icl.layout import CHECKPOINTS, CONFIG, METRICS, ExperimentDir
 from sweeps import results as res
@@ -300,26 +300,30 @@ def _summarize(spec: SweepSpec, trials: Sequence[TrialSpec], packs: Sequence[Pac
     if outcome.unfinished:
         print("  interrupted: run the same command again to resume", file=out, flush=True)
         return 130
-    report = run_analysis(exp_dir) if analysis else f"skipped (--no-analysis); later: icl-analyze {exp_dir}"
+    report = run_analysis(exp_dir, out) if analysis else f"skipped (--no-analysis); later: icl-analyze {exp_dir}"
     print(f"  analysis:   {report}", file=out, flush=True)
     return 1 if outcome.failed else 0
 
 
-def run_analysis(exp_dir: Path) -> str:
-    """Call the analysis package if it is installed; the sweep's results stand either way."""
+def run_analysis(exp_dir: Path, out: Any = None) -> str:
+    """Write the experiment's report (:func:`analysis.report.analyze`) if the analysis package
+    is installed, printing its lines to ``out``; the sweep's results stand either way."""
     try:
-        from analysis.cli import main as analyze  # type: ignore[import-not-found]
+        import matplotlib
+
+        from analysis.report import analyze, summary_lines  # type: ignore[import-not-found]
     except ImportError:
         return f"not available (the analysis package is not installed yet); later: icl-analyze {exp_dir}"
     out_dir = ExperimentDir(exp_dir).report
+    retry = f"retry: icl-analyze {exp_dir} --out {out_dir}"
+    matplotlib.use("Agg")
     try:
-        code = analyze([str(exp_dir), "--out", str(out_dir)])
-    except SystemExit as e:  # cli_entry reports bad input as exit 2
-        code = e.code if isinstance(e.code, int) else 1
+        rep = analyze(exp_dir, out_dir, what="report folder")
+    except UserError as e:  # bad or missing results, an unwritable folder: one line, as the CLI says it
+        return f"failed (error: {res.error_line(str(e))}); {retry}"
     except Exception as e:  # noqa: BLE001 - a broken report must not hide finished results
-        return f"failed ({type(e).__name__}: {res.error_line(str(e))}); retry: icl-analyze {exp_dir} --out {out_dir}"
-    if code:
-        return f"failed (exit {code}); retry: icl-analyze {exp_dir} --out {out_dir}"
+        return f"failed ({type(e).__name__}: {res.error_line(str(e))}); {retry}"
+    print("\n".join(summary_lines(rep)), file=out or sys.stdout, flush=True)
     return str(out_dir)
 
 
