@@ -45,16 +45,22 @@ def head_name(layer: Any, head: Any) -> str:
 
 def find_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """The run directories each path names: itself if it is one (``config.yaml`` and
-    ``checkpoints/``), the runs an experiment's ``trials.csv`` lists, or the run directories
-    directly inside it (``icl-analyze heads runs/``)."""
+    ``checkpoints/``), the runs an experiment's ``trials.csv`` lists, or those of the runs and
+    experiments directly inside it (``icl-analyze heads runs/``, ``... experiments/``)."""
+
+    def named(path: Path) -> list[Path]:
+        if RunLayout(path).holds_run():
+            return [path]
+        if ExperimentDir(path).trials.is_file():
+            return [run for run in ExperimentDir(path).run_dirs().values() if RunLayout(run).holds_run()]
+        return []
+
     found: list[Path] = []
     for root in map(Path, paths):
-        if RunLayout(root).holds_run():
-            found.append(root)
-        elif ExperimentDir(root).trials.is_file():
-            found += [run for run in ExperimentDir(root).run_dirs().values() if RunLayout(run).holds_run()]
-        elif root.is_dir():
-            found += sorted(p for p in root.iterdir() if p.is_dir() and RunLayout(p).holds_run())
+        runs = named(root)
+        if not runs and root.is_dir():
+            runs = [run for p in sorted(root.iterdir()) if p.is_dir() for run in named(p)]
+        found += runs
     return sorted(dict.fromkeys(found))
 
 

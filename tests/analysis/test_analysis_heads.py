@@ -34,7 +34,7 @@ def run(tmp_path_factory):
 
 def test_runs_are_found_where_the_sweep_recorded_them(run, tmp_path):
     """An experiment's runs come from its trials.csv; a run directory is itself; a folder of
-    run directories holds them; anything else holds none."""
+    runs or experiments holds theirs; anything else holds none."""
     assert find_runs([run.parent.parent]) == [run] == find_runs([run])
     trial = TrialSpec("t000", "t000_elsewhere", {"seed": 0}, {})
     (tmp_path / "exp").mkdir()
@@ -44,6 +44,9 @@ def test_runs_are_found_where_the_sweep_recorded_them(run, tmp_path):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "a").symlink_to(run, target_is_directory=True)
     assert find_runs([tmp_path / "runs"]) == [tmp_path / "runs" / "a"] and find_runs([tmp_path]) == []
+    (tmp_path / "storage").mkdir()
+    (tmp_path / "storage" / "sweep").symlink_to(run.parent.parent, target_is_directory=True)
+    assert find_runs([tmp_path / "storage"]) == [tmp_path / "storage" / "sweep" / "t000_seed=0" / "run"]
 
 
 def test_heads_command_analyses_every_checkpoint_and_draws(run, capsys):
