@@ -42,6 +42,14 @@ def main() -> int:
     args = p.parse_args()
 
     storage = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="icl-sweep-bench-"))
+    try:
+        return measure(args, storage)
+    finally:
+        if not args.keep:
+            shutil.rmtree(storage, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, storage: Path) -> int:
     spec = load_spec(args.spec, storage=str(storage))
     packs = make_packs(spec, expand(spec))
     cmd = [sys.executable, "-m", "sweeps.cli", args.spec, "--storage", str(storage), "--no-analysis"]
@@ -71,8 +79,6 @@ def main() -> int:
     print(f"overhead:                         {wall - ideal:7.1f} s  (wall / ideal = {wall / ideal:.1f}x)")
     if args.keep:
         print(f"experiment kept in {spec.exp_dir}")
-    else:
-        shutil.rmtree(storage, ignore_errors=True)
     return 0
 
 
