@@ -95,3 +95,22 @@ def test_unreachable_address_fails_fast() -> None:
         check_reachable("127.0.0.1:1", timeout=2)
     with pytest.raises(UserError, match="must look like HOST:PORT"):
         check_reachable("nohost")
+
+
+def test_the_sweep_writes_its_report_through_the_analysis_library(tmp_path: Path) -> None:
+    """run_analysis calls analysis.report.analyze into the experiment's report folder and
+    prints what icl-analyze prints; bad results are one line saying how to retry."""
+    import io
+
+    from analysis.synthetic import make_sweep, write_experiment
+    from sweeps.driver import run_analysis
+
+    out = io.StringIO()
+    missing = run_analysis(tmp_path / "nothing", out)
+    assert missing.startswith("failed (error: ") and "does not exist" in missing
+    assert missing.endswith(f"retry: icl-analyze {tmp_path / 'nothing'} --out {tmp_path / 'nothing' / 'report'}")
+    exp = write_experiment(tmp_path / "exp", make_sweep(classes=(100,), weight_decays=(0.0,), seeds=(0,),
+                                                      steps=(1000, 2000)))
+    report = ExperimentDir(exp).report
+    assert run_analysis(exp, out) == str(report) and (report / "report.md").is_file()
+    assert out.getvalue().startswith("verdict: ") and f"report:  {report / 'report.md'}\n" in out.getvalue()
