@@ -12,9 +12,10 @@ Notebook use::
 The same from the shell: ``icl-analyze experiments/study`` (see ``analysis/README.md``).
 """
 
-from analysis.load import CLASS_KEY, ICL, IWL, SEED_KEY, TRAIN_ACC, WD_KEY, load_results
+from analysis.load import CLASS_KEY, SEED_KEY, WD_KEY, load_results
 from analysis.summary import ONSET_THRESHOLD, STATS, cell_keys, missing_cells, summarize, trial_summary
 from analysis.verdict import COLLAPSE_FRACTION, RATIO, Verdict, verdict
+from icl.metrics import ICL, IWL, TRAIN_ACC
 
 __all__ = [
     "CLASS_KEY",

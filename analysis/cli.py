@@ -7,13 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-from analysis.load import METRICS_CSV, RESULTS_CSV, load_results
-from analysis.report import default_out
 from analysis.summary import ONSET_THRESHOLD
 from analysis.verdict import COLLAPSE_FRACTION, RATIO
 from icl.errors import ArgumentParser, UserError, cli_entry
 from icl.inputs import user_path
-from icl.io import check_writable, remove_stale_temporaries
+from icl.layout import CHECKPOINTS, CONFIG, METRICS, REPORT, RESULTS, RunLayout
+from icl.metrics import STEP, X_LABELS
 
 DESCRIPTION = """\
 (`icl-analyze heads RUN...` runs head attribution at every checkpoint; see its --help.)
@@ -29,9 +28,10 @@ def _check_out(out: Path, paths: list[str]) -> None:
     target = out.resolve()
     for p in map(Path, paths):
         for holder in (p, p.parent) if p.is_file() else (p,):
-            if holder.resolve() == target and any((holder / n).exists() for n in (RESULTS_CSV, METRICS_CSV)) \
+            if holder.resolve() == target and any((holder / n).exists() for n in (RESULTS, METRICS)) \
                     or (p.is_file() and p.parent.resolve() == target):
-                raise UserError(f"--out {out} holds input results ({p}); write the report elsewhere, e.g. {out}/report")
+                raise UserError(f"--out {out} holds input results ({p}); write the report elsewhere, "
+                                f"e.g. {out / REPORT}")
 
 
 HEADS_DESCRIPTION = """\
@@ -62,7 +62,7 @@ def heads_main(argv: list[str]) -> int:
 
     runs = find_runs(args.paths)
     if not runs:
-        raise UserError(f"no run directory (config.yaml + checkpoints/) at or below {', '.join(args.paths)}")
+        raise UserError(f"no run directory ({CONFIG} + {CHECKPOINTS}/) at or below {', '.join(args.paths)}")
     for run in runs:  # runs of one sweep share their data (icl.circuits.over_training.data_for)
         t0 = time.perf_counter()
         done = update_run(run, ablations=args.ablation, device=args.device)
@@ -75,7 +75,7 @@ def heads_main(argv: list[str]) -> int:
                      f"induction {head_name(c['induction_layer'], c['induction_head'])}, previous-token "
                      f"{head_name(c['prev_layer'], c['prev_head'])} (observationally top: "
                      f"{c['induction_obs_best']}, {c['prev_obs_best']})")
-        print(line + (f"; {len(plots)} plots in {run / 'circuits'}" if plots else ""), file=sys.stdout)
+        print(line + (f"; {len(plots)} plots in {RunLayout(run).plots}" if plots else ""), file=sys.stdout)
     return 0
 
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collapse-fraction", type=float, default=COLLAPSE_FRACTION,
                         help="training accuracy below this fraction of the same classes at weight decay 0 counts "
                              f"as collapse (default {COLLAPSE_FRACTION})")
-    parser.add_argument("--x", choices=("step", "sequences"), default="step", help="time axis of the curves")
+    parser.add_argument("--x", choices=tuple(X_LABELS), default=STEP, help="time axis of the curves")
     parser.add_argument("--logx", action="store_true", help="log time axis for the attention plots "
                         "(the ICL/IWL curves are always drawn both ways)")
     parser.add_argument("--dpi", type=int, default=110, help="resolution of the PNG plots (default 110)")
@@ -109,24 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     if not 10 <= args.dpi <= 600:
         raise UserError(f"--dpi must be between 10 and 600, got {args.dpi}")
 
-    out = user_path(args.out, "--out") if args.out else default_out(args.paths)
-    _check_out(out, args.paths)
-    df = load_results(args.paths)
-    check_writable(out, "--out", folder=True)  # before the plots: they are the slow part
-    remove_stale_temporaries(out)  # left by a report killed while it was written
-
     import matplotlib
 
     matplotlib.use("Agg")
-    from analysis.report import write_report
+    from analysis.report import analyze, default_out, summary_lines
 
-    rep = write_report(df, out, threshold=args.threshold, ratio=args.ratio,
-                       collapse_fraction=args.collapse_fraction, x=args.x, logx=args.logx, dpi=args.dpi)
-    print(f"verdict: {rep.verdict.headline}")
-    if rep.verdict.provisional:
-        print("(provisional: see 'Data completeness' in the report)")
-    cells, trials = len(rep.summary), len(rep.trials)
-    print(f"summary: {out / 'summary.csv'} ({cells} cell{'s' * (cells != 1)}, {trials} trial{'s' * (trials != 1)})")
-    print(f"plots:   {len(rep.plots)} PNG files in {out}")
-    print(f"report:  {rep.path}")
+    out = user_path(args.out, "--out") if args.out else default_out(args.paths)
+    _check_out(out, args.paths)
+    rep = analyze(args.paths, out, threshold=args.threshold, ratio=args.ratio,
+                  collapse_fraction=args.collapse_fraction, x=args.x, logx=args.logx, dpi=args.dpi)
+    print("\n".join(summary_lines(rep)))
     return 0

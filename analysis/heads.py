@@ -31,13 +31,9 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from analysis.fmt import cell_label, markdown_table
-from analysis.load import CIWL, FLIP_CTX, FLIP_IWL, ICL, IWL, METRICS_CSV, SEED_KEY
-
-HEADS_CSV, CIRCUIT_CSV, COMPOSITION_CSV = "heads.csv", "circuit.csv", "composition.csv"
-PLOTS_DIR = "circuits"
-PANEL_METRICS = (ICL, "icl_train_acc", IWL, CIWL, FLIP_CTX, FLIP_IWL)
-TITLES = {ICL: "ICL, holdout", "icl_train_acc": "ICL, train classes", IWL: "IWL", CIWL: "CIWL",
-          FLIP_CTX: "flip ICL: context", FLIP_IWL: "flip ICL: weights", "icl_acc_all": "ICL, all labels"}
+from analysis.load import SEED_KEY
+from icl.layout import ExperimentDir, RunLayout
+from icl.metrics import CHANCE, CIWL, FLIP_CTX, HEAD_MAP_METRICS, ICL, IWL, TITLES
 
 
 def head_name(layer: Any, head: Any) -> str:
@@ -47,22 +43,24 @@ def head_name(layer: Any, head: Any) -> str:
 # --------------------------------------------------------------------------- finding and reading runs
 
 
-def find_runs(paths: Iterable[str | os.PathLike[str]], max_depth: int = 4) -> list[Path]:
-    """Run directories (``config.yaml`` and ``checkpoints/``) at or below each path."""
+def find_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The run directories each path names: itself if it is one (``config.yaml`` and
+    ``checkpoints/``), the runs an experiment's ``trials.csv`` lists, or those of the runs and
+    experiments directly inside it (``icl-analyze heads runs/``, ``... experiments/``)."""
+
+    def named(path: Path) -> list[Path]:
+        if RunLayout(path).holds_run():
+            return [path]
+        if ExperimentDir(path).trials.is_file():
+            return [run for run in ExperimentDir(path).run_dirs().values() if RunLayout(run).holds_run()]
+        return []
+
     found: list[Path] = []
     for root in map(Path, paths):
-        if (root / "config.yaml").is_file() and (root / "checkpoints").is_dir():
-            found.append(root)
-            continue
-        base = len(root.parts)
-        for dirpath, dirnames, filenames in os.walk(root):
-            here = Path(dirpath)
-            if len(here.parts) - base >= max_depth:
-                dirnames[:] = []
-            if "config.yaml" in filenames and "checkpoints" in dirnames:
-                found.append(here)
-                dirnames[:] = []
-            dirnames[:] = [d for d in dirnames if not d.startswith((".", "checkpoint_"))]
+        runs = named(root)
+        if not runs and root.is_dir():
+            runs = [run for p in sorted(root.iterdir()) if p.is_dir() for run in named(p)]
+        found += runs
     return sorted(dict.fromkeys(found))
 
 
@@ -75,14 +73,15 @@ def _read(path: Path) -> pd.DataFrame | None:
 
 def read_run(run: Path) -> dict[str, pd.DataFrame | None]:
     """A run's ``heads``, ``circuit``, ``composition`` and ``metrics`` tables (None if absent)."""
-    return {"heads": _read(run / HEADS_CSV), "circuit": _read(run / CIRCUIT_CSV),
-            "composition": _read(run / COMPOSITION_CSV), "metrics": _read(run / METRICS_CSV)}
+    layout = RunLayout(run)
+    return {"heads": _read(layout.heads), "circuit": _read(layout.circuit),
+            "composition": _read(layout.composition), "metrics": _read(layout.metrics)}
 
 
 def run_dirs(df: pd.DataFrame) -> dict[tuple[str, str], Path]:
     """``(experiment, trial_id) -> run directory`` for the trials of a results frame (from
-    :func:`analysis.load.load_results`): a run source is its own directory; a sweep's trial
-    ``tNNN`` is ``EXP/tNNN_<grid>/run``."""
+    :func:`analysis.load.load_results`): a run source is its own directory; a sweep's trials
+    are where its ``trials.csv`` says."""
     out: dict[tuple[str, str], Path] = {}
     for name, (kind, path) in (df.attrs.get("source_dirs") or {}).items():
         path = Path(path)
@@ -90,11 +89,8 @@ def run_dirs(df: pd.DataFrame) -> dict[tuple[str, str], Path]:
         if kind == "run":
             out.update({(name, t): path for t in trials})
             continue
-        exp = path if path.is_dir() else path.parent
-        for t in trials:
-            hits = sorted(p / "run" for p in exp.glob(f"{t}_*") if (p / "run").is_dir())
-            if hits:
-                out[(name, t)] = hits[0]
+        recorded = ExperimentDir(path if path.is_dir() else path.parent).run_dirs()
+        out.update({(name, t): recorded[t] for t in trials if t in recorded and recorded[t].is_dir()})
     return out
 
 
@@ -109,7 +105,7 @@ def plot_head_map(heads: pd.DataFrame, step: int, ablation: str = "mean") -> Fig
     """Layer x head heat maps of each accuracy's change when one head is ablated, at ``step``."""
     _theme()
     sub = heads[(heads["step"] == step) & (heads["ablation"] == ablation)]
-    metrics = [m for m in PANEL_METRICS if m in set(sub["metric"])]
+    metrics = [m for m in HEAD_MAP_METRICS if m in set(sub["metric"])]
     layers, n_heads = int(sub["layer"].max()) + 1, int(sub["head"].max()) + 1
     cols = min(3, len(metrics))
     rows = math.ceil(len(metrics) / cols)
@@ -192,7 +188,7 @@ def plot_composition(circuit: pd.DataFrame, composition: pd.DataFrame, metrics: 
     source = metrics if metrics is not None and ICL in metrics.columns else circuit
     for i, metric in enumerate(m for m in (ICL, CIWL, IWL) if m in source.columns):
         top.plot(source["step"], source[metric], color=pal[i], label=TITLES[metric])
-    top.axhline(0.5, color="0.5", linestyle="--", linewidth=1, label="chance (ICL)")
+    top.axhline(CHANCE, color="0.5", linestyle="--", linewidth=1, label="chance (ICL)")
     top.set_ylim(-0.02, 1.02)
     top.set_ylabel("accuracy")
     top.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
@@ -234,12 +230,13 @@ def write_run_plots(run: Path, dpi: int = 110, ablation: str = "mean") -> list[P
         return []
     if ablation not in set(heads["ablation"]):
         ablation = str(heads["ablation"].iloc[0])
-    out = run / PLOTS_DIR
-    written = [save_figure(plot_head_map(heads, int(s), ablation), out / f"heads_step_{int(s):09d}.png", dpi)
+    layout = RunLayout(run)
+    written = [save_figure(plot_head_map(heads, int(s), ablation), layout.head_map_plot(int(s)), dpi)
                for s in sorted(heads["step"].unique())]
-    written.append(save_figure(plot_top_heads(heads, circuit, ablation), out / "heads_over_training.png", dpi))
+    written.append(save_figure(plot_top_heads(heads, circuit, ablation), layout.top_heads_plot, dpi))
     if circuit is not None and composition is not None and not composition.empty:
-        written.append(save_figure(plot_composition(circuit, composition, t["metrics"]), out / "composition.png", dpi))
+        written.append(save_figure(plot_composition(circuit, composition, t["metrics"]), layout.composition_plot,
+                                   dpi))
     return written
 
 
@@ -296,7 +293,7 @@ def trial_circuits(run: Path) -> dict[str, Any] | None:
         "pair_k_comp_peak": float(peak["pair_k_comp"]),
         "pair_k_comp_last": _pair_score(composition, peak, float(last["step"])),
         "checkpoints": int(len(circuit)),
-        "plot": run / PLOTS_DIR / "composition.png",
+        "plot": RunLayout(run).composition_plot,
     }
 
 

@@ -19,31 +19,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from icl.config import RANGES, RUNTIME_KEYS, build_config, check_value, flatten, get_key, read_yaml, valid_keys
+from icl.config import RANGES, RUNTIME_KEYS, check_value, flatten, read_yaml, valid_keys
 from icl.errors import UserError
 from icl.inputs import read_text
+from icl.layout import CONFIG, METRICS, RESULTS, SPEC, TRIAL_ID, ExperimentDir, RunLayout, SavedSpec
+from icl.metrics import PROBABILITIES, REQUIRED, STEP, is_metric
 
 CLASS_KEY = "data.num_classes"
 WD_KEY = "optim.weight_decay"
 SEED_KEY = "seed"
 CORE_KEYS = (CLASS_KEY, WD_KEY, SEED_KEY)
-
-ICL = "icl_acc"  # headline ICL: holdout classes, 2 labels in context, chance 0.5
-IWL = "iwl_acc"  # in-weights accuracy, query class absent from the context
-TRAIN_ACC = "train_acc"
-CIWL = "ciwl_acc"  # context-constrained IWL: the query's trained label sits on another exemplar
-FLIP_CTX = "flip_icl_ctx_acc"  # flip ICL (trained labels swapped in context): follows the context
-FLIP_IWL = "flip_icl_iwl_acc"  # ... follows its weights
-REQUIRED_METRICS = (ICL, IWL, TRAIN_ACC)
-REQUIRED_COLUMNS = ("step", *REQUIRED_METRICS)
-_NUMERIC_LOGS = ("sequences", "train_loss", "lr", "icl_acc_all", "icl_train_acc", "ece", "steps_per_s",
-                 "sequences_per_s", "eval_s", "wall_s")  # the trainer's other numeric columns
+REQUIRED_COLUMNS = (STEP, *REQUIRED)
 
 MAX_TABLE_BYTES = 4 << 30  # a results table this large is not one this project wrote
-RESULTS_CSV = "results.csv"  # a sweep's tidy table, STORAGE/NAME/results.csv
-METRICS_CSV = "metrics.csv"  # a single run's evaluations, RUN/metrics.csv
-CONFIG_YAML = "config.yaml"  # a run's resolved config
-SPEC_YAML = "spec.yaml"  # a sweep's spec, with its grid
 
 # Config keys that may differ between runs without making them different cells: where the run
 # lives and bookkeeping (how often it evaluates or checkpoints, how long it was planned to run).
@@ -63,7 +51,7 @@ class Source:
     path: Path
     kind: str  # "experiment" | "csv" | "run"
     csv: Path
-    spec: dict[str, Any] | None = None
+    spec: SavedSpec | None = None  # the experiment's saved spec (or the one beside a CSV)
     config: dict[str, Any] | None = None  # flattened config.yaml of a run
     notes: list[str] = field(default_factory=list)
 
@@ -78,33 +66,34 @@ def _sources_for(path: Path) -> list[Source]:
         raise UserError(f"{path} does not exist: give a sweep experiment dir, a run dir or a results CSV")
     if path.is_file():
         if path.suffix.lower() != ".csv":
-            raise UserError(f"{path} is not a CSV file: give results.csv, metrics.csv or the directory holding it")
-        if path.name == METRICS_CSV and (path.parent / CONFIG_YAML).is_file():
+            raise UserError(f"{path} is not a CSV file: give {RESULTS}, {METRICS} or the directory holding it")
+        if path.name == METRICS and RunLayout(path.parent).config.is_file():
             return [_run_source(path.parent)]
-        spec_path = path.parent / SPEC_YAML
-        spec = read_yaml(spec_path, "sweep spec") if spec_path.is_file() else None
-        return [Source(path=path, kind="csv", csv=path, spec=spec)]
-    if (path / RESULTS_CSV).is_file():
-        spec_path = path / SPEC_YAML
-        spec = read_yaml(spec_path, "sweep spec") if spec_path.is_file() else None
-        return [Source(path=path, kind="experiment", csv=path / RESULTS_CSV, spec=spec)]
-    if (path / METRICS_CSV).is_file():
+        return [Source(path=path, kind="csv", csv=path, spec=ExperimentDir(path.parent).saved_spec())]
+    exp = ExperimentDir(path)
+    if exp.results.is_file():
+        return [Source(path=path, kind="experiment", csv=exp.results, spec=exp.saved_spec())]
+    if RunLayout(path).metrics.is_file():
         return [_run_source(path)]
-    runs = sorted(p for p in path.iterdir() if p.is_dir() and (p / METRICS_CSV).is_file())
+    runs = sorted(p for p in path.iterdir() if p.is_dir() and RunLayout(p).metrics.is_file())
     if runs:
         return [_run_source(p) for p in runs]
     raise UserError(
-        f"no results in {path}: expected {RESULTS_CSV} (a sweep's STORAGE/NAME dir), {METRICS_CSV} "
+        f"no results in {path}: expected {RESULTS} (a sweep's STORAGE/NAME dir), {METRICS} "
         f"(a run dir) or run dirs inside it; wait for the first evaluation or check the path"
     )
 
 
 def _run_source(run: Path) -> Source:
-    src = Source(path=run, kind="run", csv=run / METRICS_CSV)
-    cfg_path = run / CONFIG_YAML
-    if cfg_path.is_file():
-        src.config = flatten(read_yaml(cfg_path, "run config"))
+    layout = RunLayout(run)
+    src = Source(path=run, kind="run", csv=layout.metrics)
+    if layout.config.is_file():
+        src.config = _run_config(layout)
     return src
+
+
+def _run_config(run: RunLayout) -> dict[str, Any]:
+    return flatten(read_yaml(run.config, "run config"))
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -126,12 +115,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
     return check_values(df, str(path), first_line=2)
 
 
-def _is_metric(col: str) -> bool:
-    return col in REQUIRED_COLUMNS or col.startswith("attn_") or col in _NUMERIC_LOGS or col in (CIWL, FLIP_CTX, FLIP_IWL)
-
-
 def _probabilities(col: str) -> bool:
-    return col.endswith(("_acc", "_acc_all")) or col == "ece"
+    return col in PROBABILITIES
 
 
 def check_values(df: pd.DataFrame, where: str, first_line: int | None = None) -> pd.DataFrame:
@@ -145,7 +130,7 @@ def check_values(df: pd.DataFrame, where: str, first_line: int | None = None) ->
         return f"{where} line {first_line + i}" if first_line is not None else where
 
     for col in df.columns:
-        if not (_is_metric(col) or col == "step" or col in RANGES):
+        if not (is_metric(col) or col in RANGES):
             continue
         values = pd.to_numeric(df[col], errors="coerce").astype(float)
         bad = df[col].notna() & values.isna()
@@ -153,13 +138,13 @@ def check_values(df: pd.DataFrame, where: str, first_line: int | None = None) ->
             i = int(np.flatnonzero(bad)[0])
             raise UserError(f"{at(i)}: column {col} has non-numeric values (e.g. {df[col].iloc[i]!r}); fix the file")
         problem = ~np.isfinite(values) & values.notna()
-        if col == "step":
+        if col == STEP:
             problem |= (values < 0) | (values >= 2**32) | (values % 1 != 0)
         elif _probabilities(col):
             problem |= (values < 0) | (values > 1)
         if problem.any():
             i = int(np.flatnonzero(problem)[0])
-            what = "a whole number in [0, 2^32)" if col == "step" else "in [0, 1]" if _probabilities(col) else "finite"
+            what = "a whole number in [0, 2^32)" if col == STEP else "in [0, 1]" if _probabilities(col) else "finite"
             raise UserError(f"{at(i)}: column {col} holds {values.iloc[i]:g}; it must be {what}; fix the file")
         if col in RANGES:
             for v in values.dropna().unique():
@@ -175,56 +160,15 @@ def check_values(df: pd.DataFrame, where: str, first_line: int | None = None) ->
     return df
 
 
-def _spec_grid(spec: dict[str, Any] | None) -> dict[str, list[Any]]:
-    """The spec's ``grid:`` mapping, every value as a list (a scalar is a one-value grid)."""
-    if not spec:
-        return {}
-    grid = spec.get("grid")
-    if not isinstance(grid, dict):
-        return {}
-    return {str(k): (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in grid.items()}
-
-
-def _spec_value(spec: dict[str, Any] | None, key: str) -> Any:
-    """A key's fixed value in a sweep spec: its overrides on top of its base config or preset.
-
-    The spec format is the sweep's; accept the likely spellings and give up quietly (``None``).
-    """
-    if not spec:
-        return None
-    resolved = spec.get("resolved")  # icl-sweep saves the fully resolved base config
-    if isinstance(resolved, dict):
-        flat = flatten(resolved)
-        if key in flat:
-            return flat[key]
-    overrides: dict[str, Any] = {}
-    for name in ("overrides", "set", "config_overrides"):
-        block = spec.get(name)
-        if isinstance(block, dict):
-            overrides.update(flatten(block))
-    if key in overrides:
-        return overrides[key]
-    base = next((spec[n] for n in ("base", "preset", "config") if isinstance(spec.get(n), (str, dict))), None)
-    if base is None:
-        return None
-    try:
-        cfg = build_config(base, {k: v for k, v in overrides.items() if k in _config_keys()})
-    except (UserError, TypeError):
-        return None
-    return get_key(cfg, key)
-
-
-def _configs_below(root: Path, max_depth: int = 3) -> list[dict[str, Any]]:
-    """Flattened ``config.yaml`` files of trial directories under an experiment dir (shallow walk)."""
-    found: list[dict[str, Any]] = []
-    root_depth = len(root.parts)
-    for dirpath, dirnames, filenames in os.walk(root):
-        depth = len(Path(dirpath).parts) - root_depth
-        if depth >= max_depth:
-            dirnames[:] = []
-        if depth > 0 and CONFIG_YAML in filenames:
+def _trial_configs(src: Source) -> list[dict[str, Any]]:
+    """Flattened ``config.yaml`` of every run of an experiment, found where its ``trials.csv``
+    says its run directories are."""
+    found = []
+    for run in ExperimentDir(src.path).run_dirs().values():
+        layout = RunLayout(run)
+        if layout.config.is_file():
             try:
-                found.append(flatten(read_yaml(Path(dirpath) / CONFIG_YAML)))
+                found.append(_run_config(layout))
             except UserError:
                 continue
     return found
@@ -234,19 +178,19 @@ def _resolve_constant(src: Source, key: str) -> Any:
     """The value a key had for every trial of a source that has no column for it, or None."""
     if src.config is not None:
         return src.config.get(key)
-    value = _spec_value(src.spec, key)
+    value = src.spec.value(key) if src.spec is not None else None
     if value is not None:
-        src.notes.append(f"{key} = {value} for {src.path} taken from its {SPEC_YAML}")
+        src.notes.append(f"{key} = {value} for {src.path} taken from its {SPEC}")
         return value
     if src.kind == "experiment":
-        configs = [c.get(key) for c in _configs_below(src.path) if c.get(key) is not None]
+        configs = [c.get(key) for c in _trial_configs(src) if c.get(key) is not None]
         if configs and len({repr(v) for v in configs}) == 1:
-            src.notes.append(f"{key} = {configs[0]} for {src.path} taken from its trials' {CONFIG_YAML}")
+            src.notes.append(f"{key} = {configs[0]} for {src.path} taken from its trials' {CONFIG}")
             return configs[0]
     if key == SEED_KEY:  # a seed must exist to count seeds; one unnamed run is one seed
         src.notes.append(f"the seed of {src.path} is unknown (no column, spec or config): taken as 0")
         return 0
-    src.notes.append(f"{key} is unknown for {src.path} (not a column, not in a spec or {CONFIG_YAML}): shown as ?")
+    src.notes.append(f"{key} is unknown for {src.path} (not a column, not in a spec or {CONFIG}): shown as ?")
     return None
 
 
@@ -289,7 +233,8 @@ def load_results(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     dir (``metrics.csv`` + ``config.yaml``), a dir of run dirs, or a list of these (combined; the
     ``experiment`` column tells them apart). ``data.num_classes``, ``optim.weight_decay`` and
     ``seed`` always exist as columns: a run's come from its ``config.yaml``, a sweep's from its
-    columns, else its ``spec.yaml``, else its trials' config files (missing values if none says).
+    columns, else its saved ``spec.yaml``, else the ``config.yaml`` of its runs (where its
+    ``trials.csv`` says they are; missing values if none says).
     Several run dirs also get a column for every other config key whose value differs between
     them, so runs that differ in a knob fall in different cells.
 
@@ -305,8 +250,8 @@ def load_results(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     for src, name in zip(sources, names):
         df = _read_csv(src.csv)
         if src.kind == "run":
-            if "trial_id" not in df.columns:
-                df["trial_id"] = src.path.name
+            if TRIAL_ID not in df.columns:
+                df[TRIAL_ID] = src.path.name
             for key in CORE_KEYS:
                 if key not in df.columns:
                     df[key] = _resolve_constant(src, key)
@@ -337,38 +282,37 @@ def load_results(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
                 value = _resolve_constant(src, key)
                 df.loc[df["experiment"] == name, key] = value
 
-    if "trial_id" not in df.columns:
-        df["trial_id"] = pd.NA
-    missing_id = df["trial_id"].isna()
+    if TRIAL_ID not in df.columns:
+        df[TRIAL_ID] = pd.NA
+    missing_id = df[TRIAL_ID].isna()
     if missing_id.any():
         id_cols = [c for c in grid_cols if c in df.columns]
-        df.loc[missing_id, "trial_id"] = df.loc[missing_id, id_cols].astype(str).agg("_".join, axis=1)
-    df["trial_id"] = df["trial_id"].astype(str)
+        df.loc[missing_id, TRIAL_ID] = df.loc[missing_id, id_cols].astype(str).agg("_".join, axis=1)
+    df[TRIAL_ID] = df[TRIAL_ID].astype(str)
     for key in (CLASS_KEY, WD_KEY, SEED_KEY):
         df[key] = pd.to_numeric(df[key], errors="coerce")
     check_values(df, ", ".join(str(s.path) for s in sources))  # values that came from configs and specs
 
-    for metric in REQUIRED_METRICS:
+    for metric in REQUIRED:
         if df[metric].notna().sum() == 0:
             where = ", ".join(str(s.csv) for s in sources)
             raise UserError(f"metric {metric} is empty (all values missing) in {where}: nothing to analyse")
-    if df["step"].isna().any():
+    if df[STEP].isna().any():
         raise UserError(f"column step has missing values in {', '.join(str(s.csv) for s in sources)}; fix the file")
 
-    df = df.drop_duplicates(subset=["experiment", "trial_id", "step"], keep="last")
-    ordered = ["experiment", "trial_id"] + order_keys([c for c in grid_cols if c != SEED_KEY]) + [SEED_KEY, "step"]
+    df = df.drop_duplicates(subset=["experiment", TRIAL_ID, STEP], keep="last")
+    ordered = ["experiment", TRIAL_ID] + order_keys([c for c in grid_cols if c != SEED_KEY]) + [SEED_KEY, STEP]
     rest = [c for c in df.columns if c not in ordered]
-    df = df[ordered + rest].sort_values(["experiment", "trial_id", "step"], kind="stable").reset_index(drop=True)
+    df = df[ordered + rest].sort_values(["experiment", TRIAL_ID, STEP], kind="stable").reset_index(drop=True)
 
     grid: dict[str, list[Any]] = {}
     for src in sources:
-        for key, values in _spec_grid(src.spec).items():
+        for key, values in (src.spec.grid if src.spec is not None else {}).items():
             for v in values if key in RANGES else ():
                 try:
                     check_value(key, v)
                 except UserError as e:
-                    raise UserError(f"the grid of {src.path / SPEC_YAML if src.path.is_dir() else src.path.parent / SPEC_YAML}"
-                                    f": {e}; fix the spec") from None
+                    raise UserError(f"the grid of {src.spec.path}: {e}; fix the spec") from None
             merged = grid.setdefault(key, [])
             merged.extend(v for v in values if v not in merged)
     df.attrs["grid"] = grid

@@ -9,7 +9,6 @@ palettes and heatmaps. Curves show the mean over seeds with a band of +-1 standa
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,39 +23,28 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from analysis.fmt import cell_label, cell_slug, fmt_number
-from analysis.load import CIWL, CLASS_KEY, FLIP_CTX, FLIP_IWL, ICL, IWL, SEED_KEY, TRAIN_ACC, WD_KEY, is_missing
+from analysis.load import CLASS_KEY, SEED_KEY, WD_KEY, is_missing
 from analysis.summary import same_value, with_ids, cell_keys
 from analysis.verdict import RATIO, summary_keys
+from icl.metrics import (
+    ATTN_NAMES,
+    ATTN_RE,
+    AXIS_LABELS,
+    CHANCE,
+    CIWL,
+    FLIP_CTX,
+    FLIP_IWL,
+    ICL,
+    ICL_ACCURACIES,
+    ICL_TRAIN,
+    IWL,
+    TITLES,
+    TRAIN_ACC,
+    X_LABELS,
+    attn_max_column,
+)
 
-CHANCE = 0.5
 DPI = 110
-ATTN_RE = re.compile(r"^attn_L(\d+)_(match_img|match_lbl|other|induction|prev_tok)$")
-ATTN_NAMES = {
-    "match_img": "matching images",
-    "match_lbl": "matching labels",
-    "other": "other tokens",
-    "induction": "induction (match − non-match labels)",
-    "prev_tok": "previous token (label → its image)",
-}
-METRIC_LABELS = {
-    ICL: "ICL acc., holdout\n(chance 0.5)",
-    "icl_acc_all": "ICL acc., all labels",
-    "icl_train_acc": "ICL acc., train classes\n(chance 0.5)",
-    IWL: "IWL accuracy\n(chance 1/classes)",
-    TRAIN_ACC: "training accuracy",
-    CIWL: "CIWL accuracy\n(query's label in context)",
-    FLIP_CTX: "flip ICL: follows\nthe context",
-    FLIP_IWL: "flip ICL: follows\nthe weights",
-    "train_loss": "training loss (nats)",
-    "ece": "ECE, ICL holdout",
-    "attn_max_induction": "induction score\n(max over layers)",
-    "attn_max_match_lbl": "attn. to matching labels\n(fraction, max over layers)",
-    "attn_max_match_img": "attn. to matching images\n(fraction, max over layers)",
-    "attn_max_prev_tok": "previous-token attn.\n(fraction, max over layers)",
-    "attn_max_other": "attn. to other tokens\n(fraction, max over layers)",
-}
-X_LABELS = {"step": "training step", "sequences": "training sequences"}
-_ICL_METRICS = {ICL, "icl_acc_all", "icl_train_acc"}
 
 
 def _short_number(v: float, _pos: Any = None) -> str:
@@ -119,7 +107,7 @@ def with_attention_summary(df: pd.DataFrame) -> pd.DataFrame:
     """Add ``attn_max_<kind>`` columns: the maximum over layers of each per-layer (max-over-heads) score."""
     out = df.copy()
     for kind, cols in attention_columns(df).items():
-        out[f"attn_max_{kind}"] = df[cols].max(axis=1, skipna=True)
+        out[attn_max_column(kind)] = df[cols].max(axis=1, skipna=True)
     return out
 
 
@@ -206,7 +194,7 @@ def plot_curves(
                 if cell.empty:
                     continue
                 _draw_curve(ax, cell, x, _colour(palette, wd), "-", logx)
-            if metric in _ICL_METRICS:
+            if metric in ICL_ACCURACIES:
                 ax.axhline(CHANCE, color="0.45", linestyle="--", linewidth=1)
                 ax.set_ylim(min(0.4, float(stats["mean"].min()) - 0.02), 1.0)
             elif metric.endswith("_acc"):
@@ -215,12 +203,12 @@ def plot_curves(
             if r == 0:
                 ax.set_title(cell_label(facet) or "all runs")
             if c == 0:
-                ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+                ax.set_ylabel(AXIS_LABELS.get(metric, metric))
             if r == len(metrics) - 1:
                 ax.set_xlabel(X_LABELS.get(x, x) + (" (log scale)" if logx else ""))
     handles = [mlines.Line2D([], [], color=_colour(palette, wd), linewidth=2.5, label=fmt_number(wd)) for wd in wds
                if wd is not None]
-    if any(m in _ICL_METRICS for m in metrics):
+    if any(m in ICL_ACCURACIES for m in metrics):
         handles.append(mlines.Line2D([], [], color="0.45", linestyle="--", label="chance"))
     if handles:
         fig.legend(handles=handles, title="weight decay", loc="outside right center", frameon=False)
@@ -249,7 +237,7 @@ def plot_attention_overview(df: pd.DataFrame, x: str = "step", logx: bool = Fals
     if not kinds:
         return None
     d = with_attention_summary(df)
-    metrics = [ICL] + [f"attn_max_{k}" for k in ("induction", "match_lbl", "prev_tok") if k in kinds]
+    metrics = [ICL] + [attn_max_column(k) for k in ("induction", "match_lbl", "prev_tok") if k in kinds]
     return plot_curves(d, metrics, x=x, logx=logx,
                        title="ICL and the attention circuit over training: mean over seeds, band = ±1 sd")
 
@@ -296,11 +284,11 @@ def plot_attention(df: pd.DataFrame, cell: Mapping[str, Any], x: str = "step", l
 
     acc = sns.color_palette("deep")
     ax = axes[0]
-    line(ax, ICL, acc[0], "ICL, holdout")
-    if "icl_train_acc" in sub.columns and sub["icl_train_acc"].notna().any():
-        line(ax, "icl_train_acc", acc[0], "ICL, train classes", ":")
-    line(ax, IWL, acc[3], "IWL")
-    line(ax, TRAIN_ACC, acc[2], "training accuracy", "--")
+    line(ax, ICL, acc[0], TITLES[ICL])
+    if ICL_TRAIN in sub.columns and sub[ICL_TRAIN].notna().any():
+        line(ax, ICL_TRAIN, acc[0], TITLES[ICL_TRAIN], ":")
+    line(ax, IWL, acc[3], TITLES[IWL])
+    line(ax, TRAIN_ACC, acc[2], TITLES[TRAIN_ACC], "--")
     ax.axhline(CHANCE, color="0.45", linestyle="--", linewidth=1, label="chance (ICL)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("accuracy")
@@ -310,7 +298,7 @@ def plot_attention(df: pd.DataFrame, cell: Mapping[str, Any], x: str = "step", l
     ax = axes[1]
     att = sns.color_palette("colorblind")
     for i, kind in enumerate(k for k in ATTN_NAMES if k in kinds):
-        line(ax, f"attn_max_{kind}", att[i], ATTN_NAMES[kind], "--" if kind == "other" else "-")
+        line(ax, attn_max_column(kind), att[i], ATTN_NAMES[kind], "--" if kind == "other" else "-")
     ax.set_ylabel("score (fraction of\nattention, max over layers)")
     side[1].legend(*ax.get_legend_handles_labels(), loc="center left", frameon=False)
     ax.set_title("attention scores, max over heads and layers")

@@ -1,8 +1,8 @@
 """``report.md`` (+ ``summary.csv`` and the PNG plots) for one or several experiments.
 
-:func:`write_report` is what ``icl-analyze`` runs and what a sweep calls when it finishes;
-every file is written atomically and the files appear together (or, when a write fails, not
-at all), so a reader (or a sweep refreshing the report while it runs) never sees a
+:func:`analyze` (load, check the output folder, :func:`write_report`) is what ``icl-analyze``
+runs and what a sweep calls when it finishes; every file is written atomically and the files
+appear together (or, when a write fails, not at all), so a reader (or a sweep refreshing the report while it runs) never sees a
 half-written report.
 """
 
@@ -17,15 +17,14 @@ from typing import Any
 
 import pandas as pd
 
-from icl.io import all_or_nothing, atomic_write
+from icl.io import all_or_nothing, atomic_write, check_writable, remove_stale_temporaries
 
 from analysis.fmt import cell_label, fmt_number, markdown_table, mean_std, short_key, step_mean_std
+from analysis.load import load_results
 from analysis.summary import ONSET_THRESHOLD, missing_cells, summarize, trial_summary
 from analysis.verdict import COLLAPSE_FRACTION, RATIO, Verdict, summary_keys, verdict
 from icl.errors import UserError
-
-SUMMARY_CSV = "summary.csv"
-REPORT_MD = "report.md"
+from icl.layout import REPORT, SUMMARY, ReportDir
 
 
 @dataclass
@@ -140,13 +139,51 @@ def write_report(
     trials = trial_summary(df, threshold)
     grid = df.attrs.get("grid") or {}
     v = verdict(summary, trials, ratio=ratio, collapse_fraction=collapse_fraction, grid=grid)
+    files = ReportDir(out)
     with all_or_nothing():  # a failed write (a full disk) leaves the previous report whole
-        atomic_write(out / SUMMARY_CSV, summary.to_csv(index=False))
+        atomic_write(files.summary, summary.to_csv(index=False))
         plots = write_plots(df, summary, out, x=x, logx=logx, ratio=ratio, dpi=dpi)
         text = _render(df, summary, trials, v, plots, out, grid, threshold, ratio, collapse_fraction)
-        path = out / REPORT_MD
-        atomic_write(path, text)
-    return Report(path, summary, trials, v, plots)
+        atomic_write(files.report, text)
+    return Report(files.report, summary, trials, v, plots)
+
+
+def analyze(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    threshold: float = ONSET_THRESHOLD,
+    ratio: float = RATIO,
+    collapse_fraction: float = COLLAPSE_FRACTION,
+    x: str = "step",
+    logx: bool = False,
+    dpi: int = 110,
+    what: str = "--out",
+) -> Report:
+    """The report of ``paths`` (see :func:`analysis.load.load_results`) written into ``out``:
+    what ``icl-analyze`` runs, and a sweep when it finishes. ``out`` is checked to be writable
+    before the plots (the slow part; ``what`` names it in the error) and cleared of the
+    temporaries of a report killed while it was written. Bad input: :class:`UserError`."""
+    df = load_results(paths)
+    out = Path(out)
+    check_writable(out, what, folder=True)
+    remove_stale_temporaries(out)
+    return write_report(df, out, threshold=threshold, ratio=ratio, collapse_fraction=collapse_fraction, x=x,
+                        logx=logx, dpi=dpi)
+
+
+def summary_lines(rep: Report) -> list[str]:
+    """What ``icl-analyze`` prints about a report it wrote (and a sweep, after its own summary)."""
+    cells, trials = len(rep.summary), len(rep.trials)
+    lines = [f"verdict: {rep.verdict.headline}"]
+    if rep.verdict.provisional:
+        lines.append("(provisional: see 'Data completeness' in the report)")
+    return lines + [
+        f"summary: {ReportDir(rep.path.parent).summary} ({cells} cell{'s' * (cells != 1)}, "
+        f"{trials} trial{'s' * (trials != 1)})",
+        f"plots:   {len(rep.plots)} PNG files in {rep.path.parent}",
+        f"report:  {rep.path}",
+    ]
 
 
 def _render(
@@ -203,7 +240,7 @@ def _render(
         "",
         "## Summary per cell",
         "",
-        f"Mean ± sd over seeds (sample sd; none with one seed). Machine-readable: [`{SUMMARY_CSV}`]({SUMMARY_CSV}).",
+        f"Mean ± sd over seeds (sample sd; none with one seed). Machine-readable: [`{SUMMARY}`]({SUMMARY}).",
         "",
         markdown_table(format_summary(summary)),
         "",
@@ -248,8 +285,7 @@ def default_out(paths: Sequence[str | os.PathLike[str]]) -> Path:
     if len(paths) != 1:
         raise UserError("several paths given: choose where the combined report goes with --out DIR")
     p = Path(paths[0])
-    return (p if p.is_dir() else p.parent) / "report"
+    return (p if p.is_dir() else p.parent) / REPORT
 
 
-__all__ = ["Report", "write_report", "format_summary", "completeness", "default_out",
-           "SUMMARY_CSV", "REPORT_MD"]
+__all__ = ["Report", "analyze", "write_report", "summary_lines", "format_summary", "completeness", "default_out"]

@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.load import CIWL, FLIP_CTX, FLIP_IWL, ICL, IWL, SEED_KEY, TRAIN_ACC, is_missing, order_keys
+from analysis.load import SEED_KEY, is_missing, order_keys
 from icl.config import valid_keys
 from icl.errors import UserError
+from icl.metrics import CIWL, FLIP_CTX, FLIP_IWL, ICL, IWL, TRAIN_ACC
 
 ONSET_THRESHOLD = 0.6
 STATS = ("peak_icl", "peak_step", "final_icl", "icl_drop", "final_iwl", "final_train_acc", "icl_onset_step",

@@ -18,8 +18,27 @@ import pandas as pd
 import yaml
 
 from analysis.load import CLASS_KEY, SEED_KEY, WD_KEY
-
-ATTN_KINDS = ("match_img", "match_lbl", "other", "induction", "prev_tok")
+from icl.config import build_config
+from icl.layout import TRIAL_ID, ExperimentDir, RunLayout, saved_spec_text
+from icl.metrics import (
+    CIWL,
+    ECE,
+    FLIP_CTX,
+    FLIP_IWL,
+    ICL,
+    ICL_ALL,
+    ICL_TRAIN,
+    IWL,
+    LR,
+    SEQUENCES,
+    SEQUENCES_PER_S,
+    STEP,
+    STEPS_PER_S,
+    TRAIN_ACC,
+    TRAIN_LOSS,
+    WALL_S,
+    attn_column,
+)
 
 
 def _cell_shape(classes: float, wd: float) -> dict[str, float]:
@@ -70,54 +89,57 @@ def make_sweep(
                                 + noise * rng.standard_normal(len(steps)), 0, 1)
                 circuit = np.clip(gain / 0.45, 0, 1)
                 df = pd.DataFrame({
-                    "trial_id": f"trial_c{c}_wd{wd:g}_s{s}",
+                    TRIAL_ID: f"trial_c{c}_wd{wd:g}_s{s}",
                     CLASS_KEY: c,
                     WD_KEY: wd,
                     SEED_KEY: s,
-                    "step": steps.astype(int),
-                    "sequences": (steps * batch_size).astype(int),
-                    "train_loss": -np.log(np.clip(train, 1e-3, 1)),
-                    "train_acc": train,
-                    "lr": 3e-4 / np.sqrt(np.maximum(steps, 4000) / 4000),
-                    "icl_acc": icl,
-                    "icl_acc_all": icl * 0.98,
-                    "icl_train_acc": np.clip(icl + 0.02, 0, 1),
-                    "iwl_acc": iwl,
-                    "flip_icl_ctx_acc": np.clip(2 * (icl - 0.5) * (1 - iwl), 0, 1),
-                    "flip_icl_iwl_acc": np.clip(iwl * (1 - 2 * (icl - 0.5)), 0, 1),
-                    "ciwl_acc": np.clip(np.maximum(iwl, 1 - 2 * (icl - 0.5)) * learn, 0, 1),
-                    "ece": np.abs(0.1 - 0.05 * circuit),
+                    STEP: steps.astype(int),
+                    SEQUENCES: (steps * batch_size).astype(int),
+                    TRAIN_LOSS: -np.log(np.clip(train, 1e-3, 1)),
+                    TRAIN_ACC: train,
+                    LR: 3e-4 / np.sqrt(np.maximum(steps, 4000) / 4000),
+                    ICL: icl,
+                    ICL_ALL: icl * 0.98,
+                    ICL_TRAIN: np.clip(icl + 0.02, 0, 1),
+                    IWL: iwl,
+                    FLIP_CTX: np.clip(2 * (icl - 0.5) * (1 - iwl), 0, 1),
+                    FLIP_IWL: np.clip(iwl * (1 - 2 * (icl - 0.5)), 0, 1),
+                    CIWL: np.clip(np.maximum(iwl, 1 - 2 * (icl - 0.5)) * learn, 0, 1),
+                    ECE: np.abs(0.1 - 0.05 * circuit),
                 })
                 for layer in range(layers):
                     depth = (layer + 1) / layers
-                    df[f"attn_L{layer}_match_img"] = 0.1 + 0.2 * circuit * (1 - depth / 2)
-                    df[f"attn_L{layer}_match_lbl"] = 0.1 + 0.6 * circuit * depth
-                    df[f"attn_L{layer}_other"] = 1 - df[f"attn_L{layer}_match_img"] - df[f"attn_L{layer}_match_lbl"]
-                    df[f"attn_L{layer}_induction"] = 0.5 * circuit * depth
-                    df[f"attn_L{layer}_prev_tok"] = (0.2 + 0.7 * learn) * (1 - depth / 2)
-                df["steps_per_s"] = 900.0
-                df["sequences_per_s"] = 900.0 * batch_size
-                df["wall_s"] = steps / 900.0
+                    col = lambda stat: attn_column(layer, stat)  # noqa: E731
+                    df[col("match_img")] = 0.1 + 0.2 * circuit * (1 - depth / 2)
+                    df[col("match_lbl")] = 0.1 + 0.6 * circuit * depth
+                    df[col("other")] = 1 - df[col("match_img")] - df[col("match_lbl")]
+                    df[col("induction")] = 0.5 * circuit * depth
+                    df[col("prev_tok")] = (0.2 + 0.7 * learn) * (1 - depth / 2)
+                df[STEPS_PER_S] = 900.0
+                df[SEQUENCES_PER_S] = 900.0 * batch_size
+                df[WALL_S] = steps / 900.0
                 frames.append(df)
     return pd.concat(frames, ignore_index=True)
 
 
 def write_experiment(directory: str | Path, results: pd.DataFrame, grid: dict[str, Any] | None = None) -> Path:
-    """Write ``results.csv`` (and ``spec.yaml`` with ``grid`` if given) as a sweep would."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    results.to_csv(directory / "results.csv", index=False)
+    """Write ``results.csv`` (and the saved ``spec.yaml``, on the ``tiny`` preset, with ``grid``
+    if given) as a sweep would."""
+    exp = ExperimentDir(directory)
+    exp.path.mkdir(parents=True, exist_ok=True)
+    results.to_csv(exp.results, index=False)
     if grid is not None:
-        spec = {"base": "tiny", "grid": {k: list(vals) for k, vals in grid.items()}}
-        (directory / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    return directory
+        spec = {"name": exp.path.name, "base": "tiny", "overrides": {},
+                "grid": {k: list(vals) for k, vals in grid.items()}, "resolved": build_config("tiny").to_dict()}
+        exp.spec.write_text(saved_spec_text(spec, "analysis.synthetic"))
+    return exp.path
 
 
 def write_run(directory: str | Path, metrics: pd.DataFrame, config: dict[str, Any]) -> Path:
     """Write a run dir as the trainer would: ``metrics.csv`` and a nested ``config.yaml``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    drop = [c for c in ("trial_id", CLASS_KEY, WD_KEY, SEED_KEY) if c in metrics.columns]
-    metrics.drop(columns=drop).to_csv(directory / "metrics.csv", index=False)
-    (directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    return directory
+    run = RunLayout(directory)
+    run.path.mkdir(parents=True, exist_ok=True)
+    drop = [c for c in (TRIAL_ID, CLASS_KEY, WD_KEY, SEED_KEY) if c in metrics.columns]
+    metrics.drop(columns=drop).to_csv(run.metrics, index=False)
+    run.config.write_text(yaml.safe_dump(config, sort_keys=False))
+    return run.path

@@ -34,10 +34,10 @@ from analysis.fmt import cell_label, fmt_number, join_words, markdown_table, mea
 from analysis.load import CLASS_KEY, SEED_KEY, WD_KEY, is_missing
 from analysis.summary import ONSET_THRESHOLD, as_numbers, same_value
 from icl.errors import UserError
+from icl.metrics import CHANCE
 
 RATIO = 0.9
 COLLAPSE_FRACTION = 0.8
-CHANCE = 0.5
 _EPS = 1e-12  # 0.855 / 0.95 must count as 0.9
 
 

@@ -6,9 +6,10 @@ Runs the sweep (default: the shipped ``smoke`` spec, embedded Ray, no analysis r
 fresh storage directory and prints:
 - the sweep's wall time, from starting the command to its exit (Python and Ray start-up,
   worker processes, data loading, Tune's bookkeeping, the tables);
-- the trials' own time: each trial's final ``wall_s`` (the trainer's training + evaluation
-  time, which excludes its start-up), summed, and that sum divided by the number of trials
-  that can run at once (the best a perfect scheduler could do on this machine);
+- the trials' own time: each Tune trial's (pack's) final ``wall_s``, the trainer's training +
+  evaluation time, which excludes its start-up (the models of a pack share theirs), summed,
+  and that sum divided by the number of trials that can run at once (the best a perfect
+  scheduler could do on this machine);
 - the overhead: wall time minus that ideal, absolute and as a factor.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,8 +26,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from sweeps.runner import machine_cpus
-from sweeps.spec import load_spec
+from icl.layout import TRIAL_ID, ExperimentDir
+from icl.metrics import WALL_S
+from sweeps.progress import concurrency
+from sweeps.ray_session import machine_cpus
+from sweeps.spec import expand, load_spec, make_packs
 
 
 def main() -> int:
@@ -36,8 +41,17 @@ def main() -> int:
     p.add_argument("--keep", help="storage directory to use and keep (default: a temporary one, deleted)")
     args = p.parse_args()
 
-    spec = load_spec(args.spec)
     storage = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="icl-sweep-bench-"))
+    try:
+        return measure(args, storage)
+    finally:
+        if not args.keep:
+            shutil.rmtree(storage, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, storage: Path) -> int:
+    spec = load_spec(args.spec, storage=str(storage))
+    packs = make_packs(spec, expand(spec))
     cmd = [sys.executable, "-m", "sweeps.cli", args.spec, "--storage", str(storage), "--no-analysis"]
     if args.address:
         cmd += ["--address", args.address]
@@ -50,25 +64,21 @@ def main() -> int:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         return proc.returncode
 
-    df = pd.read_csv(storage / spec.name / "results.csv")
-    own = df.groupby("trial_id")["wall_s"].max()
+    df = pd.read_csv(ExperimentDir(spec.exp_dir).results)
+    per_model = df.groupby(TRIAL_ID)[WALL_S].max()
+    own = pd.Series({pk.pack_id: per_model[list(pk.trial_ids)].max() for pk in packs})
     cpus = args.num_cpus or machine_cpus()
-    slots = max(1, int(cpus // spec.resources.cpu))
-    if spec.max_concurrent:
-        slots = min(slots, spec.max_concurrent)
-    slots = min(slots, len(own))
+    slots = min(concurrency(spec.resources, cpus, 0.0, spec.max_concurrent), len(own))
     ideal = own.sum() / slots
-    print(f"spec {args.spec}: {len(own)} trials, {slots} at a time ({cpus} CPUs, {spec.resources.cpu:g} per trial)")
-    print(f"sweep wall time:                 {wall:7.1f} s")
-    print(f"trials' own time (sum of wall_s): {own.sum():7.1f} s  (per trial: " + ", ".join(f"{v:.1f}" for v in own) + ")")
+    print(f"spec {args.spec}: {len(per_model)} models in {len(own)} trials, {slots} at a time "
+          f"({cpus} CPUs, {spec.resources.cpu:g} per trial)")
+    print(f"sweep wall time:                  {wall:7.1f} s")
+    print(f"trials' own time (sum of wall_s): {own.sum():7.1f} s  (per trial: "
+          + ", ".join(f"{v:.1f}" for v in own) + ")")
     print(f"ideal wall time on {slots} slot(s):     {ideal:7.1f} s")
-    print(f"overhead:                        {wall - ideal:7.1f} s  (wall / ideal = {wall / ideal:.1f}x)")
-    if not args.keep:
-        import shutil
-
-        shutil.rmtree(storage, ignore_errors=True)
-    else:
-        print(f"experiment kept in {storage / spec.name}")
+    print(f"overhead:                         {wall - ideal:7.1f} s  (wall / ideal = {wall / ideal:.1f}x)")
+    if args.keep:
+        print(f"experiment kept in {spec.exp_dir}")
     return 0
 
 

@@ -364,7 +364,7 @@ def validate(cfg: Config) -> None:
     """Every key in its range or choices, then the rules between keys; messages say how to fix.
 
     Only what the config alone decides: whether a device exists, a path resolves or the run
-    fits in memory is checked where the run starts (:mod:`icl.machine`)."""
+    fits in memory is checked where the run starts (:mod:`icl.machine`, :mod:`icl.model.footprint`)."""
     for key, rng in RANGES.items():
         value = get_key(cfg, key)
         _require(value in rng, rng.problem(key, value))

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from icl.errors import OutputError
+from icl.errors import OutputError, UserError
 from icl.io import atomic_write
+from icl.layout import CHECKPOINTS, CONFIG, METRICS, ExperimentDir
 from sweeps import results as res
 from sweeps.experiment import (
-    REPORT_DIR,
-    SPEC_FILE,
     check_storage_writable,
     experiment_state,
     finished_trials,
@@ -121,8 +120,8 @@ def run_sweep(
         exp_dir.mkdir(parents=True, exist_ok=True)
         held.callback(lock_experiment(exp_dir).close)  # released when run_sweep returns
         state = experiment_state(spec)  # again, under the lock
-        if not (exp_dir / SPEC_FILE).exists():
-            atomic_write(exp_dir / SPEC_FILE, saved_yaml(spec))
+        if not ExperimentDir(exp_dir).spec.exists():
+            atomic_write(ExperimentDir(exp_dir).spec, saved_yaml(spec))
         stopped = stop_leftovers(exp_dir)  # what a killed driver's embedded Ray left running
         if stopped:
             print(f"icl-sweep: {stopped}", file=out, flush=True)
@@ -272,6 +271,7 @@ def _tune_errors(grid: Any) -> dict[str, str]:
 def _summarize(spec: SweepSpec, trials: Sequence[TrialSpec], packs: Sequence[PackSpec], outcome: Outcome,
                n_rows: int, out: Any, *, analysis: bool) -> int:
     exp_dir = spec.exp_dir
+    exp = ExperimentDir(exp_dir)
     n_ok = sum(v == "TERMINATED" for v in outcome.status.values())
     print(
         f"\nicl-sweep: {n_ok}/{len(trials)} models finished, {len(outcome.failed)} failed, "
@@ -283,43 +283,47 @@ def _summarize(spec: SweepSpec, trials: Sequence[TrialSpec], packs: Sequence[Pac
     for trial_id in outcome.failed:
         t, pack = by_id[trial_id], pack_of[trial_id]
         point = ", ".join(f"{k}={format_value(v)}" for k, v in t.grid.items())
-        log = exp_dir / t.dirname / res.DIVERGED_FILE  # a diverged model's own error, else its trial's
+        log = exp.diverged(t)  # a diverged model's own error, else its trial's
         if not log.is_file():
-            log = exp_dir / pack.dirname / "error.txt"
+            log = exp.tune_error(pack)
         where = f" in trial {pack.pack_id}" if len(pack.trial_ids) > 1 else ""
         print(
-            f"  FAILED {trial_id} ({point}){where} after {len(res.attempts(exp_dir / t.dirname))} attempt(s): "
+            f"  FAILED {trial_id} ({point}){where} after {len(res.attempts(exp_dir, t))} attempt(s): "
             f"{outcome.errors.get(trial_id, '?')}\n         log: {log}",
             file=out,
         )
     print(f"  experiment: {exp_dir}", file=out)
-    print(f"  results:    {exp_dir / res.RESULTS} ({n_rows} rows)", file=out)
-    print(f"  trials:     {exp_dir / res.TRIALS}", file=out)
-    print(f"  spec:       {exp_dir / SPEC_FILE}", file=out)
-    print(f"  runs:       {exp_dir}/<model>/{res.RUN}/  (config.yaml, metrics.csv, checkpoints)", file=out)
+    print(f"  results:    {exp.results} ({n_rows} rows)", file=out)
+    print(f"  trials:     {exp.trials}", file=out)
+    print(f"  spec:       {exp.spec}", file=out)
+    print(f"  runs:       {exp.run_dir('<model>')}/  ({CONFIG}, {METRICS}, {CHECKPOINTS})", file=out)
     if outcome.unfinished:
         print("  interrupted: run the same command again to resume", file=out, flush=True)
         return 130
-    report = run_analysis(exp_dir) if analysis else f"skipped (--no-analysis); later: icl-analyze {exp_dir}"
+    report = run_analysis(exp_dir, out) if analysis else f"skipped (--no-analysis); later: icl-analyze {exp_dir}"
     print(f"  analysis:   {report}", file=out, flush=True)
     return 1 if outcome.failed else 0
 
 
-def run_analysis(exp_dir: Path) -> str:
-    """Call the analysis package if it is installed; the sweep's results stand either way."""
+def run_analysis(exp_dir: Path, out: Any = None) -> str:
+    """Write the experiment's report (:func:`analysis.report.analyze`) if the analysis package
+    is installed, printing its lines to ``out``; the sweep's results stand either way."""
     try:
-        from analysis.cli import main as analyze  # type: ignore[import-not-found]
+        import matplotlib
+
+        from analysis.report import analyze, summary_lines  # type: ignore[import-not-found]
     except ImportError:
         return f"not available (the analysis package is not installed yet); later: icl-analyze {exp_dir}"
-    out_dir = exp_dir / REPORT_DIR
+    out_dir = ExperimentDir(exp_dir).report
+    retry = f"retry: icl-analyze {exp_dir} --out {out_dir}"
+    matplotlib.use("Agg")
     try:
-        code = analyze([str(exp_dir), "--out", str(out_dir)])
-    except SystemExit as e:  # cli_entry reports bad input as exit 2
-        code = e.code if isinstance(e.code, int) else 1
+        rep = analyze(exp_dir, out_dir, what="report folder")
+    except UserError as e:  # bad or missing results, an unwritable folder: one line, as the CLI says it
+        return f"failed (error: {res.error_line(str(e))}); {retry}"
     except Exception as e:  # noqa: BLE001 - a broken report must not hide finished results
-        return f"failed ({type(e).__name__}: {res.error_line(str(e))}); retry: icl-analyze {exp_dir} --out {out_dir}"
-    if code:
-        return f"failed (exit {code}); retry: icl-analyze {exp_dir} --out {out_dir}"
+        return f"failed ({type(e).__name__}: {res.error_line(str(e))}); {retry}"
+    print("\n".join(summary_lines(rep)), file=out or sys.stdout, flush=True)
     return str(out_dir)
 
 

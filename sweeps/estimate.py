@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 from icl.config import Config, build_config, replace
 from icl.errors import UserError
+from icl.metrics import STEP
 from icl.train.progress import format_duration
 from sweeps.progress import concurrency, finish_time
 from sweeps.ray_session import machine_cpus
@@ -101,8 +102,7 @@ def measure(pack: PackSpec, cfgs: Sequence[Config], train: bool = True) -> Measu
     from icl.train.evaluate import evaluate
     from icl.train.loop import evaluation_row, resolve_device
     from icl.train.pack import PackedTrainer
-    from icl.train.rundir import METRICS, ATTENTION, RunDir, RunState
-    from icl.train.tensorboard import EVENTS_GLOB
+    from icl.train.rundir import RunDir, RunState
 
     cfg = cfgs[0]
     device = resolve_device(cfg.train.device)
@@ -137,13 +137,13 @@ def measure(pack: PackSpec, cfgs: Sequence[Config], train: bool = True) -> Measu
     eval_s = (time.perf_counter() - t0) * cfg.eval.n_sequences / n_eval
 
     with tempfile.TemporaryDirectory(prefix="icl-estimate-") as tmp:
-        run = RunDir(Path(tmp) / "run")
+        run = RunDir(tmp)
         run.open(cfg)
         row = evaluation_row(cfg, cfg.train.eval_every, cfg.train.eval_every, 1.0, 0.0, 0.0, metrics, 1.0, eval_s, 1.0)
-        state = RunState(step=row["step"], rows=[row], heads=[heads])
+        state = RunState(step=row[STEP], rows=[row], heads=[heads])
 
         def log_bytes() -> int:
-            return sum(f.stat().st_size for f in [run.path / METRICS, run.path / ATTENTION, *run.path.glob(EVENTS_GLOB)])
+            return sum(f.stat().st_size for f in run.log_files())
 
         files = run.record(state)
         one = log_bytes()
@@ -151,7 +151,7 @@ def measure(pack: PackSpec, cfgs: Sequence[Config], train: bool = True) -> Measu
         saved = run.checkpoint(cfg, state, files, trainer.pack.state_dict(0), trainer.optimizer_state(0, state.step))
         checkpoint_s = time.perf_counter() - t0
         checkpoint_bytes = sum(f.stat().st_size for f in saved.iterdir())
-        state.rows.append(dict(row, step=2 * row["step"]))
+        state.rows.append({**row, STEP: 2 * row[STEP]})
         state.heads.append(heads)
         run.record(state)
         per_eval = log_bytes() - one

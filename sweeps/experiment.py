@@ -1,20 +1,5 @@
-"""An experiment directory (``STORAGE/NAME``): its layout, whether it may be (re)used, its
-lock, and the pruning of Ray's checkpoint copies.
-
-Layout::
-
-    spec.yaml          the resolved spec (checked on every resume)
-    results.csv        tidy long table, refreshed while the sweep runs (sweeps.results)
-    trials.csv         one row per grid point: status, last step, attempts, pack, error
-    report/            the analysis report
-    tNNN_<grid>/       one directory per grid point (model)
-        run/           its run directory (icl.train.rundir): config.yaml, metrics.csv, checkpoints/
-        attempts.jsonl one line per start of its pack's trial (node, pid, step resumed from)
-        diverged.txt   why its model diverged, if it did
-    <pack dirname>/    Tune's trial directory of a pack: Ray's checkpoint copies
-                       (checkpoint_*/<trial id>/...) and Tune's error file; for a pack of
-                       one grid point it is that grid point's directory
-    tuner.pkl, experiment_state-*.json, ...   Ray Tune's own state (Tuner.restore)
+"""An experiment directory (``STORAGE/NAME``, laid out in :mod:`icl.layout`): whether it may
+be (re)used, its lock, and the pruning of Ray's checkpoint copies.
 """
 
 from __future__ import annotations
@@ -23,7 +8,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import re
 import shutil
 import socket
 import uuid
@@ -33,20 +17,16 @@ from typing import Any, Sequence
 from icl.config import build_config, cache_dir, data_root, read_yaml
 from icl.errors import UserError
 from icl.io import remove_stale_temporaries, writing_to
+from icl.layout import LOCK, RAY_CHECKPOINT, SPEC, STAGING_PREFIX, ExperimentDir, storage_probe
 from sweeps import results as res
 from sweeps.spec import SweepSpec, TrialSpec, differences, identity, parse_spec
-from sweeps.trainable import STAGING_PREFIX
-
-SPEC_FILE = "spec.yaml"
-LOCK_FILE = ".icl-sweep.lock"
-REPORT_DIR = "report"
 
 
 def check_storage_writable(storage: Path) -> None:
     """Create the storage directory and write a probe file, so a bad path fails now."""
     try:
         storage.mkdir(parents=True, exist_ok=True)
-        probe = storage / f".icl-sweep-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        probe = storage_probe(storage, f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -61,11 +41,11 @@ def experiment_state(spec: SweepSpec) -> str:
         return "new"
     if not exp.is_dir():
         raise UserError(f"{exp} exists and is not a directory; choose another --name or --storage")
-    saved = exp / SPEC_FILE
+    saved = ExperimentDir(exp).spec
     if not saved.is_file():
-        if any(p.name != LOCK_FILE for p in exp.iterdir()):
+        if any(p.name != LOCK for p in exp.iterdir()):
             raise UserError(
-                f"{exp} exists but holds no icl-sweep experiment (no {SPEC_FILE}); it is never "
+                f"{exp} exists but holds no icl-sweep experiment (no {SPEC}); it is never "
                 "overwritten: choose another --name or --storage"
             )
         return "new"
@@ -116,7 +96,7 @@ def with_runtime_paths(trials: Sequence[TrialSpec], spec: SweepSpec) -> list[Tri
 def lock_experiment(exp_dir: Path) -> Any:
     """One driver per experiment at a time; the lock dies with its process (even SIGKILL).
     Taking it also clears the temporaries of the experiment's tables that a killed driver left."""
-    path = exp_dir / LOCK_FILE
+    path = ExperimentDir(exp_dir).lock
     with writing_to(path):  # a full disk names the lock file
         f = open(path, "a+")
     try:
@@ -162,6 +142,6 @@ def prune_ray_checkpoints(grid: Any) -> None:
         if keep is None or not getattr(result, "path", None):
             continue
         keep_name = Path(keep.path).name
-        for old in Path(result.path).glob("checkpoint_*"):
-            if old.name != keep_name and re.fullmatch(r"checkpoint_\d+", old.name):
+        for old in Path(result.path).iterdir():
+            if old.name != keep_name and RAY_CHECKPOINT.fullmatch(old.name):
                 shutil.rmtree(old, ignore_errors=True)

@@ -14,10 +14,10 @@ from typing import Sequence
 
 from icl.errors import UserError
 from icl.io import atomic_write
+from icl.layout import FAULT_COUNTER
 from sweeps.spec import TrialSpec
 
 FAULTS_ENV = "ICL_SWEEP_FAULTS"
-FAULT_COUNTER = "faults_injected"
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,8 @@ import socket
 from pathlib import Path
 
 from icl.io import atomic_write
+from icl.layout import ExperimentDir
 from sweeps.procs import kill_pids, pids_mentioning, with_descendants
-
-RECORD = ".icl-sweep-ray.json"
 
 
 def session_dir() -> str | None:
@@ -35,17 +34,17 @@ def session_dir() -> str | None:
 def record(exp_dir: Path, session: str) -> None:
     """Note this driver's embedded Ray in the experiment (call while holding its lock)."""
     text = json.dumps({"session_dir": session, "host": socket.gethostname(), "driver_pid": os.getpid()})
-    atomic_write(Path(exp_dir) / RECORD, text + "\n")
+    atomic_write(ExperimentDir(exp_dir).ray_record, text + "\n")
 
 
 def forget(exp_dir: Path) -> None:
-    (Path(exp_dir) / RECORD).unlink(missing_ok=True)
+    ExperimentDir(exp_dir).ray_record.unlink(missing_ok=True)
 
 
 def stop_leftovers(exp_dir: Path) -> str:
     """End what a dead driver's embedded Ray left on this host (call while holding the
     experiment's lock); returns a line saying what was done, or '' if nothing was left."""
-    path = Path(exp_dir) / RECORD
+    path = ExperimentDir(exp_dir).ray_record
     try:
         left = json.loads(path.read_text())
         session = str(left["session_dir"])

@@ -20,27 +20,20 @@ import heapq
 import math
 from typing import Any, Mapping, Sequence
 
+from icl.metrics import LIVE, STEP
 from icl.train.progress import format_duration
 from sweeps.spec import Resources
 
 PER_MODEL = "per_model"  # in a pack's report: model id -> its latest step and accuracies
 RATE = "model_steps_per_s"  # in a pack's report: the trial's measured rate
-# The accuracies shown, metric -> column; a metric the trainer does not report is not shown
+# The accuracies shown are icl.metrics.LIVE; a metric the trainer does not report is not shown
 # (the peer evaluators' columns appear once the trainer has them).
-ACCURACIES = {
-    "icl_acc": "ICL",
-    "iwl_acc": "IWL",
-    "train_acc": "train acc",
-    "ciwl_acc": "CIWL",
-    "flip_icl_ctx_acc": "flip ctx",
-    "flip_icl_iwl_acc": "flip IWL",
-}
 
 
 def pack_progress(rows: Mapping[str, Mapping[str, float]], rate: float | None) -> dict[str, Any]:
     """What a pack adds to its report for the table: each member's latest step and
     accuracies (``rows``: model id -> its latest metrics row) and the trial's rate."""
-    keep = ("step", *ACCURACIES)
+    keep = (STEP, *LIVE)
     out: dict[str, Any] = {PER_MODEL: {m: {k: float(r[k]) for k in keep if k in r} for m, r in rows.items()}}
     if rate is not None:
         out[RATE] = rate

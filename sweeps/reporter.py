@@ -33,13 +33,14 @@ from typing import Any, Mapping, Sequence
 
 from ray.tune import CLIReporter
 
+from icl.layout import ExperimentDir
+from icl.metrics import LIVE, STEP
 from icl.train.progress import format_duration
 from icl.train.rundir import RunDir
-from sweeps.progress import ACCURACIES, PER_MODEL, RATE, SweepTally
-from sweeps.results import RUN
+from sweeps.progress import PER_MODEL, RATE, SweepTally
 from sweeps.spec import TrialSpec, format_value, short_names
 
-COLUMNS = {"step": "step", **ACCURACIES, "rate": "model-steps/s", "eta": "ETA"}
+COLUMNS = {STEP: "step", **LIVE, "rate": "model-steps/s", "eta": "ETA"}
 REPORT_PERIOD_S = {True: 10.0, False: 60.0}  # at most one table per period: a terminal, a log
 PERIOD_ENV = "ICL_SWEEP_REPORT_S"  # overrides the period (seconds)
 
@@ -124,7 +125,8 @@ class SweepReporter(CLIReporter):
         """Each model's newest checkpoint step when this driver started (what a pending,
         partly trained model resumes from), read once."""
         if self._started is None:
-            self._started = {m: RunDir(self.exp_dir / d / RUN).latest_step() for m, d in self.dirnames.items()}
+            exp = ExperimentDir(self.exp_dir)
+            self._started = {m: RunDir(exp.run_dir(d)).latest_step() for m, d in self.dirnames.items()}
         return self._started
 
     def rows(self, trials: Sequence[Any], now: float) -> tuple[list[ModelRow], str]:
@@ -135,7 +137,7 @@ class SweepReporter(CLIReporter):
             members = self.packs.get(trial.config.get("trial"), ())
             result = trial.last_result or {}
             per = result.get(PER_MODEL, {})
-            at = {m: max(int(per[m]["step"]) if m in per else 0, self.started()[m]) for m in members}
+            at = {m: max(int(per[m][STEP]) if m in per else 0, self.started()[m]) for m in members}
             left = sum(self.steps[m] - at[m] for m in members)
             rate = result.get(RATE)
             stamp = result.get("timestamp", now)
@@ -144,8 +146,8 @@ class SweepReporter(CLIReporter):
             sweep.models += sum(at[m] >= self.steps[m] for m in members)
             for m in members:
                 shown: dict[str, Any] = {k: result[k] for k in ("node_ip", "pid") if k in result}
-                shown["step"] = f"{at[m]}/{self.steps[m]}"
-                shown.update({k: round(v, 3) for k, v in per.get(m, {}).items() if k in ACCURACIES})
+                shown[STEP] = f"{at[m]}/{self.steps[m]}"
+                shown.update({k: round(v, 3) for k, v in per.get(m, {}).items() if k in LIVE})
                 if rate:
                     shown["rate"] = round(rate, 1)
                 if eta is not None:

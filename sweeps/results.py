@@ -23,20 +23,16 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from icl.io import atomic_write
+from icl.layout import TRIAL_ID, TRIALS_COLUMNS, ExperimentDir
+from icl.metrics import STEP
 from icl.train.rundir import RunDir
 from sweeps.spec import TrialSpec, format_value
-
-RESULTS = "results.csv"
-TRIALS = "trials.csv"
-RUN = "run"  # the trainer's run directory inside each trial directory
-ATTEMPTS = "attempts.jsonl"
-DIVERGED_FILE = "diverged.txt"  # in a trial's directory: why its model diverged (its pack went on)
 
 Packs = Mapping[str, Sequence[str]]  # pack id (Tune's trial) -> its members' trial ids
 
 
 def run_dir(exp_dir: Path, trial: TrialSpec) -> RunDir:
-    return RunDir(Path(exp_dir) / trial.dirname / RUN)
+    return RunDir(ExperimentDir(exp_dir).run_dir(trial))
 
 
 def collect(exp_dir: Path, trials: Sequence[TrialSpec]) -> tuple[list[str], list[list[str]]]:
@@ -47,16 +43,16 @@ def collect(exp_dir: Path, trials: Sequence[TrialSpec]) -> tuple[list[str], list
     for trial in trials:
         header, rows = run_dir(exp_dir, trial).metrics_table()
         for col in header:
-            if col != "step" and col not in metric_cols:
+            if col != STEP and col not in metric_cols:
                 metric_cols.append(col)
         per_trial.append((trial, header, rows))
-    columns = ["trial_id", *grid_keys, "step", *metric_cols]
+    columns = [TRIAL_ID, *grid_keys, STEP, *metric_cols]
     out: list[list[str]] = []
     for trial, header, rows in per_trial:
         index = {c: i for i, c in enumerate(header)}
         fixed = [trial.trial_id, *(format_value(trial.grid[k]) for k in grid_keys)]
         for r in rows:
-            step = r[index["step"]] if "step" in index else ""
+            step = r[index[STEP]] if STEP in index else ""
             out.append(fixed + [step] + [r[index[c]] if c in index else "" for c in metric_cols])
     return columns, out
 
@@ -72,13 +68,14 @@ def to_csv(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 def write_results(exp_dir: Path, trials: Sequence[TrialSpec]) -> int:
     """Rewrite ``results.csv`` atomically; returns the number of rows."""
     columns, rows = collect(exp_dir, trials)
-    atomic_write(Path(exp_dir) / RESULTS, to_csv(columns, rows))
+    atomic_write(ExperimentDir(exp_dir).results, to_csv(columns, rows))
     return len(rows)
 
 
-def attempts(trial_dir: Path) -> list[dict[str, Any]]:
-    """A trial's attempt log (one JSON object per start of the trainable)."""
-    path = Path(trial_dir) / ATTEMPTS
+def attempts(exp_dir: Path, trial: TrialSpec | str) -> list[dict[str, Any]]:
+    """A model's attempt log (one JSON object per start of its pack's trainable); ``trial``:
+    the model, or its directory name."""
+    path = ExperimentDir(exp_dir).attempts(trial)
     try:
         lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
     except FileNotFoundError:
@@ -130,7 +127,7 @@ def member_status(
             elif run_dir(exp_dir, t).finished(int(t.config["train.steps"])):
                 out[trial_id] = ("TERMINATED", "")
             else:
-                out[trial_id] = ("ERROR", last_line(Path(exp_dir) / t.dirname / DIVERGED_FILE) or error)
+                out[trial_id] = ("ERROR", last_line(ExperimentDir(exp_dir).diverged(t)) or error)
     return out
 
 
@@ -143,7 +140,8 @@ def write_trials(
     """Rewrite ``trials.csv``: ``status`` maps trial id -> (status, one-line error)."""
     grid_keys = list(trials[0].grid) if trials else []
     pack_of = {m: p for p, members in packs.items() for m in members}
-    columns = ["trial_id", *grid_keys, "status", "last_step", "attempts", "run_dir", "pack", "error"]
+    columns = [TRIAL_ID, *grid_keys, *TRIALS_COLUMNS]
+    exp = ExperimentDir(exp_dir)
     rows = []
     for t in trials:
         last = run_dir(exp_dir, t).last_logged_step()
@@ -154,10 +152,10 @@ def write_trials(
                 *(format_value(t.grid[k]) for k in grid_keys),
                 state,
                 "" if last is None else last,
-                len(attempts(Path(exp_dir) / t.dirname)),
-                f"{t.dirname}/{RUN}",
+                len(attempts(exp_dir, t)),
+                exp.run_dir_entry(t),
                 pack_of.get(t.trial_id, ""),
                 error,
             ]
         )
-    atomic_write(Path(exp_dir) / TRIALS, to_csv(columns, rows))
+    atomic_write(exp.trials, to_csv(columns, rows))

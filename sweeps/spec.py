@@ -17,7 +17,8 @@ holds one experiment. Schema (every key is checked; unknown keys are errors)::
     max_concurrent: null       # trials at once; null = as many as the resources allow
     max_failures: 2            # retries of a crashed trial (each resumes from its checkpoint)
     checkpoint: {num_to_keep: null}  # Ray Tune's copies kept per trial while running (null =
-                               # all; older ones are pruned when the sweep ends, see runner)
+                               # all; older ones are pruned when the sweep ends, see
+                               # sweeps.experiment.prune_ray_checkpoints)
     pack: 1                    # models trained together in one Tune trial (icl.train.train_packed):
                                # grid points differing only in seed / optim.weight_decay are
                                # grouped into packs of at most this many; 1 = one model per trial
@@ -38,8 +39,6 @@ from itertools import product
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from icl.config import (
     build_config,
     config_source,
@@ -53,6 +52,7 @@ from icl.config import (
 )
 from icl.errors import UserError
 from icl.inputs import user_path
+from icl.layout import saved_spec_text
 
 SPEC_DIR = Path(__file__).resolve().parent
 DEFAULT_STORAGE = "experiments"
@@ -378,7 +378,7 @@ def merged_flat(spec: SweepSpec) -> dict[str, Any]:
 def expand(spec: SweepSpec) -> list[TrialSpec]:
     """The trials in grid order; builds and validates every trial's config now, before Ray,
     with the checks a trial makes when it starts (config ranges, the model fitting in memory)."""
-    from icl.machine import check_model_fits_host  # imports torch: only once there are trials
+    from icl.model.footprint import check_model_fits_host  # imports torch: only once there are trials
 
     keys = list(spec.grid)
     points = list(product(*(spec.grid[k] for k in keys)))
@@ -514,11 +514,7 @@ def saved_yaml(spec: SweepSpec) -> str:
         "storage": str(Path(spec.storage).expanduser().resolve()),
         "resolved": cfg.to_dict(),
     }
-    header = (
-        f"# Written by icl-sweep from {spec.source or 'a spec'}: the resolved sweep spec of this\n"
-        "# experiment. Re-running the same command resumes it; so does `icl-sweep <this file>`.\n"
-    )
-    return header + yaml.safe_dump(doc, sort_keys=False)
+    return saved_spec_text(doc, spec.source)
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

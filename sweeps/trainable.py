@@ -30,13 +30,13 @@ from typing import Any, Callable, Sequence
 
 from icl.config import build_config
 from icl.io import atomic_write, writing_to
+from icl.layout import STAGING_PREFIX, ExperimentDir
+from icl.metrics import EVAL_S, STEP, STEPS_PER_S
 from icl.train.rundir import RunDir
 from sweeps import results as res
 from sweeps.faults import Fault, maybe_inject
 from sweeps.progress import pack_progress
 from sweeps.spec import PackSpec, TrialSpec
-
-STAGING_PREFIX = ".tune-checkpoint-"  # a pack's checkpoint for tune.report, being assembled
 
 
 class PackReporter:
@@ -71,7 +71,7 @@ class PackReporter:
         self.clock: float | None = None
 
     def add(self, k: int, row: dict[str, float]) -> None:
-        step = int(row["step"])
+        step = int(row[STEP])
         if self.step is not None and step != self.step:
             self.flush()
         self.step = step
@@ -100,8 +100,8 @@ class PackReporter:
         now = time.monotonic()
         if self.clock is None:
             first = next(iter(rows.values()))
-            self.seconds = (step - min(self.at[k] for k in rows)) / max(float(first.get("steps_per_s", 0.0)), 1e-9)
-            self.seconds += sum(float(r.get("eval_s", 0.0)) for r in rows.values())
+            self.seconds = (step - min(self.at[k] for k in rows)) / max(float(first.get(STEPS_PER_S, 0.0)), 1e-9)
+            self.seconds += sum(float(r.get(EVAL_S, 0.0)) for r in rows.values())
         else:
             self.seconds += now - self.clock
         self.clock = now
@@ -146,9 +146,9 @@ def _last_row(run: RunDir) -> dict[str, float]:
 def pack_metrics(step: int, rows: Sequence[dict[str, float]]) -> dict[str, float]:
     """What a pack reports to Tune at one step: the step, the number of models and each
     metric's mean over them."""
-    out: dict[str, float] = {"step": step, "models": len(rows)}
+    out: dict[str, float] = {STEP: step, "models": len(rows)}
     for key in rows[0] if rows else ():
-        if key != "step":
+        if key != STEP:
             values = [float(r[key]) for r in rows if key in r]
             out[key] = sum(values) / len(values)
     return out
@@ -177,9 +177,10 @@ def run_pack(
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per checkpoint copy
 
     pack_dirname, members = packs[pack_id]
-    exp = Path(exp_dir)
-    trial_dirs = [exp / table[m][0] for m in members]
-    runs = [RunDir(d / res.RUN) for d in trial_dirs]
+    exp = ExperimentDir(exp_dir)
+    dirnames = [table[m][0] for m in members]
+    trial_dirs = [exp.model_dir(d) for d in dirnames]
+    runs = [RunDir(exp.run_dir(d)) for d in dirnames]
     cfgs = [build_config(table[m][1]) for m in members]
 
     ckpt = tune.get_checkpoint()
@@ -190,11 +191,11 @@ def run_pack(
                     run.install(Path(src) / m)
     starts = [run.latest_step() for run in runs]
     node = ray.get_runtime_context().get_node_id()
-    for m, d, start in zip(members, trial_dirs, starts):
-        d.mkdir(parents=True, exist_ok=True)
-        (d / res.DIVERGED_FILE).unlink(missing_ok=True)  # a previous attempt's; this one may not diverge
+    for m, d, start in zip(members, dirnames, starts):
+        exp.model_dir(d).mkdir(parents=True, exist_ok=True)
+        exp.diverged(d).unlink(missing_ok=True)  # a previous attempt's; this one may not diverge
         record = {
-            "attempt": len(res.attempts(d)) + 1,
+            "attempt": len(res.attempts(exp.path, d)) + 1,
             "resumed_from_step": start,
             "pack": pack_id,
             "node_id": node,
@@ -202,10 +203,10 @@ def run_pack(
             "pid": os.getpid(),
             "time": _dt.datetime.now().isoformat(timespec="seconds"),
         }
-        with writing_to(d / res.ATTEMPTS), open(d / res.ATTEMPTS, "a") as f:
+        with writing_to(exp.attempts(d)), open(exp.attempts(d), "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    staging = exp / pack_dirname
+    staging = exp.pack_dir(pack_dirname)
     staging.mkdir(parents=True, exist_ok=True)
     for old in staging.glob(f"{STAGING_PREFIX}*"):  # left by an attempt killed while reporting
         shutil.rmtree(old, ignore_errors=True)
@@ -215,14 +216,14 @@ def run_pack(
         reporter.add(k, row)
         if heads and checkpoint_dir is not None:
             attribute_heads(runs[k], cfgs[k])
-        maybe_inject(trial_dirs[k], members[k], faults.get(members[k]), int(row["step"]))
+        maybe_inject(trial_dirs[k], members[k], faults.get(members[k]), int(row[STEP]))
 
     try:
         final = train_packed(cfgs, [run.path for run in runs], on_eval=on_eval, progress=False)
     except PackTrainingDiverged as e:
         reporter.flush()
         for k, message in sorted(e.diverged.items()):
-            atomic_write(trial_dirs[k] / res.DIVERGED_FILE, f"TrainingDiverged: {message}\n")
+            atomic_write(exp.diverged(dirnames[k]), f"TrainingDiverged: {message}\n")
         names = "; ".join(f"{members[k]}: {msg}" for k, msg in sorted(e.diverged.items()))
         raise TrainingDiverged(
             f"{len(e.diverged)} of {len(members)} models of pack {pack_id} diverged: {names}"
@@ -231,7 +232,7 @@ def run_pack(
     if not reporter.reported:  # every run was already complete (e.g. the driver died as the
         # trial finished): hand Tune the final checkpoints, so its view ends where the runs did
         last = {m: run.latest_checkpoint() for m, run in zip(members, runs)}
-        step = max((int(r.get("step", 0)) for r in final), default=0)
+        step = max((int(r.get(STEP, 0)) for r in final), default=0)
         metrics = pack_metrics(step, [r for r in final if r])
         metrics.update(pack_progress({m: r for m, r in zip(members, final) if r}, None))
         reporter.report(metrics, {m: p for m, p in last.items() if p})

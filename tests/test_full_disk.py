@@ -125,9 +125,9 @@ def icl_train(out: Path, **kwargs) -> subprocess.Popen:
 
 
 def science(run: Path) -> pd.DataFrame:
-    from icl.train import TIMING_COLUMNS
+    from icl.metrics import TIMING
 
-    return pd.read_csv(run / "metrics.csv").drop(columns=list(TIMING_COLUMNS))
+    return pd.read_csv(run / "metrics.csv").drop(columns=list(TIMING))
 
 
 def test_icl_train_on_a_full_disk_keeps_its_checkpoint_and_resumes_exactly(tmpfs, tmp_path):

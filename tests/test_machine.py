@@ -1,4 +1,4 @@
-"""What this machine can run (icl.machine): devices that exist, runs that fit in memory."""
+"""What this machine can run (icl.machine, icl.model.footprint): devices that exist, runs that fit in memory."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 import icl.machine as machine
 from icl.config import build_config
 from icl.errors import UserError
-from icl.machine import check_fits, check_model_fits_host, footprint, resolve_device
+from icl.machine import resolve_device
 from icl.model import build_model
+from icl.model.footprint import check_fits, check_model_fits_host, footprint
 from icl.model.transformer import SequenceModel
 
 HUGE = {"model.layers": 64, "model.d_model": 8192, "model.heads": 8, "model.mlp": 65536}  # ~86e9 parameters

@@ -37,7 +37,8 @@ from icl.data import StudyData
 from icl.data.sequences import Sequences
 from icl.model.hooks import ablate_head, capture, hooks
 from icl.model.transformer import SequenceModel
-from icl.train.evaluate import ACCURACY_METRICS, ATTN_STATS, attention_scores, autocast, chunks, set_metrics
+from icl.metrics import ACCURACIES, ATTN_STATS, ICL
+from icl.train.evaluate import attention_scores, autocast, chunks, set_metrics
 
 ABLATIONS = ("zero", "mean")
 MIN_DROP = 0.05  # ICL accuracy points an ablation must cost for its head to be named
@@ -79,7 +80,7 @@ class ResidualCache:
 class Attribution:
     """One model's head attribution: ``clean`` metrics, ``rows`` (one per head, ablation and
     metric; :data:`HEADS_COLUMNS` without ``step``) and ``observed`` ``[L, H, 5]`` attention
-    scores on the ICL set (columns :data:`~icl.train.evaluate.ATTN_STATS`)."""
+    scores on the ICL set (columns :data:`~icl.metrics.ATTN_STATS`)."""
 
     clean: dict[str, float]
     rows: list[dict[str, float | int | str]]
@@ -107,7 +108,7 @@ def icl_activations(model: SequenceModel, tokens: ResidualCache, cfg: Config) ->
 
 @torch.no_grad()
 def head_attribution(model: SequenceModel, data: StudyData, cfg: Config, ablations: Sequence[str] = ABLATIONS,
-                     metrics: Sequence[str] = ACCURACY_METRICS) -> Attribution:
+                     metrics: Sequence[str] = ACCURACIES) -> Attribution:
     """Ablate every head alone, by every ablation in ``ablations``, and record ``metrics``."""
     unknown = set(ablations) - set(ABLATIONS)
     if unknown:
@@ -156,7 +157,7 @@ def name_circuit(rows: Sequence[dict], observed: np.ndarray, ablation: str) -> d
     with their observational scores, ranks, and the observationally top heads (columns of
     ``circuit.csv``; layer and head are -1 where no head qualifies)."""
     layers, heads = observed.shape[:2]
-    drop = drops(rows, "icl_acc", ablation, layers, heads)
+    drop = drops(rows, ICL, ablation, layers, heads)
     induction_obs = observed[:, :, ATTN_STATS.index("induction")]
     prev_obs = observed[:, :, ATTN_STATS.index("prev_tok")]
     out: dict[str, float | int | str] = {"ablation": ablation}

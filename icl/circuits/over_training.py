@@ -40,14 +40,11 @@ from icl.circuits.composition import composition_rows, k_composition
 from icl.config import Config, build_config, read_yaml
 from icl.data import StudyData, load_data
 from icl.io import atomic_write
+from icl.layout import RunLayout
 from icl.model import SequenceModel, build_model
 from icl.train import checkpoint as ckpt
 from icl.train.evaluate import param_dtype
-from icl.train.rundir import CONFIG, RunDir
 
-HEADS_CSV = "heads.csv"
-CIRCUIT_CSV = "circuit.csv"
-COMPOSITION_CSV = "composition.csv"
 COMPOSITION_COLUMNS = ("step", "layer_from", "head_from", "layer_to", "head_to", "k_comp")
 
 
@@ -74,12 +71,12 @@ def write_rows(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None
 
 
 def run_config(run_dir: Path) -> Config:
-    return build_config(read_yaml(RunDir(run_dir).path / CONFIG, "run config"))
+    return build_config(read_yaml(RunLayout(run_dir).config, "run config"))
 
 
 def checkpoint_steps(run_dir: Path) -> dict[int, Path]:
     """The run's checkpoint directories by step, oldest first."""
-    return {ckpt.step_of(p) or 0: p for p in RunDir(run_dir).checkpoints()}
+    return {ckpt.step_of(p) or 0: p for p in RunLayout(run_dir).checkpoints()}
 
 
 def load_checkpoint_model(path: Path, cfg: Config, device: torch.device | str) -> tuple[int, SequenceModel]:
@@ -121,11 +118,12 @@ def update_run(run_dir: Path | str, *, ablations: Sequence[str] = ABLATIONS, dev
                data: StudyData | None = None) -> list[Analysed]:
     """Analyse every checkpoint of ``run_dir`` whose step is not yet in ``heads.csv``."""
     run_dir = Path(run_dir)
+    run = RunLayout(run_dir)
     cfg = run_config(run_dir)
-    heads_rows = read_rows(run_dir / HEADS_CSV)
+    heads_rows = read_rows(run.heads)
     done = {int(r["step"]) for r in heads_rows}  # heads.csv decides; the other files follow it
-    circuit_rows = [r for r in read_rows(run_dir / CIRCUIT_CSV) if int(r["step"]) in done]
-    comp_rows = [r for r in read_rows(run_dir / COMPOSITION_CSV) if int(r["step"]) in done]
+    circuit_rows = [r for r in read_rows(run.circuit) if int(r["step"]) in done]
+    comp_rows = [r for r in read_rows(run.composition) if int(r["step"]) in done]
     analysed: list[Analysed] = []
     for step, path in checkpoint_steps(run_dir).items():
         if step in done:
@@ -144,8 +142,8 @@ def update_run(run_dir: Path | str, *, ablations: Sequence[str] = ABLATIONS, dev
         circuit_rows.append({"step": step, **circuit, "seconds": seconds})
         comp_rows += [{"step": step, **r} for r in comp]
         by_step = lambda r: int(r["step"])  # noqa: E731
-        write_rows(run_dir / HEADS_CSV, sorted(heads_rows, key=by_step), HEADS_COLUMNS)
-        write_rows(run_dir / CIRCUIT_CSV, sorted(circuit_rows, key=by_step), list(circuit_rows[-1]))
-        write_rows(run_dir / COMPOSITION_CSV, sorted(comp_rows, key=by_step), COMPOSITION_COLUMNS)
+        write_rows(run.heads, sorted(heads_rows, key=by_step), HEADS_COLUMNS)
+        write_rows(run.circuit, sorted(circuit_rows, key=by_step), list(circuit_rows[-1]))
+        write_rows(run.composition, sorted(comp_rows, key=by_step), COMPOSITION_COLUMNS)
         analysed.append(Analysed(step, seconds, circuit))
     return analysed

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
-from icl.config import CONTEXT_LEN, SEQ_LEN, Config, ModelConfig
-from icl.machine import check_model_fits_host
+from icl.config import CONTEXT_LEN, SEQ_LEN, ModelConfig
 from icl.model.embedders import make_embedder
 from icl.model.hooks import HookPoint, name_hook_points
 
@@ -130,10 +129,3 @@ class SequenceModel(nn.Module):
         """Query logits ``[B, vocab]``."""
         return self.logits_from_tokens(self.tokens(images, labels))
 
-
-def build_model(cfg: Config, vocab: int | None = None) -> SequenceModel:
-    """The model for a config; parameters are initialised from ``torch``'s global RNG, which
-    the trainer seeds from ``cfg.seed`` first. A model whose training state cannot fit in
-    this machine's memory is refused before anything is allocated."""
-    check_model_fits_host(cfg)
-    return SequenceModel(cfg.model, cfg.data.image_size, vocab or cfg.data.num_classes)

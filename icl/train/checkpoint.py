@@ -5,7 +5,7 @@ elapsed time, the science config), the run's logs up to that step (``metrics.csv
 ``attention.npz``: a checkpoint alone restores a run — Ray moves them between nodes) and
 ``manifest.json`` (step and SHA-256 of each file). It is built in a hidden temporary
 directory and renamed into place, so a crash leaves either the whole checkpoint or none.
-Where checkpoints live and what they are called is :mod:`icl.train.rundir`'s business.
+Where checkpoints live and what they are called is :mod:`icl.layout`'s business.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from icl.config import load_config
 from icl.errors import ArgumentParser, cli_entry
+from icl.layout import RunLayout
+from icl.metrics import CHANCE, ICL, IWL, STEP, TRAIN_ACC
 from icl.train.loop import train
 
 
@@ -32,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     row = train(cfg, args.out, progress=args.progress)
     if row:
         print(
-            f"step {int(row['step'])}: ICL {row['icl_acc']:.3f} (holdout, chance 0.5), "
-            f"IWL {row['iwl_acc']:.3f}, train acc {row['train_acc']:.3f}; metrics in {args.out / 'metrics.csv'}"
+            f"step {int(row[STEP])}: ICL {row[ICL]:.3f} (holdout, chance {CHANCE}), "
+            f"IWL {row[IWL]:.3f}, train acc {row[TRAIN_ACC]:.3f}; metrics in {RunLayout(args.out).metrics}"
         )
     return 0
 

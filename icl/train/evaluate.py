@@ -1,6 +1,7 @@
 """Evaluation on the fixed sets: accuracies, calibration, and attention diagnostics.
 
-Metric names (the columns of ``metrics.csv``):
+Metric names (the columns of ``metrics.csv``; the names, their groups and labels are
+:mod:`icl.metrics`'s):
 - ``icl_acc``: ICL on holdout classes, argmax over the two labels in context (0 and 1),
   chance 0.5 — the headline. ``icl_acc_all``: argmax over every label.
 - ``icl_train_acc``: the same 2-way 4-shot task on training classes relabelled 0/1,
@@ -30,10 +31,9 @@ from torch import Tensor
 from icl.config import CONTEXT_LEN, Config
 from icl.data import EvalSets, StudyData
 from icl.data.sequences import Sequences
+from icl.metrics import ACCURACIES, ATTN_STATS, CIWL, ECE, FLIP_CTX, FLIP_IWL, ICL, ICL_ALL, ICL_TRAIN, IWL, attn_column
 from icl.model.hooks import run_with_cache
 from icl.model.transformer import QUERY_POS, SequenceModel
-
-ATTN_STATS = ("match_img", "match_lbl", "other", "induction", "prev_tok")
 
 
 def attention_masks(classes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -84,8 +84,6 @@ def expected_calibration_error(probs: Tensor, targets: Tensor, bins: int) -> flo
 
 
 PATTERNS = "attn.hook_pattern"
-ACCURACY_METRICS = ("icl_acc", "icl_acc_all", "icl_train_acc", "iwl_acc", "flip_icl_ctx_acc", "flip_icl_iwl_acc",
-                    "ciwl_acc")
 
 
 def chunks(seqs: Sequences, cfg: Config) -> Iterator[Sequences]:
@@ -139,18 +137,17 @@ def set_metrics(logits: Mapping[str, Tensor], sets: EvalSets, data: StudyData, c
     two = logits["icl"][:, :2]
     flip = logits["flip_icl"].argmax(-1)
     hits = {
-        "icl_acc": two.argmax(-1) == t,
-        "icl_acc_all": logits["icl"].argmax(-1) == t,
-        "icl_train_acc": logits["icl_train"][:, :2].argmax(-1) == sets.icl_train.targets,
-        "iwl_acc": logits["iwl"].argmax(-1) == sets.iwl.targets,
-        "flip_icl_ctx_acc": flip == sets.flip_icl.targets,
-        "flip_icl_iwl_acc": flip == data.trained_labels(sets.flip_icl.classes[:, -1]),
-        "ciwl_acc": logits["ciwl"].argmax(-1) == sets.ciwl.targets,
+        ICL: two.argmax(-1) == t,
+        ICL_ALL: logits["icl"].argmax(-1) == t,
+        ICL_TRAIN: logits["icl_train"][:, :2].argmax(-1) == sets.icl_train.targets,
+        IWL: logits["iwl"].argmax(-1) == sets.iwl.targets,
+        FLIP_CTX: flip == sets.flip_icl.targets,
+        FLIP_IWL: flip == data.trained_labels(sets.flip_icl.classes[:, -1]),
+        CIWL: logits["ciwl"].argmax(-1) == sets.ciwl.targets,
     }
     accs = dict(zip(hits, torch.stack([h.float().mean() for h in hits.values()]).tolist()))
     ece = expected_calibration_error(two.softmax(-1), t, cfg.eval.ece_bins)
-    return {"icl_acc": accs["icl_acc"], "icl_acc_all": accs["icl_acc_all"], "ece": ece,
-            **{k: accs[k] for k in ACCURACY_METRICS[2:]}}
+    return {ICL: accs[ICL], ICL_ALL: accs[ICL_ALL], ECE: ece, **{k: accs[k] for k in ACCURACIES[2:]}}
 
 
 def evaluate(model: SequenceModel, data: StudyData, cfg: Config) -> tuple[dict[str, float], np.ndarray]:
@@ -170,5 +167,5 @@ def evaluate(model: SequenceModel, data: StudyData, cfg: Config) -> tuple[dict[s
     per_layer = heads.max(dim=1).values  # max over heads: [L, 5]
     for layer in range(per_layer.shape[0]):
         for s, name in enumerate(ATTN_STATS):
-            metrics[f"attn_L{layer}_{name}"] = float(per_layer[layer, s])
+            metrics[attn_column(layer, name)] = float(per_layer[layer, s])
     return metrics, heads.cpu().numpy()

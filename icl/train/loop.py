@@ -42,7 +42,9 @@ import torch
 from icl.config import Config
 from icl.data import StudyData, load_data
 from icl.errors import UserError
-from icl.machine import check_fits, resolve_device
+from icl.machine import resolve_device
+from icl.metrics import EVAL_S, LR, SEQUENCES, SEQUENCES_PER_S, STEP, STEPS_PER_S, TRAIN_ACC, TRAIN_LOSS, WALL_S
+from icl.model.footprint import check_fits
 from icl.train.evaluate import evaluate
 from icl.schedule import lr_at
 from icl.train.pack import PackedTrainer, check_packable, data_for, initial_model
@@ -51,7 +53,6 @@ from icl.train.rundir import Restored, RunDir, RunState
 
 # on_eval(k, row, checkpoint_dir or None): model k's row, after its files are written.
 OnEval = Callable[[int, dict[str, float], "Path | None"], None]
-TIMING_COLUMNS = ("steps_per_s", "sequences_per_s", "eval_s", "wall_s")
 
 
 class TrainingDiverged(UserError):
@@ -84,16 +85,16 @@ def evaluation_row(
     evaluation metrics, and timing (the training rate excludes evaluation time)."""
     b = cfg.train.batch_size
     return {
-        "step": step,
-        "sequences": step * b,
-        "train_loss": train_loss,
-        "train_acc": correct / (since_eval * b),
-        "lr": lr,
+        STEP: step,
+        SEQUENCES: step * b,
+        TRAIN_LOSS: train_loss,
+        TRAIN_ACC: correct / (since_eval * b),
+        LR: lr,
         **metrics,
-        "steps_per_s": since_eval / train_s,
-        "sequences_per_s": since_eval * b / train_s,
-        "eval_s": eval_s,
-        "wall_s": wall_s,
+        STEPS_PER_S: since_eval / train_s,
+        SEQUENCES_PER_S: since_eval * b / train_s,
+        EVAL_S: eval_s,
+        WALL_S: wall_s,
     }
 
 
@@ -282,4 +283,4 @@ class Segment:
         return alive
 
 
-__all__ = ["train", "train_packed", "TrainingDiverged", "PackTrainingDiverged", "TIMING_COLUMNS"]
+__all__ = ["train", "train_packed", "TrainingDiverged", "PackTrainingDiverged"]

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from icl.metrics import ICL, IWL, TRAIN_LOSS
+
 
 def format_duration(seconds: float) -> str:
     """``H:MM:SS``; past a day ``Nd HH:MM:SS`` (a sweep's ETA, a cost estimate)."""
@@ -54,7 +56,7 @@ class Progress:
             text += f" | ETA {format_duration(eta)}"
         if self.row:
             r = self.row
-            text += f" | loss {r['train_loss']:.3f} | ICL {r['icl_acc']:.3f} | IWL {r['iwl_acc']:.3f}"
+            text += f" | loss {r[TRAIN_LOSS]:.3f} | ICL {r[ICL]:.3f} | IWL {r[IWL]:.3f}"
         sys.stderr.write("\r" + text + self.note + "\x1b[K")
         sys.stderr.flush()
 

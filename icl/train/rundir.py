@@ -1,16 +1,10 @@
-"""A run directory: the one place that knows its layout and keeps its books.
+"""A run directory's books: open it for a config, restore, record an evaluation, checkpoint.
 
-    RUN/
-      config.yaml            the fully resolved config (a resume must match it)
-      metrics.csv            one row per evaluation
-      attention.npz          per-head diagnostics per evaluation: step [E], heads [E, L, H, 5]
-      events.out.tfevents.*  the same rows and per-head scores for TensorBoard (icl.train.tensorboard)
-      checkpoints/
-        step_000012000/      one checkpoint (icl.train.checkpoint), the newest N kept
-
-Everything that reads or writes these paths goes through :class:`RunDir`: the training
-engine (open, restore, record an evaluation, checkpoint), the sweep driver (latest step,
-finished, install a checkpoint Ray restored, the metrics table) and the analysis.
+Its paths and names are :class:`icl.layout.RunLayout`'s (the layout is drawn there), which
+:class:`RunDir` extends with what reads and writes them for the training engine (open,
+restore, record an evaluation, checkpoint) and the sweep (latest step, finished, install a
+checkpoint Ray restored, the metrics table). The analysis reads run directories through
+:class:`~icl.layout.RunLayout` alone: it needs no torch.
 """
 
 from __future__ import annotations
@@ -18,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -30,19 +23,10 @@ import numpy as np
 from icl.config import Config, build_config, read_yaml, science_dict
 from icl.errors import UserError
 from icl.io import atomic_write, remove_stale_temporaries
+from icl.layout import ATTENTION, CHECKPOINTS, CONFIG, METRICS, RunLayout, checkpoint_step
+from icl.metrics import ATTN_STATS, STEP
 from icl.train import checkpoint as ckpt
-from icl.train.evaluate import ATTN_STATS
 from icl.train.tensorboard import EventLog
-
-CONFIG = "config.yaml"
-METRICS = "metrics.csv"
-ATTENTION = "attention.npz"
-CHECKPOINTS = "checkpoints"
-_STEP_DIR = re.compile(r"^step_(\d{9,})$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:09d}"
 
 
 @dataclass
@@ -74,16 +58,12 @@ def config_differences(a: Config, b: Config) -> list[str]:
     return [f"{k}: {sa[k]!r} there, {sb[k]!r} here" for k in sa if sa[k] != sb.get(k)]
 
 
-class RunDir:
-    """One run's directory (it need not exist yet)."""
+class RunDir(RunLayout):
+    """One run's directory (it need not exist yet): its layout, and its books."""
 
     def __init__(self, path: Path | str):
-        self.path = Path(path)
-        self.checkpoints_dir = self.path / CHECKPOINTS
+        super().__init__(path)
         self.events = EventLog(self.path)
-
-    def __repr__(self) -> str:
-        return f"RunDir({str(self.path)!r})"
 
     # ------------------------------------------------------------------ opening
 
@@ -93,7 +73,7 @@ class RunDir:
         out = self.path
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file, not a directory")
-        config_path = out / CONFIG
+        config_path = self.config
         if config_path.exists():
             try:
                 saved = build_config(read_yaml(config_path))
@@ -119,19 +99,10 @@ class RunDir:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def checkpoint_dir(self, step: int) -> Path:
-        return self.checkpoints_dir / checkpoint_name(step)
-
-    def checkpoints(self) -> list[Path]:
-        """Checkpoint directories, oldest first (temporaries excluded; not verified)."""
-        if not self.checkpoints_dir.is_dir():
-            return []
-        return sorted(p for p in self.checkpoints_dir.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
-
     def latest_step(self) -> int:
         """Step of the newest checkpoint directory (0: none); by name, not verified."""
         found = self.checkpoints()
-        return int(_STEP_DIR.match(found[-1].name).group(1)) if found else 0
+        return (checkpoint_step(found[-1].name) or 0) if found else 0
 
     def latest_checkpoint(self) -> Path | None:
         found = self.checkpoints()
@@ -224,7 +195,7 @@ class RunDir:
         """Header and rows of ``metrics.csv`` as text; missing file -> no rows; a torn last
         line (a file being written by another process) is dropped."""
         try:
-            text = (self.path / METRICS).read_bytes().decode("utf-8", errors="replace")
+            text = self.metrics.read_bytes().decode("utf-8", errors="replace")
         except FileNotFoundError:
             return [], []
         rows = list(csv.reader(io.StringIO(text)))
@@ -238,9 +209,9 @@ class RunDir:
     def last_logged_step(self) -> int | None:
         """The last evaluated step in ``metrics.csv`` (None: no evaluation yet)."""
         header, rows = self.metrics_table()
-        if not rows or "step" not in header:
+        if not rows or STEP not in header:
             return None
-        return int(float(rows[-1][header.index("step")]))
+        return int(float(rows[-1][header.index(STEP)]))
 
     def finished(self, steps: int) -> bool:
         """Has the run logged its evaluation of step ``steps`` (its last)?"""
@@ -262,7 +233,7 @@ def metrics_csv(rows: list[dict[str, float]]) -> bytes:
 
 def attention_npz(state: RunState) -> bytes:
     buf = io.BytesIO()
-    steps = np.array([int(r["step"]) for r in state.rows], dtype=np.int64)
+    steps = np.array([int(r[STEP]) for r in state.rows], dtype=np.int64)
     heads = np.stack(state.heads).astype(np.float32) if state.heads else np.zeros((0, 0, 0, len(ATTN_STATS)), np.float32)
     np.savez_compressed(buf, step=steps, heads=heads, stats=np.array(ATTN_STATS))
     return buf.getvalue()

@@ -34,24 +34,13 @@ from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto import event_pb2, summary_pb2
 from tensorboardX.summary import histogram, scalar
 
-from icl.train.evaluate import ATTN_STATS
-
-EVENTS_PREFIX = "events"  # TensorBoard reads files named events.out.tfevents.*
-EVENTS_GLOB = f"{EVENTS_PREFIX}.out.tfevents.*"
-TEMP_PREFIX = ".tb-rebuild-"
+from icl.layout import EVENTS_GLOB, EVENTS_PREFIX, TB_REBUILD_PREFIX
+from icl.metrics import ATTN_STATS, STEP, WALL_S, group
 
 
 def tag(column: str) -> str:
     """The TensorBoard tag of a ``metrics.csv`` column: the column under its group."""
-    if column.startswith("attn_"):
-        group = "attention"
-    elif column.endswith("_s"):  # steps_per_s, sequences_per_s, eval_s, wall_s
-        group = "timing"
-    elif column.startswith("train_") or column in ("lr", "sequences"):
-        group = "train"
-    else:
-        group = "eval"
-    return f"{group}/{column}"
+    return f"{group(column)}/{column}"
 
 
 class EventLog:
@@ -65,7 +54,7 @@ class EventLog:
     def sync(self, rows: Sequence[dict[str, float]], heads: Sequence[np.ndarray]) -> None:
         """Append the rows the file lacks, or rebuild it if its rows are not a prefix of
         ``rows`` (a resume) or this process has not written it yet."""
-        steps = [int(r["step"]) for r in rows]
+        steps = [int(r[STEP]) for r in rows]
         if self.writer is not None and steps[: len(self.steps)] == self.steps:
             now = time.time()
             for row, h in zip(rows[len(self.steps) :], heads[len(self.steps) :]):
@@ -83,15 +72,15 @@ class EventLog:
     def _rebuild(self, rows: Sequence[dict[str, float]], heads: Sequence[np.ndarray]) -> None:
         self.close()
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(f"{TEMP_PREFIX}*"):  # a crashed rebuild's
+        for stale in self.dir.glob(f"{TB_REBUILD_PREFIX}*"):  # a crashed rebuild's
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = self.dir / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = self.dir / f"{TB_REBUILD_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         writer = EventsWriter(str(tmp / EVENTS_PREFIX))
         # wall times as the run spent them (wall_s), ending now
-        start = time.time() - float(rows[-1].get("wall_s", 0.0)) if rows else time.time()
+        start = time.time() - float(rows[-1].get(WALL_S, 0.0)) if rows else time.time()
         for row, h in zip(rows, heads):
-            self._write(writer, row, h, start + float(row.get("wall_s", 0.0)))
+            self._write(writer, row, h, start + float(row.get(WALL_S, 0.0)))
         writer.flush()
         (new,) = tmp.iterdir()
         for old in self.dir.glob(EVENTS_GLOB):
@@ -102,8 +91,8 @@ class EventLog:
 
     @staticmethod
     def _write(writer: EventsWriter, row: dict[str, float], heads: np.ndarray | None, wall_time: float) -> None:
-        step = int(row["step"])
-        values = [scalar(tag(k), float(v)).value[0] for k, v in row.items() if k != "step"]
+        step = int(row[STEP])
+        values = [scalar(tag(k), float(v)).value[0] for k, v in row.items() if k != STEP]
         if heads is not None and np.size(heads):
             h = np.asarray(heads, dtype=np.float64)  # [L, H, len(ATTN_STATS)]
             for layer in range(h.shape[0]):

@@ -14,6 +14,8 @@ from analysis.cli import main  # noqa: E402
 from analysis.heads import find_runs, plot_composition, plot_head_map, plot_top_heads, read_run  # noqa: E402
 from icl.config import load_config  # noqa: E402
 from icl.train import train  # noqa: E402
+from sweeps.results import write_results, write_trials  # noqa: E402
+from sweeps.spec import TrialSpec  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -25,7 +27,26 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweepish")
     run = root / "t000_seed=0" / "run"
     train(cfg, run, progress=False)
+    trial = TrialSpec("t000", "t000_seed=0", {"seed": 0}, {})
+    write_trials(root, [trial], {"t000": ("TERMINATED", "")}, {"t000": ("t000",)})  # as the sweep does
     return run
+
+
+def test_runs_are_found_where_the_sweep_recorded_them(run, tmp_path):
+    """An experiment's runs come from its trials.csv; a run directory is itself; a folder of
+    runs or experiments holds theirs; anything else holds none."""
+    assert find_runs([run.parent.parent]) == [run] == find_runs([run])
+    trial = TrialSpec("t000", "t000_elsewhere", {"seed": 0}, {})
+    (tmp_path / "exp").mkdir()
+    write_trials(tmp_path / "exp", [trial], {}, {"t000": ("t000",)})
+    (tmp_path / "exp" / "t000_seed=0").symlink_to(run.parent, target_is_directory=True)
+    assert find_runs([tmp_path / "exp"]) == []  # not searched for: its trials.csv names another
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "a").symlink_to(run, target_is_directory=True)
+    assert find_runs([tmp_path / "runs"]) == [tmp_path / "runs" / "a"] and find_runs([tmp_path]) == []
+    (tmp_path / "storage").mkdir()
+    (tmp_path / "storage" / "sweep").symlink_to(run.parent.parent, target_is_directory=True)
+    assert find_runs([tmp_path / "storage"]) == [tmp_path / "storage" / "sweep" / "t000_seed=0" / "run"]
 
 
 def test_heads_command_analyses_every_checkpoint_and_draws(run, capsys):
@@ -58,6 +79,20 @@ def test_report_has_a_circuits_section(run, tmp_path):
     section = report.split("## Circuits", 1)[1]
     assert "| cell | seed | ICL heads (at the ICL peak) |" in section
     assert "forms" in section and "dissolves" in section
+
+
+def test_an_experiments_report_reads_its_runs_where_trials_csv_says(run, tmp_path):
+    """The sweep's tables name the runs: the report finds their circuits, and the grid values
+    the results lack come from the runs' configs (no spec here to say them)."""
+    main(["heads", str(run), "--no-plots"])
+    root = run.parent.parent
+    write_results(root, [TrialSpec("t000", "t000_seed=0", {"seed": 0}, {})])
+    df = load_results(root)
+    assert (df["data.num_classes"] == 64).all()  # the tiny preset, from the run's config.yaml
+    assert any("taken from its trials' config.yaml" in n for n in df.attrs["notes"])
+    assert main([str(root), "--out", str(tmp_path / "r"), "--dpi", "30"]) == 0
+    section = (tmp_path / "r" / "report.md").read_text().split("## Circuits", 1)[1]
+    assert "| cell | seed | ICL heads (at the ICL peak) |" in section and "No head attribution" not in section
 
 
 def test_report_says_how_to_get_circuits(tmp_path, rows, curve):

@@ -9,6 +9,7 @@ import yaml
 from analysis import load_results, summarize
 from icl.config import Config
 from icl.errors import UserError
+from icl.layout import ExperimentDir
 
 CLASSES, WD, SEED = "data.num_classes", "optim.weight_decay", "seed"
 
@@ -58,6 +59,20 @@ def test_missing_core_key_comes_from_the_spec(tmp_path, rows, curve):
     exp3 = _experiment(tmp_path / "e3", df)  # nothing says: the column exists, values missing, noted
     out = load_results(exp3)
     assert out[CLASSES].isna().all() and any(CLASSES in n for n in out.attrs["notes"])
+
+
+def test_missing_keys_come_from_the_spec_the_sweep_saved(tmp_path, rows, curve):
+    """The saved spec as icl-sweep writes it: its resolved config says every fixed key, its
+    grid the seeds expected."""
+    from sweeps.spec import parse_spec, saved_yaml
+
+    spec = parse_spec({"base": "tiny", "overrides": {"data.num_classes": 50, "optim.weight_decay": 0.01},
+                       "grid": {SEED: [0, 1]}}, storage=str(tmp_path), name="e")
+    exp = _experiment(tmp_path / "e", rows(100, 1e-3, 0, curve(0.8)).drop(columns=[CLASSES, WD]))
+    ExperimentDir(exp).spec.write_text(saved_yaml(spec))
+    out = load_results(exp)
+    assert (out[CLASSES] == 50).all() and (out[WD] == 0.01).all() and out.attrs["expected_seeds"] == [0, 1]
+    assert any(f"{CLASSES} = 50" in n and "spec.yaml" in n for n in out.attrs["notes"])
 
 
 def test_run_dirs_fill_keys_from_config_and_combine(tmp_path, rows, curve):

@@ -14,12 +14,14 @@ import planted
 from icl.circuits import head_attribution, k_composition, name_circuit, update_run
 from icl.circuits.attribution import ABLATIONS, HEADS_COLUMNS
 from icl.circuits.composition import head_circuits
-from icl.circuits.over_training import CIRCUIT_CSV, COMPOSITION_CSV, HEADS_CSV, load_checkpoint_model
+from icl.circuits.over_training import load_checkpoint_model
 from icl.config import load_config
 from icl.data import load_data
 from icl.train import RunDir
 from icl.train import train
-from icl.train.evaluate import ACCURACY_METRICS, evaluate
+from icl.layout import RunLayout
+from icl.metrics import ACCURACIES
+from icl.train.evaluate import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def test_ablating_an_unused_head_changes_nothing(circuit):
     _, _, model, a = circuit
     assert torch.equal(model.blocks[0].attn.proj.weight[:, planted.E :], torch.zeros(planted.D, planted.E))
     unused = [r for r in a.rows if (r["layer"], r["head"]) == (0, 1)]
-    assert len(unused) == len(ABLATIONS) * len(ACCURACY_METRICS)
+    assert len(unused) == len(ABLATIONS) * len(ACCURACIES)
     assert all(r["delta"] == 0.0 and r["value"] == a.clean[r["metric"]] for r in unused)
 
 
@@ -109,27 +111,27 @@ def test_update_run_over_checkpoints_is_incremental(tmp_path):
     train(cfg, run, progress=False)
     done = update_run(run, ablations=("mean",))  # one ablation: half the passes, same bookkeeping
     assert [a.step for a in done] == [20, 40] and all(a.seconds > 0 for a in done)
-    heads = read(run / HEADS_CSV)
+    heads = read(RunLayout(run).heads)
     assert list(heads[0]) == list(HEADS_COLUMNS)
     layers, n_heads = cfg.model.layers, cfg.model.heads
-    assert len(heads) == 2 * layers * n_heads * len(ACCURACY_METRICS) and {r["ablation"] for r in heads} == {"mean"}
-    assert {r["metric"] for r in heads} == set(ACCURACY_METRICS)
+    assert len(heads) == 2 * layers * n_heads * len(ACCURACIES) and {r["ablation"] for r in heads} == {"mean"}
+    assert {r["metric"] for r in heads} == set(ACCURACIES)
     for r in heads:
         assert math.isclose(float(r["value"]) - float(r["delta"]), float(
-            next(c for c in read(run / CIRCUIT_CSV) if c["step"] == r["step"])[r["metric"]]), abs_tol=1e-9)
-    comp = read(run / COMPOSITION_CSV)
+            next(c for c in read(RunLayout(run).circuit) if c["step"] == r["step"])[r["metric"]]), abs_tol=1e-9)
+    comp = read(RunLayout(run).composition)
     assert len(comp) == 2 * n_heads * n_heads  # 2 steps x (L0 -> L1 pairs)
     # the clean metrics are the trainer's evaluation of the same checkpoint
     _, model = load_checkpoint_model(RunDir(run).latest_checkpoint(), cfg, "cpu")
     metrics, _ = evaluate(model, load_data(cfg), cfg)
-    last = read(run / CIRCUIT_CSV)[-1]
-    assert all(float(last[m]) == pytest.approx(metrics[m]) for m in ACCURACY_METRICS)
+    last = read(RunLayout(run).circuit)[-1]
+    assert all(float(last[m]) == pytest.approx(metrics[m]) for m in ACCURACIES)
     assert update_run(run, ablations=("mean",)) == []  # nothing new
-    (run / HEADS_CSV).write_text(",".join(HEADS_COLUMNS) + "\n" + "\n".join(
+    (RunLayout(run).heads).write_text(",".join(HEADS_COLUMNS) + "\n" + "\n".join(
         ",".join(r.values()) for r in heads if r["step"] == "20") + "\n")
     assert [a.step for a in update_run(run, ablations=("mean",))] == [40]  # only the step missing from heads.csv
-    assert len(read(run / HEADS_CSV)) == len(heads) and len(read(run / CIRCUIT_CSV)) == 2
-    assert len(read(run / COMPOSITION_CSV)) == len(comp)
+    assert len(read(RunLayout(run).heads)) == len(heads) and len(read(RunLayout(run).circuit)) == 2
+    assert len(read(RunLayout(run).composition)) == len(comp)
 
 
 def test_rerunning_from_the_ablated_block_equals_a_full_forward(circuit):

@@ -14,9 +14,9 @@ from typing import Callable
 import pandas as pd
 import pytest
 
-from icl.train import TIMING_COLUMNS
+from icl import metrics
 
-TIMING = list(TIMING_COLUMNS)
+TIMING = list(metrics.TIMING)
 STEPS = 200  # smoke.yaml: 200-step trials, evaluated every 50 steps, checkpointed every 100
 
 

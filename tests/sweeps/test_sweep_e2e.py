@@ -20,17 +20,17 @@ import yaml
 from sweep_helpers import STEPS, read_results, run_cli, start_cli, wait_for, without_timing
 
 from sweeps import results as res
-from sweeps.leftovers import RECORD
 from sweeps.procs import pids_mentioning
 from icl.train.checkpoint import step_of
-from icl.train.tensorboard import EVENTS_GLOB, read_events
+from icl.layout import EVENTS_GLOB, ExperimentDir
+from icl.train.tensorboard import read_events
 from sweeps.spec import expand, load_spec
 
 SMOKE_TRIALS = expand(load_spec("smoke"))
 
 
 def attempts(exp: Path) -> dict[str, list[dict]]:
-    return {t.trial_id: res.attempts(exp / t.dirname) for t in SMOKE_TRIALS}
+    return {t.trial_id: res.attempts(exp, t) for t in SMOKE_TRIALS}
 
 
 def progress(exp: Path) -> dict[str, tuple[int, int]]:
@@ -156,7 +156,7 @@ def test_resume_after_ctrl_c_and_sigkill(
     assert driver.wait(timeout=120) == 130, log[0].read_text()[-3000:]
     assert "interrupted: run the same command again to resume" in log[0].read_text()
     assert wait_for(lambda: not pids_mentioning(ray_tmp), 30), pids_mentioning(ray_tmp)
-    assert not (exp / RECORD).exists()
+    assert not ExperimentDir(exp).ray_record.exists()
     after1, rows1 = progress(exp), len(read_results(exp))
 
     # 2. the same command on an embedded Ray, killed with SIGKILL once it made progress and
@@ -170,7 +170,7 @@ def test_resume_after_ctrl_c_and_sigkill(
     assert wait_for(grown, 180), log[1].read_text()[-3000:]
     driver.kill()
     driver.wait(timeout=30)
-    session = json.loads((exp / RECORD).read_text())["session_dir"]
+    session = json.loads(ExperimentDir(exp).ray_record.read_text())["session_dir"]
     assert session.startswith(ray_tmp) and pids_mentioning(session)  # Ray's agents outlive a SIGKILLed driver
     finished = [k for k, (s, _) in progress(exp).items() if s == STEPS]
     tries_before = attempts(exp)

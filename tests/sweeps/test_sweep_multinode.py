@@ -35,7 +35,7 @@ def test_trials_finish_on_the_head_when_a_worker_node_dies(
             pids = set(worker.pids())
             hit = []
             for t in TRIALS:
-                tries = res.attempts(exp / t.dirname)
+                tries = res.attempts(exp, t)
                 run = res.run_dir(exp, t)
                 if tries and tries[-1]["pid"] in pids and 0 < run.latest_step() < STEPS:
                     hit.append(t.trial_id)
@@ -43,7 +43,7 @@ def test_trials_finish_on_the_head_when_a_worker_node_dies(
 
         assert wait_for(lambda: bool(on_worker_between_checkpoints()), 180), log.read_text()[-3000:]
         victims = on_worker_between_checkpoints()
-        worker_node = {res.attempts(exp / t.dirname)[-1]["node_id"] for t in TRIALS if t.trial_id in victims}
+        worker_node = {res.attempts(exp, t)[-1]["node_id"] for t in TRIALS if t.trial_id in victims}
         worker.kill()  # the node is lost: raylet, agents and the trials' processes
 
         assert driver.wait(timeout=240) == 0, log.read_text()[-4000:]
@@ -52,7 +52,7 @@ def test_trials_finish_on_the_head_when_a_worker_node_dies(
         pd.testing.assert_frame_equal(without_timing(read_results(exp)), without_timing(reference))
         for t in TRIALS:
             if t.trial_id in victims:
-                tries = res.attempts(exp / t.dirname)
+                tries = res.attempts(exp, t)
                 last = tries[-1]
                 assert last["node_id"] not in worker_node, tries  # finished on the head
                 assert last["resumed_from_step"] >= 100, tries  # from its checkpoint

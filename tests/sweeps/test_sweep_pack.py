@@ -179,7 +179,7 @@ def test_packed_sweep_equals_the_unpacked_sweep(packed: dict, unpacked: pd.DataF
     assert list(table.status) == ["TERMINATED"] * 4 and list(table.last_step) == [STEPS] * 4
     assert list(table.pack) == ["p000", "p000", "p000", "p001"]
     # the retry of p000 resumed each member from its own newest checkpoint
-    tries = {t.trial_id: [a["resumed_from_step"] for a in res.attempts(exp / t.dirname)] for t in trials}
+    tries = {t.trial_id: [a["resumed_from_step"] for a in res.attempts(exp, t)] for t in trials}
     assert tries == {"t000": [0, 20], "t001": [0, 20], "t002": [0, 0], "t003": [0]}
     # Tune's checkpoint of a pack holds every member's checkpoint of that step (the latest kept)
     (kept,) = (exp / "p000_t000+t001+t002").glob("checkpoint_*")
@@ -191,12 +191,12 @@ def test_rerun_of_a_finished_packed_sweep_trains_nothing(packed: dict, driver_en
     exp = packed["exp"]
     assert packed["proc"].returncode == 0
     trials = expand(load_spec(str(packed["spec"])))
-    before = (exp / "results.csv").read_bytes(), [res.attempts(exp / t.dirname) for t in trials]
+    before = (exp / "results.csv").read_bytes(), [res.attempts(exp, t) for t in trials]
     proc = run_cli(packed["args"], driver_env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming" in proc.stdout and "4 already finished" in proc.stdout
     assert (exp / "results.csv").read_bytes() == before[0]
-    assert [res.attempts(exp / t.dirname) for t in trials] == before[1]
+    assert [res.attempts(exp, t) for t in trials] == before[1]
 
 
 def test_a_diverged_model_fails_alone(ray_head, driver_env: dict, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from icl.errors import UserError
+from icl.layout import ExperimentDir
 from sweeps import results as res
 from icl.train.checkpoint import step_of
 from icl.train.rundir import RunDir
@@ -56,7 +57,7 @@ def test_results_columns_union_keeps_trainer_order(tmp_path: Path) -> None:
 
 def test_trials_table(tmp_path: Path) -> None:
     write_run(tmp_path, TRIALS[0], "step,x\n25,1\n50,2\n")
-    (tmp_path / TRIALS[0].dirname / res.ATTEMPTS).write_text('{"attempt": 1}\n{"attempt": 2}\n{"attem')
+    ExperimentDir(tmp_path).attempts(TRIALS[0]).write_text('{"attempt": 1}\n{"attempt": 2}\n{"attem')
     packs = {"p0": ("t000", "t001"), "t002": ("t002",)}
     res.write_trials(tmp_path, TRIALS, {"t000": ("TERMINATED", ""), "t001": ("ERROR", "RuntimeError: boom")}, packs)
     rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
@@ -65,6 +66,8 @@ def test_trials_table(tmp_path: Path) -> None:
     assert rows[1]["error"] == "RuntimeError: boom"
     assert rows[2]["run_dir"] == "t002_num_classes=64_seed=0/run"
     assert [r["pack"] for r in rows] == ["p0", "p0", "t002"]
+    # what the analysis reads back: each model's run directory, where the sweep wrote it
+    assert ExperimentDir(tmp_path).run_dirs() == {t.trial_id: res.run_dir(tmp_path, t).path for t in TRIALS}
 
 
 def test_checkpoint_steps(tmp_path: Path) -> None:
@@ -92,3 +95,22 @@ def test_unreachable_address_fails_fast() -> None:
         check_reachable("127.0.0.1:1", timeout=2)
     with pytest.raises(UserError, match="must look like HOST:PORT"):
         check_reachable("nohost")
+
+
+def test_the_sweep_writes_its_report_through_the_analysis_library(tmp_path: Path) -> None:
+    """run_analysis calls analysis.report.analyze into the experiment's report folder and
+    prints what icl-analyze prints; bad results are one line saying how to retry."""
+    import io
+
+    from analysis.synthetic import make_sweep, write_experiment
+    from sweeps.driver import run_analysis
+
+    out = io.StringIO()
+    missing = run_analysis(tmp_path / "nothing", out)
+    assert missing.startswith("failed (error: ") and "does not exist" in missing
+    assert missing.endswith(f"retry: icl-analyze {tmp_path / 'nothing'} --out {tmp_path / 'nothing' / 'report'}")
+    exp = write_experiment(tmp_path / "exp", make_sweep(classes=(100,), weight_decays=(0.0,), seeds=(0,),
+                                                      steps=(1000, 2000)))
+    report = ExperimentDir(exp).report
+    assert run_analysis(exp, out) == str(report) and (report / "report.md").is_file()
+    assert out.getvalue().startswith("verdict: ") and f"report:  {report / 'report.md'}\n" in out.getvalue()

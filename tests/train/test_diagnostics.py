@@ -3,7 +3,8 @@
 import torch
 
 from icl.model import N_TOKENS, QUERY_POS
-from icl.train.evaluate import ATTN_STATS, attention_masks, attention_scores, expected_calibration_error
+from icl.metrics import ATTN_STATS
+from icl.train.evaluate import attention_masks, attention_scores, expected_calibration_error
 
 # One sequence: context classes 7 7 3 7 3 5 3 7, query class 7 -> matching context items 0, 1, 3, 7.
 CLASSES = torch.tensor([[7, 7, 3, 7, 3, 5, 3, 7, 7]])

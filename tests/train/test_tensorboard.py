@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from icl.train.tensorboard import EVENTS_GLOB, TEMP_PREFIX, EventLog, read_events, tag
+from icl.layout import EVENTS_GLOB, TB_REBUILD_PREFIX
+from icl.train.tensorboard import EventLog, read_events, tag
 
 
 def rows(steps: list[int]) -> tuple[list[dict[str, float]], list[np.ndarray]]:
@@ -49,12 +50,12 @@ def test_a_crashed_rebuild_leaves_nothing_the_next_one_keeps(tmp_path: Path) -> 
     log.sync(*rows([10, 20, 30]))
     log.close()
     # killed while rebuilding: a half-written temporary; and a stray older event file
-    (tmp_path / f"{TEMP_PREFIX}123-abc").mkdir()
-    (tmp_path / f"{TEMP_PREFIX}123-abc" / "events.out.tfevents.1.host").write_bytes(b"\x00" * 7)
+    (tmp_path / f"{TB_REBUILD_PREFIX}123-abc").mkdir()
+    (tmp_path / f"{TB_REBUILD_PREFIX}123-abc" / "events.out.tfevents.1.host").write_bytes(b"\x00" * 7)
     (tmp_path / "events.out.tfevents.0.other").write_bytes(next(tmp_path.glob(EVENTS_GLOB)).read_bytes())
     resumed = EventLog(tmp_path)
     resumed.sync(*rows([10, 20]))
     resumed.close()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(TB_REBUILD_PREFIX)] == []
     assert len(list(tmp_path.glob(EVENTS_GLOB))) == 1
     assert [s for s, _ in series(tmp_path, "train/train_loss")] == [10, 20]

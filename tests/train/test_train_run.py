@@ -14,14 +14,16 @@ import pytest
 import torch
 
 from icl.config import load_config
-from icl.train import TIMING_COLUMNS, TrainingDiverged, train
+from icl.layout import EVENTS_GLOB, RunLayout
+from icl.metrics import ATTN_STATS, EVALUATION, STEP, TIMING, TRAIN, attn_column, is_metric
+from icl.train import TrainingDiverged, train
 from icl.train.cli import main as train_main
 from icl.train.pack import PackedTrainer
-from icl.train.tensorboard import EVENTS_GLOB, read_events, tag
+from icl.train.tensorboard import read_events, tag
 
 
 def science(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path / "metrics.csv").drop(columns=list(TIMING_COLUMNS))
+    return pd.read_csv(path / "metrics.csv").drop(columns=list(TIMING))
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -58,6 +60,18 @@ def test_a_few_hundred_steps_of_tiny_lower_the_loss(finished):
     with np.load(finished / "attention.npz") as z:
         assert z["heads"].shape == (4, 2, 4, 5)  # evaluations x layers x heads x stats
         assert list(z["step"]) == [50, 100, 150, 200]
+
+
+def test_every_column_and_file_is_one_icl_metrics_and_icl_layout_name(finished):
+    """The names the readers use are the ones the trainer writes: training columns first, then
+    every evaluation and attention column, timing last; no column icl.metrics does not know."""
+    header = list(pd.read_csv(finished / "metrics.csv", nrows=0).columns)
+    assert header[:5] == [STEP, *TRAIN] and header[-4:] == list(TIMING)
+    attention = [attn_column(layer, stat) for layer in range(2) for stat in ATTN_STATS]
+    assert set(EVALUATION) | set(attention) <= set(header[5:-4]) and all(is_metric(c) for c in header)
+    run = RunLayout(finished)
+    assert run.config.is_file() and run.metrics.is_file() and run.attention.is_file() and run.holds_run()
+    assert run.checkpoints() == [run.checkpoint_dir(100), run.checkpoint_dir(200)] and len(run.event_files()) == 1
 
 
 def test_written_config_is_fully_resolved(finished):
