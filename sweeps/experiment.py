@@ -5,6 +5,7 @@ Layout::
 
     spec.yaml          the resolved spec (checked on every resume)
     results.csv        tidy long table, refreshed while the sweep runs (sweeps.results)
+    results.parquet    the same table, typed, written with it
     trials.csv         one row per grid point: status, last step, attempts, pack, error
     report/            the analysis report
     tNNN_<grid>/       one directory per grid point (model)
