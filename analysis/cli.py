@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from analysis.load import METRICS_CSV, RESULTS_CSV, load_results
-from analysis.report import default_out
+from analysis.report import REPORT_HTML, default_out
 from analysis.summary import ONSET_THRESHOLD
 from analysis.verdict import COLLAPSE_FRACTION, RATIO
 from icl.errors import ArgumentParser, UserError, cli_entry
@@ -20,7 +20,8 @@ DESCRIPTION = """\
 Analyse sweep results (STORAGE/NAME with results.csv), single runs (RUN with metrics.csv and
 config.yaml), or CSV files; several paths are combined. Writes summary.csv (one row per cell:
 mean and sd over seeds of peak/final ICL, drop, final IWL and train accuracy, ICL onset), PNG
-plots and report.md with the verdict on the study's success criterion. Works on a sweep that
+plots and report.md with the verdict on the study's success criterion, and report.html: the
+same report as one file with the plots inside, to share. Works on a sweep that
 is still running (cells behind or short of seeds are flagged)."""
 
 
@@ -129,4 +130,5 @@ def main(argv: list[str] | None = None) -> int:
     print(f"summary: {out / 'summary.csv'} ({cells} cell{'s' * (cells != 1)}, {trials} trial{'s' * (trials != 1)})")
     print(f"plots:   {len(rep.plots)} PNG files in {out}")
     print(f"report:  {rep.path}")
+    print(f"share:   {rep.path.with_name(REPORT_HTML)} (the report in one file, plots inside)")
     return 0
