@@ -95,6 +95,7 @@ class TrainConfig:
     cuda_graph: bool = True  # CUDA: replay each training step as one captured CUDA graph
     compile: bool = False  # torch.compile the step's forward/backward and AdamW (minutes to compile)
     pack_forward: str = "auto"  # vmap (one batched forward per pack) | loop (model by model) | auto
+    hparams: str = ""  # config keys shown as TensorBoard HParams (comma list); "" = classes, weight decay, seed
 
 
 @dataclass
@@ -117,7 +118,7 @@ class Config:
 # where the data lives and which device runs it do not change the science.
 RUNTIME_KEYS = frozenset({
     "data.root", "data.cache_dir", "data.custom", "train.device", "train.threads", "train.cuda_graph",
-    "train.compile", "train.pack_forward",
+    "train.compile", "train.pack_forward", "train.hparams",
 })
 
 
@@ -376,6 +377,9 @@ def validate(cfg: Config) -> None:
         DEVICE_PATTERN.fullmatch(t.device) is not None,
         f"train.device must be auto, cpu, cuda or cuda:N (N = 0, 1, ...), got {t.device!r}",
     )
+    unknown = [k for k in (k.strip() for k in t.hparams.split(",")) if k and k not in valid_keys()]
+    _require(not unknown, f"train.hparams names unknown config key(s) {', '.join(unknown)}: give a comma-separated "
+                          "list of config keys (e.g. data.num_classes,optim.weight_decay,seed), or nothing")
     for key in PATH_KEYS:
         value = get_key(cfg, key)
         _require(value is None or "\0" not in value, f"{key} must be a path or null, got {value!r}")

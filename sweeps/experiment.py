@@ -91,7 +91,8 @@ def finished_trials(exp_dir: Path, trials: Sequence[TrialSpec]) -> list[str]:
 
 
 def with_runtime_paths(trials: Sequence[TrialSpec], spec: SweepSpec) -> list[TrialSpec]:
-    """Absolute data/cache paths and a thread count in each trial's config.
+    """Absolute data/cache paths, a thread count and the TensorBoard HParams keys (the grid's)
+    in each trial's config.
 
     Why: Ray runs trials in other working directories and, on a cluster, in other
     environments (the raylet's, not this shell's), so relative paths and ``ICL_DATA_DIR``
@@ -111,6 +112,8 @@ def with_runtime_paths(trials: Sequence[TrialSpec], spec: SweepSpec) -> list[Tri
         flat["data.cache_dir"] = str(cache_dir(cfg))
         if not flat.get("train.threads"):
             flat["train.threads"] = max(1, int(spec.resources.cpu))
+        if not flat.get("train.hparams"):  # TensorBoard's HParams: the grid's keys
+            flat["train.hparams"] = ",".join(spec.grid)
         out.append(TrialSpec(t.trial_id, t.dirname, t.grid, flat))
 
     for root in sorted({t.config["data.root"] for t in out}):

@@ -32,6 +32,7 @@ from icl.errors import UserError
 from icl.io import atomic_write, remove_stale_temporaries
 from icl.train import checkpoint as ckpt
 from icl.train.evaluate import ATTN_STATS
+from icl.train.hparams import hparam_values
 from icl.train.tensorboard import EventLog
 
 CONFIG = "config.yaml"
@@ -113,6 +114,7 @@ class RunDir:
         except OSError as e:
             raise UserError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
         remove_stale_temporaries(out)  # of the logs' atomic writes, left by a killed run
+        self.events.hparams = hparam_values(cfg)
         if self.checkpoints_dir.is_dir():
             for p in self.checkpoints_dir.glob(f"{ckpt.TEMP_PREFIX}*"):  # never valid: a crash's leftovers
                 shutil.rmtree(p, ignore_errors=True)
