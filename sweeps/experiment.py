@@ -7,6 +7,7 @@ Layout::
     results.csv        tidy long table, refreshed while the sweep runs (sweeps.results)
     results.parquet    the same table, typed, written with it
     trials.csv         one row per grid point: status, last step, attempts, pack, error
+    trackers.json      with --log-to: each model's tracker run and the last step sent (sweeps.trackers)
     report/            the analysis report
     tNNN_<grid>/       one directory per grid point (model)
         run/           its run directory (icl.train.rundir): config.yaml, metrics.csv, checkpoints/
