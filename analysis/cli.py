@@ -19,7 +19,8 @@ DESCRIPTION = """\
 Analyse sweep results (STORAGE/NAME with results.csv), single runs (RUN with metrics.csv and
 config.yaml), or CSV files; several paths are combined. Writes summary.csv (one row per cell:
 mean and sd over seeds of peak/final ICL, drop, final IWL and train accuracy, ICL onset), PNG
-plots and report.md with the verdict on the study's success criterion. Works on a sweep that
+plots and report.md with the verdict on the study's success criterion, and report.html: the
+same report as one file with the plots inside, to share. Works on a sweep that
 is still running (cells behind or short of seeds are flagged)."""
 
 

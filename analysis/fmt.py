@@ -72,6 +72,21 @@ def mean_std(mean: Any, std: Any, digits: int = 3) -> str:
     return f"{float(mean):.{digits}f} ± {float(std):.{digits}f}"
 
 
+def seed_spread(n_max: int, band: bool = False) -> str:
+    """How a figure or table aggregates seeds, for its title: "± sd" only when some cell has
+    two or more seeds (``n_max``: the most seeds of any cell); ``band``: curves with a band."""
+    if n_max < 2:
+        return "one seed per cell"
+    return f"mean over up to {n_max} seeds, band = ±1 sd" if band else f"mean ± sd over up to {n_max} seeds"
+
+
+def seed_list(seeds: Sequence[Any]) -> str:
+    """``1 (seed 0)``, ``3 (seeds 0, 1, 2)``, ``not given``: how many and which."""
+    if not seeds:
+        return "not given"
+    return f"{len(seeds)} ({'seed' if len(seeds) == 1 else 'seeds'} {', '.join(fmt_number(s) for s in seeds)})"
+
+
 def step_mean_std(mean: Any, std: Any) -> str:
     """Steps as integers: ``12,000 ± 2,000``."""
     if is_missing(mean):

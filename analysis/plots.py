@@ -22,7 +22,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from analysis.fmt import cell_label, cell_slug, fmt_number
+from analysis.fmt import cell_label, cell_slug, fmt_number, seed_spread
 from analysis.load import CLASS_KEY, SEED_KEY, WD_KEY, is_missing
 from analysis.summary import same_value, with_ids, cell_keys
 from analysis.verdict import RATIO, summary_keys
@@ -213,7 +213,7 @@ def plot_curves(
     if handles:
         fig.legend(handles=handles, title="weight decay", loc="outside right center", frameon=False)
     seeds = int(n_seeds.max()) if len(n_seeds) else 0
-    fig.suptitle(title or f"Accuracy over training: mean over seeds (up to {seeds}), band = ±1 sd", fontsize=13)
+    fig.suptitle(f"{title or 'Accuracy over training'}: {seed_spread(seeds, band=True)}", fontsize=13)
     return fig
 
 
@@ -225,7 +225,7 @@ def plot_evaluators(df: pd.DataFrame, x: str = "step", logx: bool = False) -> Fi
     if not extra:
         return None
     return plot_curves(df, (ICL, *extra, IWL), x=x, logx=logx,
-                       title="ICL into IWL or CIWL? The peer evaluators over training: mean over seeds, band = ±1 sd")
+                       title="ICL into IWL or CIWL? The peer evaluators over training")
 
 
 def plot_attention_overview(df: pd.DataFrame, x: str = "step", logx: bool = False) -> Figure | None:
@@ -239,7 +239,7 @@ def plot_attention_overview(df: pd.DataFrame, x: str = "step", logx: bool = Fals
     d = with_attention_summary(df)
     metrics = [ICL] + [attn_max_column(k) for k in ("induction", "match_lbl", "prev_tok") if k in kinds]
     return plot_curves(d, metrics, x=x, logx=logx,
-                       title="ICL and the attention circuit over training: mean over seeds, band = ±1 sd")
+                       title="ICL and the attention circuit over training")
 
 
 def plot_attention(df: pd.DataFrame, cell: Mapping[str, Any], x: str = "step", logx: bool = False) -> Figure | None:
@@ -293,7 +293,7 @@ def plot_attention(df: pd.DataFrame, cell: Mapping[str, Any], x: str = "step", l
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("accuracy")
     side[0].legend(*ax.get_legend_handles_labels(), loc="center left", frameon=False)
-    ax.set_title("accuracy (band = ±1 sd over seeds)")
+    ax.set_title("accuracy" + (" (band = ±1 sd over seeds)" if n_seeds >= 2 else ""))
 
     ax = axes[1]
     att = sns.color_palette("colorblind")
@@ -394,7 +394,7 @@ def plot_peak_final(summary: pd.DataFrame, ratio: float = RATIO) -> Figure:
     axes[0].set_ylabel("ICL accuracy, holdout (chance 0.5)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", frameon=False)
-    fig.suptitle("Peak and final ICL vs weight decay (mean ± sd over seeds)", fontsize=13)
+    fig.suptitle(f"Peak and final ICL vs weight decay ({seed_spread(int(summary['n_seeds'].max()))})", fontsize=13)
     return fig
 
 
@@ -455,7 +455,8 @@ def plot_heatmap(summary: pd.DataFrame, stats: Sequence[str] = ("peak_icl", "fin
             title = {"peak_icl": "peak ICL", "final_icl": "final ICL (last evaluation)"}.get(stat, stat)
             ax.set_title(f"{title}\n{cell_label(where)}" if where else title)
     note = "  (* = missing seeds)" if not summary["seeds_complete"].all() else ""
-    fig.suptitle(f"Holdout ICL by classes and weight decay, mean ± sd over seeds{note}", fontsize=13)
+    fig.suptitle(f"Holdout ICL by classes and weight decay, {seed_spread(int(summary['n_seeds'].max()))}{note}",
+                 fontsize=13)
     return fig
 
 

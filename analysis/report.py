@@ -1,4 +1,5 @@
-"""``report.md`` (+ ``summary.csv`` and the PNG plots) for one or several experiments.
+"""``report.md`` (+ ``summary.csv``, the PNG plots and ``report.html``, all of it in one file)
+for one or several experiments.
 
 :func:`analyze` (load, check the output folder, :func:`write_report`) is what ``icl-analyze``
 runs and what a sweep calls when it finishes; every file is written atomically and the files
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,9 @@ import pandas as pd
 
 from icl.io import all_or_nothing, atomic_write, check_writable, remove_stale_temporaries
 
-from analysis.fmt import cell_label, fmt_number, markdown_table, mean_std, short_key, step_mean_std
+from analysis.fmt import (cell_label, fmt_number, markdown_table, mean_std, seed_list, seed_spread, short_key,
+                          step_mean_std)
+from analysis.html import report_html
 from analysis.load import load_results
 from analysis.summary import ONSET_THRESHOLD, missing_cells, summarize, trial_summary
 from analysis.verdict import COLLAPSE_FRACTION, RATIO, Verdict, summary_keys, verdict
@@ -127,8 +131,9 @@ def write_report(
 ) -> Report:
     """Summarise ``df`` (from :func:`analysis.load.load_results`) into ``out``.
 
-    Writes ``summary.csv`` (one row per cell), the PNG plots and ``report.md`` embedding them
-    with the summary table, the data's completeness and the verdict on the study's criterion.
+    Writes ``summary.csv`` (one row per cell), the PNG plots, ``report.md`` embedding them
+    with the summary table, the data's completeness and the verdict on the study's criterion,
+    and ``report.html``: the same report as one file with the plots inside, to share.
     """
     from analysis.plots import write_plots  # matplotlib only when plotting
 
@@ -143,8 +148,10 @@ def write_report(
     with all_or_nothing():  # a failed write (a full disk) leaves the previous report whole
         atomic_write(files.summary, summary.to_csv(index=False))
         plots = write_plots(df, summary, out, x=x, logx=logx, ratio=ratio, dpi=dpi)
-        text = _render(df, summary, trials, v, plots, out, grid, threshold, ratio, collapse_fraction)
+        text = relative_paths(_render(df, summary, trials, v, plots, out, grid, threshold, ratio, collapse_fraction),
+                              df.attrs.get("sources") or [], out)
         atomic_write(files.report, text)
+        atomic_write(files.html, report_html(text, out))
     return Report(files.report, summary, trials, v, plots)
 
 
@@ -175,14 +182,15 @@ def analyze(
 def summary_lines(rep: Report) -> list[str]:
     """What ``icl-analyze`` prints about a report it wrote (and a sweep, after its own summary)."""
     cells, trials = len(rep.summary), len(rep.trials)
+    files = ReportDir(rep.path.parent)
     lines = [f"verdict: {rep.verdict.headline}"]
     if rep.verdict.provisional:
         lines.append("(provisional: see 'Data completeness' in the report)")
     return lines + [
-        f"summary: {ReportDir(rep.path.parent).summary} ({cells} cell{'s' * (cells != 1)}, "
-        f"{trials} trial{'s' * (trials != 1)})",
+        f"summary: {files.summary} ({cells} cell{'s' * (cells != 1)}, {trials} trial{'s' * (trials != 1)})",
         f"plots:   {len(rep.plots)} PNG files in {rep.path.parent}",
         f"report:  {rep.path}",
+        f"share:   {files.html} (the report in one file, plots inside)",
     ]
 
 
@@ -207,11 +215,12 @@ def _render(
     lines = [
         "# In-context vs in-weights learning: analysis report",
         "",
-        f"Generated {now} by `icl-analyze` from {', '.join(f'`{s}`' for s in sources) or 'a DataFrame'}.",
+        f"Generated {now} by `icl-analyze` from {', '.join(f'`{s}`' for s in sources) or 'a DataFrame'} "
+        "(paths relative to this report's folder).",
         "",
         f"- {_n(len(trials), 'trial')} in {_n(len(summary), 'cell')} "
         f"(grid keys: {', '.join(f'`{k}`' for k in keys) or 'none'}; "
-        f"seeds expected per cell: {', '.join(fmt_number(s) for s in expected) or 'none'}).",
+        f"seeds expected per cell: {seed_list(expected)}).",
         f"- Evaluations up to step {furthest:,.0f}"
         + (" — some trials are behind (sweep still running?): numbers may change." if running else "."),
         "- Headline ICL metric: `icl_acc` (2-way 4-shot on holdout classes, restricted to the 2 labels in "
@@ -240,7 +249,9 @@ def _render(
         "",
         "## Summary per cell",
         "",
-        f"Mean ± sd over seeds (sample sd; none with one seed). Machine-readable: [`{SUMMARY}`]({SUMMARY}).",
+        ("Mean ± sd over seeds (sample sd; none where a cell has one seed)." if summary["n_seeds"].max() >= 2
+         else "One seed per cell: the values of that seed, no sd.")
+        + f" Machine-readable: [`{SUMMARY}`]({SUMMARY}).",
         "",
         markdown_table(format_summary(summary)),
         "",
@@ -254,7 +265,8 @@ def _render(
         lines += _plot_section("ICL and IWL over training", [("curves", named["curves"]),
                                                              ("curves, log step", named["curves_logx"])], out,
                                "Rows: holdout ICL, in-weights accuracy, training accuracy; columns: number of "
-                               "classes; colour: weight decay. Mean over seeds, band ±1 sd. Linear then log steps.")
+                               f"classes; colour: weight decay; {seed_spread(int(summary['n_seeds'].max()), band=True)}. "
+                               "Linear then log steps.")
     if "evaluators" in named:
         lines += _plot_section("ICL, CIWL and flip ICL", [("evaluators", named["evaluators"])], out,
                                "The peer code's evaluators (log step axis): CIWL = the query's class is absent from "
@@ -280,6 +292,16 @@ def _render(
     return "\n".join(lines).rstrip() + "\n"
 
 
+def relative_paths(text: str, paths: Sequence[str], out: Path) -> str:
+    """``text`` with every one of ``paths`` (the sources, absolute) written relative to the
+    report's folder ``out``: a report names no absolute path, so it reads the same when the
+    experiment is moved, copied or shared."""
+    for p in sorted({str(p) for p in paths}, key=len, reverse=True):
+        if os.path.isabs(p):
+            text = re.sub(re.escape(p) + r"(?![\w.-])", lambda _: os.path.relpath(p, out), text)
+    return text
+
+
 def default_out(paths: Sequence[str | os.PathLike[str]]) -> Path:
     """``PATH/report`` for one experiment or run dir, ``DIR/report`` for a CSV file in DIR."""
     if len(paths) != 1:
@@ -288,4 +310,5 @@ def default_out(paths: Sequence[str | os.PathLike[str]]) -> Path:
     return (p if p.is_dir() else p.parent) / REPORT
 
 
-__all__ = ["Report", "analyze", "write_report", "summary_lines", "format_summary", "completeness", "default_out"]
+__all__ = ["Report", "analyze", "write_report", "summary_lines", "format_summary", "completeness", "default_out",
+           "relative_paths"]

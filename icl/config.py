@@ -37,7 +37,7 @@ L2_KINDS = ("decoupled", "coupled")
 
 @dataclass
 class DataConfig:
-    root: str | None = None  # else env ICL_DATA_DIR, else data/ in the checkout
+    root: str | None = None  # else env ICL_DATA_DIR, else data/ or shared/data/omniglot by the checkout
     cache_dir: str | None = None  # else env ICL_CACHE_DIR, else ~/.cache/icl
     num_classes: int = 1600
     n_holdout: int = 23  # holdout *characters* (x8 classes with augmentation)
@@ -95,6 +95,7 @@ class TrainConfig:
     cuda_graph: bool = True  # CUDA: replay each training step as one captured CUDA graph
     compile: bool = False  # torch.compile the step's forward/backward and AdamW (minutes to compile)
     pack_forward: str = "auto"  # vmap (one batched forward per pack) | loop (model by model) | auto
+    hparams: str = ""  # config keys shown as TensorBoard HParams (comma list); "" = classes, weight decay, seed
 
 
 @dataclass
@@ -117,7 +118,7 @@ class Config:
 # where the data lives and which device runs it do not change the science.
 RUNTIME_KEYS = frozenset({
     "data.root", "data.cache_dir", "data.custom", "train.device", "train.threads", "train.cuda_graph",
-    "train.compile", "train.pack_forward",
+    "train.compile", "train.pack_forward", "train.hparams",
 })
 
 
@@ -376,6 +377,9 @@ def validate(cfg: Config) -> None:
         DEVICE_PATTERN.fullmatch(t.device) is not None,
         f"train.device must be auto, cpu, cuda or cuda:N (N = 0, 1, ...), got {t.device!r}",
     )
+    unknown = [k for k in (k.strip() for k in t.hparams.split(",")) if k and k not in valid_keys()]
+    _require(not unknown, f"train.hparams names unknown config key(s) {', '.join(unknown)}: give a comma-separated "
+                          "list of config keys (e.g. data.num_classes,optim.weight_decay,seed), or nothing")
     for key in PATH_KEYS:
         value = get_key(cfg, key)
         _require(value is None or "\0" not in value, f"{key} must be a path or null, got {value!r}")
@@ -422,10 +426,30 @@ def decay_module_set(text: str) -> tuple[str, ...]:
 
 
 def data_root(cfg: Config) -> Path:
-    """``data.root``, else ``$ICL_DATA_DIR``, else ``data/`` in the checkout; absolute."""
+    """The configured data root (:func:`configured_data_root`), else ``data/`` in the
+    checkout; absolute. Where Omniglot is downloaded to when it is found nowhere."""
+    return data_roots(cfg)[0]
+
+
+def configured_data_root(cfg: Config) -> Path | None:
+    """``data.root``, else ``$ICL_DATA_DIR``; absolute. None when neither is set."""
     if cfg.data.root:
         return user_path(cfg.data.root, "data.root")
-    return user_path(os.environ.get("ICL_DATA_DIR") or PROJECT_ROOT / "data", "ICL_DATA_DIR")
+    if os.environ.get("ICL_DATA_DIR"):
+        return user_path(os.environ["ICL_DATA_DIR"], "ICL_DATA_DIR")
+    return None
+
+
+def data_roots(cfg: Config) -> list[Path]:
+    """Where to look for Omniglot, in order: the configured root alone if one is set (never
+    a silent fallback from a root the user named); else ``data/`` in the checkout, then
+    ``shared/data/omniglot`` inside or beside the checkout (one shared copy for a lab's
+    checkouts and the tests), so a fresh checkout finds a copy that is already there."""
+    configured = configured_data_root(cfg)
+    if configured is not None:
+        return [configured]
+    shared = Path("shared") / "data" / "omniglot"
+    return [PROJECT_ROOT / "data", PROJECT_ROOT / shared, PROJECT_ROOT.parent / shared]
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -465,6 +489,8 @@ __all__ = [
     "get_key",
     "valid_keys",
     "data_root",
+    "data_roots",
+    "configured_data_root",
     "cache_dir",
     "science_dict",
     "replace",

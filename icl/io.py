@@ -7,7 +7,8 @@
   out as :class:`~icl.errors.OutputError` naming the destination, with the temporary file
   removed; ``cli_entry`` turns it into one ``error:`` line saying what to do.
 - :func:`all_or_nothing`: the files written inside it appear together when it ends, or none
-  of them does (a report of many files, an npz with its PNG).
+  of them does (a report of many files, an npz with its PNG); :func:`staged` finds what such
+  a block has written before it ends.
 - Temporaries left by a killed writer are stale: nobody holds their lock. Every
   :func:`atomic_write` removes the stale ones of its own destination first, and
   :func:`remove_stale_temporaries` clears a whole folder when a run starts. A temporary a
@@ -169,6 +170,18 @@ def all_or_nothing() -> Iterator[None]:
             os.close(fd)
 
 
+def staged(path: Path | str) -> Path:
+    """Where the content of ``path`` is now: inside an :func:`all_or_nothing` block that has
+    written it, its temporary (``path`` itself appears only when the block ends); else
+    ``path``. For a file of a group that embeds another (a report that inlines its plots)."""
+    path = Path(path)
+    group = _staging.get()
+    for _, tmp, dest in reversed(group.files if group is not None else []):
+        if os.path.abspath(dest) == os.path.abspath(path):
+            return tmp
+    return path
+
+
 def _remove_if_stale(path: Path) -> bool:
     """Remove temporary ``path`` if nobody holds its lock (its writer is gone). The removal
     happens under our lock, so a writer that just created the file sees it vanish when it
@@ -239,4 +252,4 @@ def check_writable(path: Path | str, what: str, *, folder: bool = False) -> Path
     return path
 
 
-__all__ = ["atomic_write", "all_or_nothing", "remove_stale_temporaries", "check_writable", "writing_to"]
+__all__ = ["atomic_write", "all_or_nothing", "staged", "remove_stale_temporaries", "check_writable", "writing_to"]

@@ -16,7 +16,9 @@ An experiment directory (:class:`ExperimentDir`), ``STORAGE/NAME``::
 
     spec.yaml          the saved spec (SavedSpec): resolved, so it reproduces the experiment
     results.csv        one row per model and evaluation (sweeps.results)
+    results.parquet    the same table, typed, written with it
     trials.csv         one row per model: grid values, status, last step, attempts, run dir, pack, error
+    trackers.json      with --log-to: each model's tracker run and the last step sent (sweeps.trackers)
     report/            the analysis report (ReportDir)
     <model dirname>/   one per grid point (model), e.g. t000_num_classes=100_weight_decay=0_seed=0
       run/             its run directory
@@ -125,6 +127,8 @@ class RunLayout:
 # --------------------------------------------------------------------------- an experiment directory
 SPEC = "spec.yaml"
 RESULTS = "results.csv"
+RESULTS_PARQUET = "results.parquet"
+TRACKERS = "trackers.json"
 TRIALS = "trials.csv"
 REPORT = "report"
 LOCK = ".icl-sweep.lock"
@@ -161,6 +165,8 @@ class ExperimentDir:
         self.path = Path(path)
         self.spec = self.path / SPEC
         self.results = self.path / RESULTS
+        self.results_parquet = self.path / RESULTS_PARQUET
+        self.trackers = self.path / TRACKERS
         self.trials = self.path / TRIALS
         self.report = self.path / REPORT
         self.lock = self.path / LOCK
@@ -273,6 +279,7 @@ def read_saved_spec(path: Path) -> SavedSpec:
 # --------------------------------------------------------------------------- the report
 SUMMARY = "summary.csv"
 REPORT_MD = "report.md"
+REPORT_HTML = "report.html"  # report.md as one self-contained page (analysis.html)
 
 
 class ReportDir:
@@ -282,6 +289,7 @@ class ReportDir:
         self.path = Path(path)
         self.summary = self.path / SUMMARY
         self.report = self.path / REPORT_MD
+        self.html = self.path / REPORT_HTML
 
     def __repr__(self) -> str:
         return f"ReportDir({str(self.path)!r})"

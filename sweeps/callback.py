@@ -1,4 +1,5 @@
-"""A Ray Tune callback on the driver that keeps ``results.csv`` and ``trials.csv`` current.
+"""Ray Tune callbacks on the driver: one keeps ``results.csv`` and ``trials.csv`` current, one
+sends every model's rows to the sweep's trackers (MLflow, W&B).
 
 Separate from :mod:`sweeps.driver` so that importing the driver (for ``--dry-run`` and the
 checks that run before Ray) does not pay for importing Ray Tune.
@@ -71,3 +72,35 @@ class ResultsCallback(tune.Callback):
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         self.refresh(trials, force=True)
+
+
+class TrackerCallback(tune.Callback):
+    """Sends every model's new rows to the sweep's trackers (:class:`sweeps.trackers.Trackers`)
+    while trials run, throttled like the tables; the driver's final sync closes the runs.
+
+    Tune pickles its callbacks into ``tuner.pkl``: the copy it unpickles on a resume holds no
+    tracker (clients do not pickle), and the driver puts a live one in its place."""
+
+    def __init__(self, trackers: Any, period_s: float = REFRESH_PERIOD_S) -> None:
+        self.trackers = trackers
+        self.period_s = period_s
+        self._last = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"trackers": None, "period_s": self.period_s, "_last": 0.0}
+
+    def refresh(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.trackers is None or (not force and now - self._last < self.period_s):
+            return
+        self._last = now
+        self.trackers.sync_soon()
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
+        self.refresh()
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.refresh(force=True)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.refresh(force=True)

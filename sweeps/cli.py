@@ -33,6 +33,9 @@ def build_parser() -> ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key for every trial (repeatable), e.g. --set train.steps=1000",
     )
+    p.add_argument("--log-to", action="append", default=[], metavar="TRACKER",
+                   help="also send every model's config, cell and metrics to mlflow or wandb (repeatable, or "
+                        "a comma list; adds to the spec's log_to); configured by their own environment variables")
     p.add_argument("--dry-run", action="store_true", help="print the trial table and exit; starts nothing")
     p.add_argument("--estimate", action="store_true",
                    help="with --dry-run: time a few steps of the first pack here and print the sweep's model-steps, "
@@ -48,7 +51,7 @@ def build_parser() -> ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    spec = load_spec(args.spec, storage=args.storage, name=args.name, sets=args.sets)
+    spec = load_spec(args.spec, storage=args.storage, name=args.name, sets=args.sets, log_to=args.log_to)
     trials = expand(spec)
     if (args.estimate or args.rate_from) and not args.dry_run:
         raise UserError("--estimate and --rate-from go with --dry-run (an estimate starts no sweep)")

@@ -83,8 +83,9 @@ def run_sweep(
     import ray
     from ray import tune
 
-    from sweeps.callback import ResultsCallback
+    from sweeps.callback import ResultsCallback, TrackerCallback
     from sweeps.reporter import SweepReporter
+    from sweeps.trackers import Trackers
 
     out = out or sys.stdout
     t0 = time.monotonic()
@@ -97,6 +98,7 @@ def run_sweep(
     faults = parse_faults(os.environ.get(FAULTS_ENV), trials)
     trials = with_runtime_paths(trials, spec)
     check_storage_writable(exp_dir.parent)
+    trackers = Trackers(spec.log_to, spec.name, exp_dir, trials, out)  # a tracker it cannot use: refused now
 
     held = contextlib.ExitStack()
     recorded = False
@@ -153,8 +155,12 @@ def run_sweep(
             tuner = tune.Tuner.restore(
                 str(exp_dir), trainable=trainable, param_space=param_space, resume_unfinished=True, resume_errored=True
             )
-            # the run config comes from tuner.pkl; this driver's reporter knows this spec's table
-            tuner._local_tuner.get_run_config().progress_reporter = reporter
+            # the run config comes from tuner.pkl; this driver's reporter knows this spec's table,
+            # and its trackers are live (the pickled ones hold none)
+            run_config = tuner._local_tuner.get_run_config()
+            run_config.progress_reporter = reporter
+            run_config.callbacks = [c for c in run_config.callbacks or [] if not isinstance(c, TrackerCallback)]
+            run_config.callbacks.append(TrackerCallback(trackers))
         else:
             dirnames = {p.pack_id: p.dirname for p in packs}
             tuner = tune.Tuner(
@@ -173,7 +179,7 @@ def run_sweep(
                     storage_path=str(exp_dir.parent),
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.checkpoint_keep),
-                    callbacks=[ResultsCallback(trials, members)],
+                    callbacks=[ResultsCallback(trials, members), TrackerCallback(trackers)],
                     progress_reporter=reporter,
                     verbose=1,
                 ),
@@ -187,11 +193,13 @@ def run_sweep(
         finally:
             signal.signal(signal.SIGTERM, previous)
         outcome = _outcome(grid, exp_dir, trials, time.monotonic() - t0, members)
+        trackers.close(outcome.status)  # what is left sent; finished models' runs closed
         try:
             prune_ray_checkpoints(grid)
         except UNREADABLE_STATE:  # nothing pruned: Tune's copies are kept, which is safe
             pass
     except BaseException:
+        trackers.close()
         stop_ray()
         held.close()
         raise

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from icl.config import build_config, cache_dir, data_root, read_yaml
+from icl.config import build_config, cache_dir, data_roots, read_yaml
 from icl.errors import UserError
 from icl.io import remove_stale_temporaries, writing_to
 from icl.layout import LOCK, RAY_CHECKPOINT, SPEC, STAGING_PREFIX, ExperimentDir, storage_probe
@@ -70,22 +70,30 @@ def finished_trials(exp_dir: Path, trials: Sequence[TrialSpec]) -> list[str]:
 
 
 def with_runtime_paths(trials: Sequence[TrialSpec], spec: SweepSpec) -> list[TrialSpec]:
-    """Absolute data/cache paths and a thread count in each trial's config.
+    """Absolute data/cache paths, a thread count and the TensorBoard HParams keys (the grid's)
+    in each trial's config.
 
     Why: Ray runs trials in other working directories and, on a cluster, in other
     environments (the raylet's, not this shell's), so relative paths and ``ICL_DATA_DIR``
     would not resolve there. These are runtime keys: they do not change the science.
     """
+    from icl.data.omniglot import find_source, locate_root  # cheap: looks for the files, checks SHA256SUMS
+
     out = []
+    found: dict[tuple[Path, ...], Path] = {}
     for t in trials:
         cfg = build_config(t.config)
         flat = dict(t.config)
-        flat["data.root"] = str(data_root(cfg))
+        roots = tuple(data_roots(cfg))
+        if roots not in found:  # the first root holding Omniglot, or where it was downloaded to
+            found[roots] = locate_root(cfg)
+        flat["data.root"] = str(found[roots])
         flat["data.cache_dir"] = str(cache_dir(cfg))
         if not flat.get("train.threads"):
             flat["train.threads"] = max(1, int(spec.resources.cpu))
+        if not flat.get("train.hparams"):  # TensorBoard's HParams: the grid's keys
+            flat["train.hparams"] = ",".join(spec.grid)
         out.append(TrialSpec(t.trial_id, t.dirname, t.grid, flat))
-    from icl.data.omniglot import find_source  # cheap: looks for the files, checks SHA256SUMS
 
     for root in sorted({t.config["data.root"] for t in out}):
         find_source(Path(root))  # missing or corrupt data: one error now, not one per trial

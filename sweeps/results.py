@@ -7,7 +7,7 @@ any interruption. Cells are copied verbatim from the trainer's files (no float r
 
 ``results.csv``: tidy long table, one row per model (grid point) and evaluation:
 ``trial_id``, one column per grid key (named by its dotted key), ``step``, then every metric
-column of the trainer. ``trials.csv``: one row per grid point: id, grid values, status, last
+column of the trainer; ``results.parquet`` beside it holds the same table. ``trials.csv``: one row per grid point: id, grid values, status, last
 step, attempts, run directory, the pack that trains it, error.
 
 Every Tune trial is a pack of one or more grid points (``sweeps.spec.make_packs``): Tune's
@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from icl.io import atomic_write
+from icl.io import all_or_nothing, atomic_write
 from icl.layout import TRIAL_ID, TRIALS_COLUMNS, ExperimentDir
 from icl.metrics import STEP
 from icl.train.rundir import RunDir
@@ -66,10 +66,26 @@ def to_csv(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def write_results(exp_dir: Path, trials: Sequence[TrialSpec]) -> int:
-    """Rewrite ``results.csv`` atomically; returns the number of rows."""
+    """Rewrite ``results.csv`` and ``results.parquet`` atomically and together; returns the
+    number of rows."""
     columns, rows = collect(exp_dir, trials)
-    atomic_write(ExperimentDir(exp_dir).results, to_csv(columns, rows))
+    text = to_csv(columns, rows)
+    files = ExperimentDir(exp_dir)
+    with all_or_nothing():
+        atomic_write(files.results, text)
+        atomic_write(files.results_parquet, to_parquet(text))
     return len(rows)
+
+
+def to_parquet(csv_text: str) -> bytes:
+    """The table as Parquet, equal to what reading the CSV gives (``pandas.read_csv``: the
+    same columns, numbers as numbers, empty cells as NaN); for readers that want types and
+    speed (pandas, polars, DuckDB, Arrow)."""
+    import pandas as pd
+
+    buf = io.BytesIO()
+    pd.read_csv(io.StringIO(csv_text)).to_parquet(buf, index=False)
+    return buf.getvalue()
 
 
 def attempts(exp_dir: Path, trial: TrialSpec | str) -> list[dict[str, Any]]:

@@ -24,6 +24,8 @@ holds one experiment. Schema (every key is checked; unknown keys are errors)::
                                # grouped into packs of at most this many; 1 = one model per trial
     heads: false               # head attribution (icl.circuits.update_run) on every trial's run
                                # directory at each checkpoint, as it is written; analysis only
+    log_to: []                 # trackers each model is also sent to: mlflow, wandb (sweeps.trackers;
+                               # --log-to adds to these); not part of the experiment's identity
     storage: experiments       # parent directory of the experiment; --storage overrides
     resolved: {...}            # written by icl-sweep into the saved spec.yaml only: the exact
                                # base config, so a saved spec reproduces its experiment even if
@@ -37,7 +39,7 @@ import re
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from icl.config import (
     build_config,
@@ -68,10 +70,12 @@ SPEC_KEYS = (
     "checkpoint",
     "pack",
     "heads",
+    "log_to",
     "storage",
     "resolved",
 )
 RESOURCE_KEYS = ("cpu", "gpu")
+TRACKERS = ("mlflow", "wandb")  # what log_to / --log-to may name (sweeps.trackers)
 CHECKPOINT_KEYS = ("num_to_keep",)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MAX_COUNT = 1_000_000  # every count and resource of a spec is finite and at most this
@@ -103,6 +107,7 @@ class SweepSpec:
     checkpoint_keep: int | None = None
     pack: int = 1  # models per Tune trial (train_packed); 1 = one model per trial
     heads: bool = False  # head attribution at each checkpoint (not part of the identity: analysis only)
+    log_to: tuple[str, ...] = ()  # trackers (sweeps.trackers); not part of the identity either
     storage: str = DEFAULT_STORAGE
     description: str = ""
     source: str = ""
@@ -166,11 +171,13 @@ def load_spec(
     storage: str | None = None,
     name: str | None = None,
     sets: list[str] | None = None,
+    log_to: list[str] | None = None,
 ) -> SweepSpec:
-    """Read and validate a spec; command-line ``--storage``, ``--name``, ``--set`` win over it."""
+    """Read and validate a spec; command-line ``--storage``, ``--name``, ``--set`` win over it,
+    ``--log-to`` adds trackers to its ``log_to``."""
     path = resolve_spec_path(name_or_path)
     raw = read_yaml(path, "sweep spec")
-    return parse_spec(raw, source=path, storage=storage, name=name, sets=sets)
+    return parse_spec(raw, source=path, storage=storage, name=name, sets=sets, log_to=log_to)
 
 
 def parse_spec(
@@ -180,6 +187,7 @@ def parse_spec(
     storage: str | None = None,
     name: str | None = None,
     sets: list[str] | None = None,
+    log_to: list[str] | None = None,
 ) -> SweepSpec:
     """Validate a raw spec mapping; every message names the key and says how to fix it."""
     where = f"sweep spec {source}" if source else "sweep spec"
@@ -246,6 +254,11 @@ def parse_spec(
     if not isinstance(heads, bool):
         raise UserError(f"{where}: heads must be true or false (head attribution at each checkpoint), got {heads!r}")
 
+    spec_log_to = raw.get("log_to") or []
+    if not isinstance(spec_log_to, list):
+        raise UserError(f"{where}: log_to must be a list of trackers, e.g. [mlflow, wandb], got {spec_log_to!r}")
+    trackers = parse_trackers([*spec_log_to, ",".join(parse_trackers(log_to or [], "--log-to"))], f"{where}: log_to")
+
     spec_storage = storage if storage is not None else raw.get("storage", DEFAULT_STORAGE)
     if not isinstance(spec_storage, str) or not spec_storage.strip():
         raise UserError(f"{where}: storage must be a directory path, got {spec_storage!r}")
@@ -268,12 +281,28 @@ def parse_spec(
         checkpoint_keep=keep,
         pack=int(pack),
         heads=heads,
+        log_to=trackers,
         storage=spec_storage,
         description=description,
         source=str(source) if source else "",
     )
     _check_device(spec, where)
     return spec
+
+
+def parse_trackers(values: Iterable[Any], where: str) -> tuple[str, ...]:
+    """``["mlflow,wandb"]``, ``["mlflow", "wandb"]`` ... -> the trackers named, once each, in a
+    fixed order; UserError naming ``where`` for anything else."""
+    names: list[str] = []
+    for value in values:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: {value!r} is not a tracker name; choose from {', '.join(TRACKERS)}")
+        for name in (v.strip().lower() for v in value.split(",")):
+            if name and name not in TRACKERS:
+                raise UserError(f"{where}: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}")
+            if name:
+                names.append(name)
+    return tuple(t for t in TRACKERS if t in names)
 
 
 def _base(raw: dict[str, Any], source: Path | None, where: str) -> tuple[str | None, dict[str, Any]]:
@@ -511,6 +540,7 @@ def saved_yaml(spec: SweepSpec) -> str:
         "checkpoint": ident["checkpoint"],
         "pack": spec.pack,
         "heads": spec.heads,
+        "log_to": list(spec.log_to),
         "storage": str(Path(spec.storage).expanduser().resolve()),
         "resolved": cfg.to_dict(),
     }

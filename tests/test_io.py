@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from icl.errors import OutputError, UserError, describe_os_error
-from icl.io import all_or_nothing, atomic_write, check_writable, remove_stale_temporaries, writing_to
+from icl.io import all_or_nothing, atomic_write, check_writable, remove_stale_temporaries, staged, writing_to
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -84,6 +84,18 @@ def test_all_or_nothing_writes_together_or_not_at_all(tmp_path: Path):
             atomic_write(b, "new b")
         assert not b.exists()
     assert a.read_text() == "new a" and b.read_text() == "new b" and leftovers(tmp_path) == []
+
+
+def test_staged_finds_what_an_open_group_has_written(tmp_path: Path):
+    a = tmp_path / "a.png"
+    a.write_text("old")
+    assert staged(a) == a
+    with all_or_nothing():
+        atomic_write(a, "first")
+        atomic_write(a, "second")  # written twice in the group: the later one is what appears
+        assert staged(a) != a and staged(a).read_text() == "second" and a.read_text() == "old"
+        assert staged(tmp_path / "other") == tmp_path / "other"
+    assert staged(a) == a and a.read_text() == "second"
 
 
 def test_stale_temporaries_go_live_ones_and_other_files_stay(tmp_path: Path):

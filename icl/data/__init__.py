@@ -12,10 +12,10 @@ from typing import Sequence
 import torch
 from einops import rearrange
 
-from icl.config import Config, cache_dir, data_root
+from icl.config import Config, cache_dir
 from icl.data.evalsets import EvalSets, build_eval_sets
 from icl.data.images import ImageBank
-from icl.data.omniglot import Source, load_images
+from icl.data.omniglot import Source, load_images, locate_root
 from icl.data.rng import Categorical, Draws, random_words
 from icl.data.sequences import Sequences, sample_training, zipf_weights
 from icl.data.split import Split, split_for
@@ -77,7 +77,7 @@ class StudyData:
 
 
 def load_data(cfg: Config, device: torch.device | str = "cpu") -> StudyData:
-    images, source = load_images(data_root(cfg), cache_dir(cfg), cfg.data.image_size, cfg.data.custom)
+    images, source = load_images(locate_root(cfg), cache_dir(cfg), cfg.data.image_size, cfg.data.custom)
     n_chars = images.shape[0]
     d = cfg.data
     if d.n_holdout + 4 > n_chars:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from icl.config import MAX_ROWS, U32, Config, cache_dir, data_root, load_config
+from icl.config import MAX_ROWS, U32, Config, cache_dir, data_roots, load_config
 from icl.data import load_data
 from icl.data.evalsets import EVAL_SETS
-from icl.data.omniglot import cache_paths, download, find_source
+from icl.data.omniglot import cache_paths, download, find_source, source_kind
 from icl.errors import ArgumentParser, UserError, cli_entry
 from icl.inputs import user_path
 from icl.io import all_or_nothing, atomic_write, check_writable
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def info(cfg: Config) -> int:
-    root = data_root(cfg)
     data = load_data(cfg)
+    root = data.source.root
     s = data.split
     npy, _ = cache_paths(cache_dir(cfg), data.source, cfg.data.image_size)
     per = 8 if cfg.data.augment else 1
@@ -73,12 +73,13 @@ def info(cfg: Config) -> int:
 
 
 def prepare(cfg: Config) -> int:
-    root = data_root(cfg)
+    roots = data_roots(cfg)
+    root = next((r for r in roots if source_kind(r)), roots[0])
     try:
         source = find_source(root)
         print(f"found {source.describe()}")
     except UserError:
-        print(f"no Omniglot under {root}; downloading with torchvision ...")
+        print(f"no Omniglot in {', '.join(map(str, roots))}; downloading with torchvision into {root} ...")
         source = download(root)
     data = load_data(cfg)
     npy, _ = cache_paths(cache_dir(cfg), source, cfg.data.image_size)

@@ -6,7 +6,9 @@ Sources, tried in this order under the data root:
    ``SHA256SUMS`` when that file is present;
 2. torchvision's layout ``omniglot-py/images_{background,evaluation}/<alphabet>/<char>/NNNN_DD.png``
    (what ``torchvision.datasets.Omniglot(download=True)`` leaves behind).
-``icl-data prepare`` downloads (2) with torchvision on a machine with internet.
+The data root is the configured one, else the first of ``data/``, ``shared/data/omniglot`` and
+``../shared/data/omniglot`` by the checkout that holds a source (:func:`locate_root`); with none,
+(2) is downloaded with torchvision where the machine is online (``icl-data prepare`` too).
 
 The data must be what Omniglot is (:func:`check_dataset`, before the cache is consulted):
 964 + 659 characters x 20 drawers of 105 x 105 binary images, with the npz files' labels
@@ -30,16 +32,18 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from icl.config import N_DRAWERS
+from icl.config import N_DRAWERS, Config, configured_data_root, data_roots
 from icl.errors import UserError
 from icl.inputs import read_text
 from icl.io import atomic_write
@@ -83,14 +87,54 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def source_kind(root: Path) -> str | None:
+    """Which layout ``root`` holds ("npz" first, then "torchvision"), by its files' presence
+    alone; None if neither."""
+    if all((root / name).is_file() for name in NPZ_FILES):
+        return "npz"
+    if all((root / TV_DIR / split).is_dir() for split in TV_SPLITS):
+        return "torchvision"
+    return None
+
+
 def find_source(root: Path) -> Source:
     """The first usable source under ``root``; UserError saying how to provide one if none."""
-    if all((root / name).is_file() for name in NPZ_FILES):
+    kind = source_kind(root)
+    if kind == "npz":
         return Source("npz", root, _npz_fingerprint(root))
-    tv = root / TV_DIR
-    if all((tv / split).is_dir() for split in TV_SPLITS):
-        return Source("torchvision", root, _png_fingerprint(tv))
+    if kind == "torchvision":
+        return Source("torchvision", root, _png_fingerprint(root / TV_DIR))
     raise UserError(how_to_provide(root))
+
+
+DOWNLOAD_HOST = "raw.githubusercontent.com"  # torchvision's Omniglot URL (datasets.Omniglot.download_url_prefix)
+
+
+def can_download(host: str = DOWNLOAD_HOST) -> bool:
+    """Whether the download host's name resolves: an offline machine (a compute node, a
+    sandbox) answers at once, without a connection being tried."""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def locate_root(cfg: Config, fetch: Callable[[Path], Source] | None = None) -> Path:
+    """The data root of ``cfg``: the first of :func:`icl.config.data_roots` that holds a
+    source. With none, and no root configured, Omniglot is downloaded into the default root
+    where the machine is online (``fetch``, default :func:`download`); otherwise the
+    UserError saying how to provide it. A configured root is never downloaded into
+    unasked (``icl-data prepare`` does that)."""
+    roots = data_roots(cfg)
+    for root in roots:
+        if source_kind(root):
+            return root
+    if configured_data_root(cfg) is not None or not can_download():
+        raise UserError(how_to_provide(roots[0]))
+    print(f"no Omniglot in {', '.join(map(str, roots))}; downloading it with torchvision into {roots[0]} ...",
+          file=sys.stderr, flush=True)
+    return (fetch or download)(roots[0]).root
 
 
 def _npz_fingerprint(root: Path) -> str:

@@ -26,6 +26,7 @@ from icl.io import atomic_write, remove_stale_temporaries
 from icl.layout import ATTENTION, CHECKPOINTS, CONFIG, METRICS, RunLayout, checkpoint_step
 from icl.metrics import ATTN_STATS, STEP
 from icl.train import checkpoint as ckpt
+from icl.train.hparams import hparam_values
 from icl.train.tensorboard import EventLog
 
 
@@ -93,6 +94,7 @@ class RunDir(RunLayout):
         except OSError as e:
             raise UserError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
         remove_stale_temporaries(out)  # of the logs' atomic writes, left by a killed run
+        self.events.hparams = hparam_values(cfg)
         if self.checkpoints_dir.is_dir():
             for p in self.checkpoints_dir.glob(f"{ckpt.TEMP_PREFIX}*"):  # never valid: a crash's leftovers
                 shutil.rmtree(p, ignore_errors=True)

@@ -36,6 +36,7 @@ from tensorboardX.summary import histogram, scalar
 
 from icl.layout import EVENTS_GLOB, EVENTS_PREFIX, TB_REBUILD_PREFIX
 from icl.metrics import ATTN_STATS, STEP, WALL_S, group
+from icl.train.hparams import hparams_summaries, with_peak_icl
 
 
 def tag(column: str) -> str:
@@ -50,10 +51,12 @@ class EventLog:
         self.dir = Path(run_dir)
         self.writer: EventsWriter | None = None
         self.steps: list[int] = []  # the steps of the rows in the file, in order
+        self.hparams: dict[str, Any] = {}  # the run's HParams (icl.train.hparams), set when it opens
 
     def sync(self, rows: Sequence[dict[str, float]], heads: Sequence[np.ndarray]) -> None:
         """Append the rows the file lacks, or rebuild it if its rows are not a prefix of
         ``rows`` (a resume) or this process has not written it yet."""
+        rows = with_peak_icl(rows)  # eval/peak_icl_acc: a metric of the HParams summary
         steps = [int(r[STEP]) for r in rows]
         if self.writer is not None and steps[: len(self.steps)] == self.steps:
             now = time.time()
@@ -79,6 +82,8 @@ class EventLog:
         writer = EventsWriter(str(tmp / EVENTS_PREFIX))
         # wall times as the run spent them (wall_s), ending now
         start = time.time() - float(rows[-1].get(WALL_S, 0.0)) if rows else time.time()
+        for proto in hparams_summaries(self.hparams) if self.hparams else ():  # first: the run's cell
+            writer.write_event(event_pb2.Event(wall_time=start, summary=summary_pb2.Summary.FromString(proto)))
         for row, h in zip(rows, heads):
             self._write(writer, row, h, start + float(row.get(WALL_S, 0.0)))
         writer.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import shutil
@@ -67,6 +68,50 @@ def test_report_with_default_out(experiment, capsys):
     assert "All 8 cells have every seed" in report
     assert "no `attn_L*` columns" in report and not list(out.glob("attention*"))
     assert {p.name: _digest(p) for p in experiment.iterdir() if p.is_file()} == before  # inputs untouched
+
+
+def test_report_html_is_the_whole_report_in_one_file(experiment, capsys):
+    """report.html holds the verdict, the summary table and every plot of report.md (the PNG
+    bytes themselves) and summary.csv; neither report names an absolute path."""
+    assert main([str(experiment), "--dpi", "30"]) == 0
+    out = experiment / "report"
+    assert str(out / "report.html") in capsys.readouterr().out
+    page = (out / "report.html").read_text()
+    report = (out / "report.md").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<title>In-context vs in-weights learning" in page
+    assert "<strong>Supported: 1 of 3 few-class cells" in page
+    assert "<th>classes</th>\n<th>weight decay</th>\n<th>seeds</th>\n<th>peak ICL</th>" in page
+    shown = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(shown) == len(images) >= 4
+    assert [base64.b64decode(b) for b in shown] == [(out / img).read_bytes() for img in images]
+    csv_link = re.search(r'href="data:text/csv;base64,([^"]+)" download="summary.csv"', page)
+    assert csv_link and base64.b64decode(csv_link.group(1)) == (out / "summary.csv").read_bytes()
+    assert 'src="' not in page.replace('src="data:', "")  # nothing left that points outside the file
+    for text in (page, report):
+        assert str(experiment.parent) not in text
+    assert "from `..` (paths relative to this report's folder)" in report
+
+
+def test_one_seed_report_says_so_and_shows_no_sd(experiment, tmp_path):
+    df = pd.read_csv(experiment / "results.csv")
+    single = tmp_path / "single"
+    single.mkdir()
+    df[df[SEED] == 0].to_csv(single / "results.csv", index=False)
+    spec = yaml.safe_load((experiment / "spec.yaml").read_text())
+    spec["grid"][SEED] = [0]
+    (single / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert main([str(single), "--dpi", "30"]) == 0
+    report = (single / "report" / "report.md").read_text()
+    assert "seeds expected per cell: 1 (seed 0))" in report
+    assert "One seed per cell: the values of that seed, no sd." in report
+    table = report.split("## Summary per cell")[1].split("## ICL and IWL")[0]
+    assert "±" not in table and "| 10 | 1e-2 | 1 | 0.850 | 300 | 0.800 |" in table
+    # two seeds: the sd is shown, and the header lists both
+    assert main([str(experiment), "--out", str(tmp_path / "two"), "--dpi", "30"]) == 0
+    two = (tmp_path / "two" / "report.md").read_text()
+    assert "seeds expected per cell: 2 (seeds 0, 1))" in two and "Mean ± sd over seeds" in two
+    assert " ± " in two.split("## Summary per cell")[1].split("## ICL and IWL")[0]
 
 
 def test_default_out(experiment):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import subprocess
 import sys
@@ -326,3 +327,37 @@ def test_a_dataset_that_is_not_omniglot_needs_data_custom(capsys, tmp_path, omni
     assert_user_error(code, err, str(root / NPZ_FILES[0]), "90 characters", "964", "data.custom=true")
     code, out, err = run(capsys, *argv, "--set", "data.custom=true")
     assert code == 0 and "92 x 20 drawers" in out
+
+
+# --------------------------------------------------------------------------- a fresh checkout
+
+
+def test_a_fresh_checkout_finds_shared_data_beside_it_and_offline_says_how_to_provide_it(tmp_path, omniglot_dir):
+    """A copy of the checkout, run in a clean environment (no ICL_DATA_DIR): the copy of
+    Omniglot in ../shared/data/omniglot is found; without it, on a machine that cannot
+    download, the one error line saying how to provide the data (exit 2)."""
+    from icl.data.omniglot import can_download
+
+    proj = tmp_path / "proj"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "icl", proj / "icl",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shared = tmp_path / "shared" / "data"
+    shared.mkdir(parents=True)
+    (shared / "omniglot").symlink_to(omniglot_dir)
+    env = {k: v for k, v in os.environ.items() if k != "ICL_DATA_DIR"}
+    env["PYTHONPATH"] = str(proj)
+
+    def icl_data(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "icl.data.cli", *argv], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    done = icl_data("info", "--config", "tiny")
+    assert done.returncode == 0, done.stderr
+    assert f"data root:         {shared / 'omniglot'}" in done.stdout.splitlines()
+
+    (shared / "omniglot").unlink()
+    if can_download():
+        pytest.skip("this machine is online: the checkout would download Omniglot")
+    done = icl_data("info", "--config", "tiny")
+    assert_user_error(done.returncode, done.stderr, f"no Omniglot data under {proj / 'data'}", "icl-data prepare")
+    assert not (proj / "data").exists()

@@ -10,9 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
-from icl.config import build_config
+import icl.config as config_module
+import icl.data.omniglot as omniglot_module
+from icl.config import build_config, data_roots
 from icl.data import load_data
-from icl.data.omniglot import NPZ_FILES, check_dataset, find_source, load_images, read_raw, resize
+from icl.data.omniglot import (
+    NPZ_FILES,
+    check_dataset,
+    find_source,
+    how_to_provide,
+    load_images,
+    locate_root,
+    read_raw,
+    resize,
+)
 from icl.errors import UserError
 
 N_BG, N_EV = 12, 4  # characters in the small npz copy: ids 0001..0012 and 0965..0968
@@ -317,3 +328,85 @@ def test_the_check_runs_before_the_cache(small_npz, tmp_path):
     load_images(small_npz, tmp_path, 14, custom=True)
     with pytest.raises(UserError, match="holds 12 characters"):
         load_images(small_npz, tmp_path, 14)
+
+
+# --------------------------------------------------------------------------- where the data is found
+
+
+@pytest.fixture
+def checkout(tmp_path: Path, monkeypatch) -> Path:
+    """A checkout at tmp/proj with nothing configured (no data.root, no ICL_DATA_DIR)."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    monkeypatch.setattr(config_module, "PROJECT_ROOT", proj)
+    monkeypatch.delenv("ICL_DATA_DIR", raising=False)
+    return proj
+
+
+def place(folder: Path, source: Path) -> Path:
+    """``folder`` holding the npz pair of ``source`` (symbolic links: nothing is copied)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in NPZ_FILES:
+        (folder / name).symlink_to(source / name)
+    return folder
+
+
+def test_a_fresh_checkout_finds_the_copy_in_or_beside_it_in_order(checkout: Path, small_npz: Path):
+    cfg = build_config("tiny")
+    beside = place(checkout.parent / "shared" / "data" / "omniglot", small_npz)
+    assert data_roots(cfg) == [checkout / "data", checkout / "shared/data/omniglot", beside]
+    assert locate_root(cfg) == beside
+    inside = place(checkout / "shared" / "data" / "omniglot", small_npz)
+    assert locate_root(cfg) == inside
+    own = place(checkout / "data", small_npz)
+    assert locate_root(cfg) == own
+
+
+def test_a_configured_root_is_the_only_place_looked_and_never_downloaded_into(checkout, small_npz, tmp_path,
+                                                                              monkeypatch):
+    place(checkout.parent / "shared" / "data" / "omniglot", small_npz)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(omniglot_module, "can_download", lambda host="": True)  # as if online
+    fetched = []
+    for cfg in (build_config("tiny", [f"data.root={empty}"]), None):
+        if cfg is None:
+            monkeypatch.setenv("ICL_DATA_DIR", str(empty))
+            cfg = build_config("tiny")
+        with pytest.raises(UserError) as e:
+            locate_root(cfg, fetch=fetched.append)
+        assert str(e.value) == how_to_provide(empty)
+    assert fetched == []
+
+
+def test_found_nowhere_it_is_downloaded_into_data_when_online(checkout, small_npz, monkeypatch, capsys):
+    """The internet cannot be reached here: ``fetch`` stands in for torchvision's download."""
+    monkeypatch.setattr(omniglot_module, "can_download", lambda host="": True)
+    cfg = build_config("tiny")
+
+    def fetch(root: Path):
+        return find_source(place(root, small_npz))
+
+    assert locate_root(cfg, fetch=fetch) == checkout / "data"
+    assert "downloading it with torchvision into" in capsys.readouterr().err
+    assert locate_root(cfg, fetch=None) == checkout / "data"  # found there from now on
+
+
+def test_found_nowhere_offline_is_the_error_that_says_how_to_provide_it(checkout, monkeypatch):
+    monkeypatch.setattr(omniglot_module, "can_download", lambda host="": False)
+    with pytest.raises(UserError) as e:
+        locate_root(build_config("tiny"), fetch=lambda root: pytest.fail("no download offline"))
+    assert str(e.value) == how_to_provide(checkout / "data")
+
+
+def test_a_damaged_copy_found_first_is_reported_not_passed_over(checkout, small_npz, tmp_path):
+    place(checkout.parent / "shared" / "data" / "omniglot", small_npz)
+    damaged = checkout / "data"
+    damaged.mkdir()
+    for name in NPZ_FILES:
+        shutil.copy(small_npz / name, damaged / name)
+    (damaged / "SHA256SUMS").write_text(f"{'0' * 64}  {NPZ_FILES[0]}\n")
+    cfg = build_config("tiny", [f"data.cache_dir={tmp_path / 'cache'}", "data.custom=true", "data.n_holdout=4",
+                                "data.num_classes=8"])
+    with pytest.raises(UserError, match="corrupt"):
+        load_data(cfg)

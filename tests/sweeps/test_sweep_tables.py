@@ -6,9 +6,10 @@ import csv
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from icl.errors import UserError
+from icl.errors import OutputError, UserError
 from icl.layout import ExperimentDir
 from sweeps import results as res
 from icl.train.checkpoint import step_of
@@ -45,6 +46,27 @@ def test_results_table_is_long_and_verbatim(tmp_path: Path) -> None:
     ]
     assert n == 3
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary
+
+
+def test_results_parquet_is_the_csv_table_written_with_it(tmp_path: Path) -> None:
+    write_run(tmp_path, TRIALS[0], "step,train_loss,icl_acc\n25,2.5,0.5\n50,2.25,\n")
+    write_run(tmp_path, TRIALS[1], "step,train_loss,icl_acc,ciwl_acc\n25,2.4,0.5,0.75\n")
+    res.write_results(tmp_path, TRIALS)
+    table = pd.read_parquet(ExperimentDir(tmp_path).results_parquet)
+    pd.testing.assert_frame_equal(table, pd.read_csv(ExperimentDir(tmp_path).results), check_exact=True)
+    assert list(table["trial_id"]) == ["t000", "t000", "t001"] and table["icl_acc"].isna().tolist() == [
+        False, True, False]
+    assert table["step"].dtype.kind == "i" and table["ciwl_acc"].dtype.kind == "f"
+
+    # the two appear together or not at all: a parquet that cannot be written keeps the old csv
+    before = (ExperimentDir(tmp_path).results).read_bytes()
+    write_run(tmp_path, TRIALS[2], "step,train_loss,icl_acc\n25,2.0,0.5\n")
+    (ExperimentDir(tmp_path).results_parquet).unlink()
+    (ExperimentDir(tmp_path).results_parquet).mkdir()
+    with pytest.raises(OutputError):
+        res.write_results(tmp_path, TRIALS)
+    assert (ExperimentDir(tmp_path).results).read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_results_columns_union_keeps_trainer_order(tmp_path: Path) -> None:
