@@ -219,7 +219,7 @@ def plot_groups(groups: pd.DataFrame, circuit: pd.DataFrame | None, ablation: st
         if circuit is not None and ICL in circuit.columns:
             c = circuit.sort_values("step")
             ax.plot(c["step"], 0.5 - c[ICL], color="0.4", linestyle="--", linewidth=1,
-                    label="chance − clean ICL (floor)")
+                    label="to chance (0.5 − clean ICL)")
         ax.axhline(0, color="0.5", linewidth=1)
         ax.axhline(-MIN_DROP, color="0.5", linewidth=1, linestyle=":")
         ax.set_ylabel("Δ ICL, holdout")
@@ -232,9 +232,9 @@ def plot_groups(groups: pd.DataFrame, circuit: pd.DataFrame | None, ablation: st
 
 
 def plot_composition(circuit: pd.DataFrame, composition: pd.DataFrame, metrics: pd.DataFrame | None) -> Figure:
-    """ICL over training above the K-composition of the previous-token -> induction pair named at
-    the ICL peak (followed over every checkpoint; filled markers where that pair is the one named
-    at the checkpoint), the largest score over all pairs and the median (unrelated heads)."""
+    """ICL over training above the K-composition of the pair of ICL heads named at the ICL peak
+    (followed over every checkpoint; filled markers where that pair is the one named at the
+    checkpoint), the largest score over all pairs and the median (unrelated heads)."""
     _theme()
     fig = Figure(figsize=(9.5, 6.4), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1, 1]})
@@ -251,8 +251,8 @@ def plot_composition(circuit: pd.DataFrame, composition: pd.DataFrame, metrics: 
     if len(named):
         peak = named.loc[named[ICL].idxmax()]
         pair = tuple(int(peak[k]) for k in ("prev_layer", "prev_head", "induction_layer", "induction_head"))
-        roles = [str(peak.get(f"{k}_role", "")) or ICL_HEAD for k in ("prev", "induction")]
-        label = f"{head_name(*pair[:2])} → {head_name(*pair[2:])} ({roles[0]} → {roles[1]}, named at the ICL peak)"
+        roles = [_role(peak, k) for k in ("prev", "induction")]
+        label = f"{head_name(*pair[:2])} → {head_name(*pair[2:])}, named at the ICL peak\n({roles[0]} → {roles[1]})"
         c = composition[(composition["layer_from"] == pair[0]) & (composition["head_from"] == pair[1])
                         & (composition["layer_to"] == pair[2]) & (composition["head_to"] == pair[3])]
         c = c.sort_values("step")
@@ -261,7 +261,7 @@ def plot_composition(circuit: pd.DataFrame, composition: pd.DataFrame, metrics: 
                      & (named["induction_layer"] == pair[2]) & (named["induction_head"] == pair[3])]
         bottom.plot(here["step"], c.set_index("step").loc[here["step"], "k_comp"], "o", color=pal[3],
                     label="checkpoints where this pair is named")
-        title = "K-composition of the pair of ICL heads (earlier → later layer)"
+        title = "K-composition of the pair of ICL heads"
     else:
         title = "K-composition: no pair of ICL heads named at any checkpoint"
     bottom.plot(circuit["step"], circuit["max_k_comp"], "--", color="0.3", label="largest over all pairs")

@@ -58,6 +58,51 @@ def test_attribution_names_the_planted_heads(circuit, ablation):
     assert named["circuit"] == 1
 
 
+def test_the_planted_pair_composes_most(circuit):
+    _, _, model, _ = circuit
+    k = k_composition(model)
+    assert k.shape == (2, 2, 2, 2)
+    assert np.isnan(k[1, :, :, :]).all() and np.isnan(k[:, :, 0, :]).all()  # only earlier -> later
+    assert np.nanargmax(k) == np.ravel_multi_index((0, 0, 1, 0), k.shape)
+    assert k[0, 0, 1, 0] == pytest.approx(0.25, abs=1e-6)  # two aligned rank-16 maps: 1 / sqrt(16)
+    assert k[0, 1, 1, 0] == 0.0  # the unused head writes nothing
+
+
+def test_ablating_an_unused_head_changes_nothing(circuit):
+    _, _, model, a = circuit
+    assert torch.equal(model.blocks[0].attn.proj.weight[:, planted.E :], torch.zeros(planted.D, planted.E))
+    unused = [r for r in a.rows if (r["layer"], r["head"]) == (0, 1)]
+    assert len(unused) == len(ABLATIONS) * len(ACCURACY_METRICS)
+    assert all(r["delta"] == 0.0 and r["se"] == 0.0 and r["value"] == a.clean[r["metric"]] for r in unused)
+
+
+def test_k_composition_is_the_frobenius_formula():
+    """On a random model (LayerNorm gains randomised too), one pair by the formula directly."""
+    cfg = load_config("tiny", ["model.layers=3"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for b in model.blocks:
+            b.ln1.weight.uniform_(0.5, 1.5)
+    k = k_composition(model)
+    e = cfg.model.d_model // cfg.model.heads
+    a1, a2 = model.blocks[0].attn, model.blocks[2].attn
+    g1, g2 = model.blocks[0].ln1.weight.double(), model.blocks[2].ln1.weight.double()
+    w_v = g1[:, None] * a1.qkv.weight.double()[2 * cfg.model.d_model + e : 2 * cfg.model.d_model + 2 * e].T
+    w_o = a1.proj.weight.double()[:, e : 2 * e].T
+    ov = w_v @ w_o
+    ov = ov - ov.mean(-1, keepdim=True)
+    h = 3
+    w_q = g2[:, None] * a2.qkv.weight.double()[h * e : (h + 1) * e].T
+    w_k = g2[:, None] * a2.qkv.weight.double()[cfg.model.d_model + h * e : cfg.model.d_model + (h + 1) * e].T
+    qk = w_q @ w_k.T
+    expected = ((ov @ qk.T).norm() / (ov.norm() * qk.norm())).detach()
+    assert k[0, 1, 2, 3] == pytest.approx(float(expected), rel=1e-9)
+    assert np.nanmax(k) <= 1.0 and np.nanmin(k) >= 0.0
+    ov_all, qk_all = head_circuits(model)
+    torch.testing.assert_close(ov_all[0, 1], ov.detach())
+
+
 @pytest.fixture(scope="module")
 def shared():
     cfg = planted.config()
@@ -101,7 +146,8 @@ def test_groups_are_layers_and_the_top_heads_by_score():
 def synthetic(drops: dict, ses: dict, layers: int = 2, heads: int = 4):
     """``heads.csv``-like rows: ``icl_acc`` drops and standard errors per head (0 elsewhere)."""
     return [{"layer": l, "head": h, "ablation": "mean", "metric": "icl_acc", "value": 0.9 - drops.get((l, h), 0.0),
-             "delta": -drops.get((l, h), 0.0), "se": ses.get((l, h), 0.01)} for l in range(layers) for h in range(heads)]
+             "delta": -drops.get((l, h), 0.0), "se": ses.get((l, h), 0.01)}
+            for l in range(layers) for h in range(heads)]
 
 
 def scores(induction_rank_of_l1h0: int, prev_rank_of_l0h0: int) -> np.ndarray:
@@ -144,6 +190,17 @@ def test_a_head_is_named_only_if_its_drop_clears_the_threshold_and_two_standard_
     named = name_circuit(synthetic(drops, ses), scores(1, 1), "mean")
     assert (named["induction_layer"], named["induction_head"]) == expected
     assert named["circuit"] == int(expected[0] >= 0)
+
+
+@pytest.mark.parametrize("drop, se, present", [(0.3, 0.02, 1), (0.06, 0.04, 0), (0.03, 0.001, 0)])
+def test_the_circuit_is_present_where_the_top_induction_heads_together_cost_icl(drop, se, present):
+    """No head alone counts (work shared); the top-3 heads by induction score ablated together do,
+    by the same rule as a single head."""
+    groups = [{"group": f"top-{k} induction", "members": "", "ablation": "mean", "metric": "icl_acc",
+               "value": 0.9, "delta": -drop if k == 3 else -0.01, "se": se} for k in (1, 2, 3)]
+    named = name_circuit(synthetic({(1, 0): 0.02, (1, 1): 0.02}, {}), scores(1, 1), "mean", groups)
+    assert named["induction_layer"] == -1 and named["prev_layer"] == -1
+    assert (named["group_icl_drop"], named["group_icl_drop_se"], named["circuit"]) == (drop, se, present)
 
 
 def direct(model, data, cfg, heads, mean_of):
@@ -272,13 +329,8 @@ def test_heads_csv_of_an_earlier_version_is_refused_not_overwritten(tmp_path):
 def test_rerunning_from_the_ablated_block_equals_a_full_forward(circuit):
     """Attribution reruns only the blocks from the ablated one on, from cached clean inputs: the
     same logits as a whole forward pass with the ablation."""
-    from icl.circuits.attribution import ResidualCache
-    from icl.model.hooks import ablate_head, hooks
-
     cfg, data, _, _ = circuit
     torch.manual_seed(3)
-    from icl.model import build_model
-
     model = build_model(cfg).eval()
     cache = ResidualCache.build(model, data, cfg)
     seqs = data.eval_sets.ciwl
