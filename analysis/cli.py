@@ -38,9 +38,12 @@ def _check_out(out: Path, paths: list[str]) -> None:
 HEADS_DESCRIPTION = """\
 Head attribution over training: for every saved checkpoint of each run (a run directory, or any
 directory holding run directories, e.g. a sweep's experiment directory) not analysed yet, ablate
-each attention head alone (by zero and by its mean over the ICL set) and record the change in
-every accuracy metric (RUN/heads.csv), name the induction and previous-token heads by causal
-effect and check them against the observational attention scores (RUN/circuit.csv), compute the
+each attention head alone (by zero and by its mean over the evaluation set scored) and record
+the change in every accuracy metric (RUN/heads.csv), name the ICL heads by causal effect and call
+them induction / previous-token heads only where the observational attention scores agree
+(RUN/circuit.csv), ablate groups
+of heads together (each layer, the top-k heads by induction and previous-token score;
+RUN/groups.csv), with paired standard errors for every change, compute the
 K-composition of every earlier/later head pair (RUN/composition.csv), and draw RUN/circuits/*.png.
 Runs keep only train.keep_checkpoints checkpoints: raise it, or analyse each checkpoint as it is
 written (the sweep spec option `heads: true`)."""
@@ -58,7 +61,7 @@ def heads_main(argv: list[str]) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from analysis.heads import find_runs, head_name, write_run_plots
+    from analysis.heads import find_runs, named_heads, write_run_plots
     from icl.circuits import update_run
 
     runs = find_runs(args.paths)
@@ -73,9 +76,9 @@ def heads_main(argv: list[str]) -> int:
             each = sum(a.seconds for a in done) / len(done)
             c = done[-1].circuit
             line += (f" ({each:.1f} s each, {time.perf_counter() - t0:.1f} s in all); step {done[-1].step:,}: "
-                     f"induction {head_name(c['induction_layer'], c['induction_head'])}, previous-token "
-                     f"{head_name(c['prev_layer'], c['prev_head'])} (observationally top: "
-                     f"{c['induction_obs_best']}, {c['prev_obs_best']})")
+                     f"ICL heads: {named_heads(c)}; circuit {'present' if c['circuit'] else 'absent'} "
+                     f"(observationally top by induction score: {c['induction_obs_best']}, by previous-token "
+                     f"score: {c['prev_obs_best']})")
         print(line + (f"; {len(plots)} plots in {RunLayout(run).plots}" if plots else ""), file=sys.stdout)
     return 0
 
@@ -121,3 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                   collapse_fraction=args.collapse_fraction, x=args.x, logx=args.logx, dpi=args.dpi)
     print("\n".join(summary_lines(rep)))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,9 +3,9 @@
     python benchmarks/heads_time.py --config demo [--config paper] [--device cpu] [--repeats 3]
 
 Times :func:`icl.circuits.over_training.analyse` (what ``icl-analyze heads`` and the sweep's
-``heads: true`` run per checkpoint: both ablations of every head on every fixed evaluation set,
-the naming, the composition) on an untrained model of each preset (the cost does not depend on
-the weights). Loading the data (image bank, fixed evaluation sets) is timed apart: it happens once
+``heads: true`` run per checkpoint: both ablations of every head and every group of heads on
+every fixed evaluation set, the naming, the composition) on an untrained model of each preset (the
+cost does not depend on the weights). Loading the data (image bank, fixed evaluation sets) is timed apart: it happens once
 per process and is shared by every run of a sweep. Reports the fastest and the median of
 ``--repeats`` (on a shared machine the fastest is the cost; the median shows the contention) and
 the process CPU seconds of the fastest.

@@ -9,7 +9,7 @@ A run directory (:class:`RunLayout`; :class:`icl.train.rundir.RunDir` keeps its 
       events.out.tfevents.*  the same rows and per-head scores for TensorBoard (icl.train.tensorboard)
       checkpoints/
         step_000012000/      one checkpoint (icl.train.checkpoint), the newest N kept
-      heads.csv, circuit.csv, composition.csv   head attribution over training (icl.circuits)
+      heads.csv, groups.csv, circuit.csv, composition.csv   head attribution over training (icl.circuits)
       circuits/              its plots (analysis.heads)
 
 An experiment directory (:class:`ExperimentDir`), ``STORAGE/NAME``::
@@ -59,6 +59,7 @@ EVENTS_PREFIX = "events"  # TensorBoard reads files named events.out.tfevents.*
 EVENTS_GLOB = f"{EVENTS_PREFIX}.out.tfevents.*"
 TB_REBUILD_PREFIX = ".tb-rebuild-"  # an event file being rebuilt (or a crash's leftover)
 HEADS = "heads.csv"
+GROUPS = "groups.csv"
 CIRCUIT = "circuit.csv"
 COMPOSITION = "composition.csv"
 PLOTS = "circuits"
@@ -85,6 +86,7 @@ class RunLayout:
         self.attention = self.path / ATTENTION
         self.checkpoints_dir = self.path / CHECKPOINTS
         self.heads = self.path / HEADS
+        self.groups = self.path / GROUPS
         self.circuit = self.path / CIRCUIT
         self.composition = self.path / COMPOSITION
         self.plots = self.path / PLOTS
@@ -114,6 +116,10 @@ class RunLayout:
     @property
     def top_heads_plot(self) -> Path:
         return self.plots / "heads_over_training.png"
+
+    @property
+    def groups_plot(self) -> Path:
+        return self.plots / "groups_over_training.png"
 
     @property
     def composition_plot(self) -> Path:

@@ -5,13 +5,16 @@
 Writes, next to the run's ``metrics.csv`` (each rewritten atomically after every checkpoint, so
 an interruption loses at most the checkpoint in progress):
 
-- ``heads.csv``: ``step, layer, head, ablation, metric, value, delta`` (every head, every
-  ablation, every accuracy metric; ``delta`` = ablated - clean);
-- ``circuit.csv``: one row per step: the clean metrics, the induction and previous-token heads
-  named by causal effect with their observational scores and ranks
-  (:func:`icl.circuits.attribution.name_circuit`), and the K-composition of that pair
-  (``pair_k_comp``), the largest over all pairs (``max_k_comp``) and the median
-  (``median_k_comp``, what unrelated heads give);
+- ``heads.csv``: ``step, layer, head, ablation, metric, value, delta, se`` (every head, every
+  ablation, every accuracy metric; ``delta`` = ablated - clean, ``se`` its paired standard error);
+- ``groups.csv``: ``step, group, members, ablation, metric, value, delta, se``: the same for the
+  groups ablated together (each layer, the top-k heads by induction and previous-token score;
+  :func:`icl.circuits.attribution.head_groups`);
+- ``circuit.csv``: one row per step: the clean metrics, the ICL heads named by causal effect
+  with their roles, observational scores and ranks, the top-k induction group's drop and whether
+  the circuit is present (:func:`icl.circuits.attribution.name_circuit`), and the K-composition
+  of the named pair (``pair_k_comp``), the largest over all pairs (``max_k_comp``) and the
+  median (``median_k_comp``, what unrelated heads give);
 - ``composition.csv``: ``step, layer_from, head_from, layer_to, head_to, k_comp``.
 
 Only steps not yet in ``heads.csv`` are analysed, so a sweep can call this at every checkpoint
@@ -35,10 +38,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from icl.circuits.attribution import ABLATIONS, HEADS_COLUMNS, head_attribution, name_circuit
+from icl.circuits.attribution import ABLATIONS, GROUPS_COLUMNS, HEADS_COLUMNS, head_attribution, name_circuit
 from icl.circuits.composition import composition_rows, k_composition
 from icl.config import Config, build_config, read_yaml
 from icl.data import StudyData, load_data
+from icl.errors import UserError
 from icl.io import atomic_write
 from icl.layout import RunLayout
 from icl.model import SequenceModel, build_model
@@ -101,17 +105,18 @@ def data_for(cfg: Config, device: torch.device | str) -> StudyData:
 
 
 def analyse(model: SequenceModel, data: StudyData, cfg: Config, ablations: Sequence[str] = ABLATIONS):
-    """One checkpoint: ``(heads rows, circuit row, composition rows)``, without ``step``."""
+    """One checkpoint: ``(heads rows, group rows, circuit row, composition rows)``, without ``step``."""
     attribution = head_attribution(model, data, cfg, ablations)
     scores = k_composition(model)
     circuit = {**attribution.clean, **name_circuit(attribution.rows, attribution.observed,
-                                                   "mean" if "mean" in ablations else ablations[0])}
+                                                   "mean" if "mean" in ablations else ablations[0],
+                                                   attribution.groups)}
     pl, ph, il, ih = (int(circuit[k]) for k in ("prev_layer", "prev_head", "induction_layer", "induction_head"))
     defined = scores[np.isfinite(scores)]
     circuit["pair_k_comp"] = float(scores[pl, ph, il, ih]) if min(pl, il) >= 0 else math.nan
     circuit["max_k_comp"] = float(defined.max()) if defined.size else math.nan
     circuit["median_k_comp"] = float(np.median(defined)) if defined.size else math.nan
-    return attribution.rows, circuit, composition_rows(scores)
+    return attribution.rows, attribution.groups, circuit, composition_rows(scores)
 
 
 def update_run(run_dir: Path | str, *, ablations: Sequence[str] = ABLATIONS, device: torch.device | str = "cpu",
@@ -121,7 +126,12 @@ def update_run(run_dir: Path | str, *, ablations: Sequence[str] = ABLATIONS, dev
     run = RunLayout(run_dir)
     cfg = run_config(run_dir)
     heads_rows = read_rows(run.heads)
+    if heads_rows and "se" not in heads_rows[0]:
+        raise UserError(f"{run.heads} was written by an earlier version (no standard errors; its mean "
+                        f"ablation used the ICL set's mean for every set): move it, {run.circuit.name} and "
+                        f"{run.composition.name} aside to analyse the run's saved checkpoints again")
     done = {int(r["step"]) for r in heads_rows}  # heads.csv decides; the other files follow it
+    group_rows = [r for r in read_rows(run.groups) if int(r["step"]) in done]
     circuit_rows = [r for r in read_rows(run.circuit) if int(r["step"]) in done]
     comp_rows = [r for r in read_rows(run.composition) if int(r["step"]) in done]
     analysed: list[Analysed] = []
@@ -136,14 +146,17 @@ def update_run(run_dir: Path | str, *, ablations: Sequence[str] = ABLATIONS, dev
         if data is None:
             data = data_for(cfg, device)
         t0 = time.perf_counter()
-        heads, circuit, comp = analyse(model, data, cfg, ablations)
+        heads, groups, circuit, comp = analyse(model, data, cfg, ablations)
         seconds = time.perf_counter() - t0
         heads_rows += [{"step": step, **r} for r in heads]
+        group_rows += [{"step": step, **r} for r in groups]
         circuit_rows.append({"step": step, **circuit, "seconds": seconds})
         comp_rows += [{"step": step, **r} for r in comp]
         by_step = lambda r: int(r["step"])  # noqa: E731
-        write_rows(run.heads, sorted(heads_rows, key=by_step), HEADS_COLUMNS)
+        # heads.csv last: it says which steps are done, so the others hold them before it does
+        write_rows(run.groups, sorted(group_rows, key=by_step), GROUPS_COLUMNS)
         write_rows(run.circuit, sorted(circuit_rows, key=by_step), list(circuit_rows[-1]))
         write_rows(run.composition, sorted(comp_rows, key=by_step), COMPOSITION_COLUMNS)
+        write_rows(run.heads, sorted(heads_rows, key=by_step), HEADS_COLUMNS)
         analysed.append(Analysed(step, seconds, circuit))
     return analysed

@@ -130,13 +130,14 @@ def autocast(cfg: Config, device: torch.device, enabled: bool | None = None):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on, cache_enabled=False)
 
 
-def set_metrics(logits: Mapping[str, Tensor], sets: EvalSets, data: StudyData, cfg: Config) -> dict[str, float]:
-    """Every accuracy and the ECE from the logits of each evaluation set (``{set name: [N, vocab]}``);
-    the accuracies are read from the device in one copy."""
+def set_hits(logits: Mapping[str, Tensor], sets: EvalSets, data: StudyData) -> dict[str, Tensor]:
+    """Each accuracy metric's per-sequence correctness (bool ``[N]``) from the logits of each
+    evaluation set: the accuracies are their means, and head attribution's paired standard
+    errors come from the per-sequence differences (ablated - clean, same sequences)."""
     t = sets.icl.targets
     two = logits["icl"][:, :2]
     flip = logits["flip_icl"].argmax(-1)
-    hits = {
+    return {
         ICL: two.argmax(-1) == t,
         ICL_ALL: logits["icl"].argmax(-1) == t,
         ICL_TRAIN: logits["icl_train"][:, :2].argmax(-1) == sets.icl_train.targets,
@@ -145,8 +146,14 @@ def set_metrics(logits: Mapping[str, Tensor], sets: EvalSets, data: StudyData, c
         FLIP_IWL: flip == data.trained_labels(sets.flip_icl.classes[:, -1]),
         CIWL: logits["ciwl"].argmax(-1) == sets.ciwl.targets,
     }
+
+
+def set_metrics(logits: Mapping[str, Tensor], sets: EvalSets, data: StudyData, cfg: Config) -> dict[str, float]:
+    """Every accuracy and the ECE from the logits of each evaluation set (``{set name: [N, vocab]}``);
+    the accuracies are read from the device in one copy."""
+    hits = set_hits(logits, sets, data)
     accs = dict(zip(hits, torch.stack([h.float().mean() for h in hits.values()]).tolist()))
-    ece = expected_calibration_error(two.softmax(-1), t, cfg.eval.ece_bins)
+    ece = expected_calibration_error(logits["icl"][:, :2].softmax(-1), sets.icl.targets, cfg.eval.ece_bins)
     return {ICL: accs[ICL], ICL_ALL: accs[ICL_ALL], ECE: ece, **{k: accs[k] for k in ACCURACIES[2:]}}
 
 

@@ -12,7 +12,9 @@ Layer 0, head 0 (previous-token head): queries read P, keys read P shifted by on
 token t attends to t - 1; its OV copies C into S. At a label token that is the image just before.
 Layer 1, head 0 (induction head): queries read the query image's C, keys read S, so the query
 attends to the labels that follow images of its class; its OV copies Lb. The unembedding reads Lb.
-Layer 0, head 1 is unused (output weights zero); layer 1, head 1 is small random noise.
+Layer 0, head 1 is unused (output weights zero); layer 1, head 1 is small random noise, or, with
+``shared=True``, a second copy of the induction head: the two share the work, so either alone can
+be removed at no cost and only ablating both (layer 1, the top-2 heads by induction score) shows it.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _pairs(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([v, -v], dim=-1) / math.sqrt(2)
 
 
-def model(cfg: Config, seed: int = 0) -> SequenceModel:
+def model(cfg: Config, seed: int = 0, shared: bool = False) -> SequenceModel:
     g = torch.Generator().manual_seed(seed)
     m = build_model(cfg).eval()
     u = torch.nn.functional.normalize(torch.randn(N_CHARS, N_U, generator=g), dim=-1)
@@ -103,4 +105,8 @@ def model(cfg: Config, seed: int = 0) -> SequenceModel:
         for j in range(3):
             a1.qkv.weight[j * D + E : (j + 1) * D] = noise[j]
         a1.proj.weight[:, E:] = torch.randn(D, E, generator=g) * 0.02
+        if shared:  # head 1 of layer 1 := head 0 (q, k, v rows and output columns)
+            for j in range(3):
+                a1.qkv.weight[j * D + E : (j + 1) * D] = a1.qkv.weight[j * D : j * D + E]
+            a1.proj.weight[:, E:] = a1.proj.weight[:, :E]
     return m
