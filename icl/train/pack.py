@@ -128,7 +128,8 @@ class PackedModels:
     After construction every model's parameters and buffers are views into the stack, so
     ``models[k]`` holds model ``k``'s live weights. Columns: decayed parameters first
     (``[0, n_decay)``), then the other parameters bf16 autocast would cast, then the rest
-    (norms, embedding tables).
+    (norms, embedding tables); under ``optim.l2_scope: all`` every column decays, and the
+    castable ones still come first.
 
     :meth:`logits` runs the K models in one of two ways, with the same numbers:
 
@@ -157,7 +158,11 @@ class PackedModels:
         first = next(model.parameters())
         decay, no_decay = decay_groups(model, cfg.optim)
         castable = autocast_weights(model)
-        order = decay + [n for n in no_decay if n in castable] + [n for n in no_decay if n not in castable]
+        # decayed columns first, castable ones first: the decayed set is either within the castable
+        # one (optim.l2_scope: weights) or everything (all), so both are leading column ranges
+        order = ([n for n in decay if n in castable] + [n for n in no_decay if n in castable]
+                 + [n for n in decay if n not in castable] + [n for n in no_decay if n not in castable])
+        assert order[: len(decay)] == [n for n in order if n in decay], "decayed columns must lead"
         params = dict(model.named_parameters())
         slots, col = [], 0
         for name in order:
