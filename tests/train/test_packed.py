@@ -225,6 +225,8 @@ def plain_pytorch(cfg, data, steps: int):
     ("linear", 3, "vmap", "optim.decay_modules=attn,head"),  # decoupled decay on chosen modules only
     ("linear", 3, "loop", "optim.l2=coupled"),  # the papers' penalty through Adam
     ("linear", 3, "vmap", "optim.l2=coupled optim.decay_modules=mlp"),
+    ("linear", 3, "vmap", "optim.l2_scope=all"),  # every array decays, the label table included
+    ("linear", 3, "loop", "optim.l2=coupled optim.l2_scope=all"),  # the peers' penalty
 ])
 def test_a_pack_equals_plain_pytorch_batchnorm_statistics_and_adamw_moments_included(embedder, k, forward, decay):
     cfgs = configs(GRID[:k], [*SETUPS[embedder], f"train.pack_forward={forward}", *decay.split()])
