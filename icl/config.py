@@ -33,6 +33,7 @@ PRECISIONS = ("fp32", "bf16", "fp64")
 MAX_ROWS = 1_000_000  # sequences per batch or evaluation set (the sampler's counters: icl.data.rng)
 DECAY_MODULES = ("embedder", "attn", "mlp", "head")  # what optim.decay_modules may name
 L2_KINDS = ("decoupled", "coupled")
+L2_SCOPES = ("weights", "all")  # what weight decay covers: Linear/Conv weights, or every array (icl-dynamics)
 
 
 @dataclass
@@ -75,6 +76,8 @@ class OptimConfig:
     # embedder, attn, mlp, head ("all", "none" accepted); biases, norms, tables never
     decay_modules: str = "embedder,attn,mlp,head"
     l2: str = "decoupled"  # decoupled (AdamW) | coupled (weight_decay * sum ||W|| added to the loss, through Adam)
+    # weights (the Linear/Conv weights of decay_modules) | all (every trainable array, as icl-dynamics' penalty)
+    l2_scope: str = "weights"
     schedule: str = "inverse_sqrt"  # inverse_sqrt | constant | cosine
     warmup_steps: int = 4000
     beta1: float = 0.9
@@ -351,6 +354,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": PRECISIONS,
     "train.pack_forward": ("auto", "vmap", "loop"),
     "optim.l2": L2_KINDS,
+    "optim.l2_scope": L2_SCOPES,
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]{0,2}))?")  # cuda:N, N < 1000
 PATH_KEYS = ("data.root", "data.cache_dir")
@@ -396,6 +400,11 @@ def validate(cfg: Config) -> None:
     _require(m.d_model % m.heads == 0, f"model.heads ({m.heads}) must divide model.d_model ({m.d_model})")
     o = cfg.optim
     o.decay_modules = canonical_decay_modules(o.decay_modules)
+    _require(
+        o.l2_scope == "weights" or o.decay_modules == ",".join(DECAY_MODULES),
+        f"optim.l2_scope=all decays every array of the model, so optim.decay_modules cannot choose modules "
+        f"(got {o.decay_modules}): set optim.decay_modules=all, or optim.l2_scope=weights to decay chosen modules",
+    )
     _require(
         t.checkpoint_every % t.eval_every == 0,
         f"train.checkpoint_every ({t.checkpoint_every}) must be a multiple of train.eval_every ({t.eval_every}): "

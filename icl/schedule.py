@@ -47,13 +47,24 @@ def _lr_sum(lr: float, schedule: str, warmup: int, total_steps: int, upto: int) 
 def decay_exponent(cfg: Config, upto: int | None = None) -> float:
     """``wd * sum_t lr_t``: how many e-folds decoupled decay shrinks a weight by over the run
     (0 without decay; NaN under ``optim.l2: coupled``, whose pull depends on the weights)."""
+    if cfg.optim.weight_decay == 0 or cfg.optim.decay_modules == "none":
+        return 0.0
     if cfg.optim.l2 == "coupled":
         return math.nan
-    if cfg.optim.weight_decay == 0:
-        return 0.0
     return cfg.optim.weight_decay * lr_sum(cfg.optim, cfg.train.steps, upto)
 
 
 def shrink_factor(cfg: Config, upto: int | None = None) -> float:
     """The total factor ``exp(-wd * sum_t lr_t)`` decoupled decay scales a weight by (1 = none)."""
     return math.exp(-decay_exponent(cfg, upto))
+
+
+def shrink_text(cfg: Config) -> str:
+    """The total shrink factor, short: ``e^-0.25`` (the exponent to two significant digits),
+    ``1`` without decay, ``coupled`` under coupled L2 (no fixed factor)."""
+    x = decay_exponent(cfg)
+    if math.isnan(x):
+        return "coupled"
+    if x == 0:
+        return "1"
+    return f"e^-{x:.0f}" if x >= 10 else f"e^-{x:.2g}"

@@ -35,7 +35,7 @@ from sweeps.faults import FAULTS_ENV, parse_faults
 from sweeps.leftovers import forget, record, session_dir, stop_leftovers
 from sweeps.progress import concurrency
 from sweeps.ray_session import RayOptions, check_resources, check_storage_shared, start_ray
-from sweeps.spec import PackSpec, SweepSpec, TrialSpec, format_value, make_packs, saved_yaml
+from sweeps.spec import PackSpec, SweepSpec, TrialSpec, format_value, lr_sums, make_packs, saved_yaml, shrink_of
 from sweeps.trainable import TrialNames, make_trainable
 
 # What Tune raises when it cannot save or read back its own state (error files truncated on a
@@ -345,9 +345,9 @@ def dry_run_table(spec: SweepSpec, trials: Sequence[TrialSpec], out: Any = None)
     state = experiment_state(spec)
     done = set(finished_trials(exp_dir, trials)) if state == "resume" else set()
     keys = list(spec.grid)
-    rows = [["model", "trial", *keys, "status"]]
+    rows = [["model", "trial", *keys, "shrink", "status"]]
     for t in trials:
-        rows.append([t.trial_id, pack_of[t.trial_id], *(format_value(t.grid[k]) for k in keys),
+        rows.append([t.trial_id, pack_of[t.trial_id], *(format_value(t.grid[k]) for k in keys), shrink_of(t),
                      "finished" if t.trial_id in done else "to run"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     base = spec.base or "resolved config"
@@ -362,6 +362,9 @@ def dry_run_table(spec: SweepSpec, trials: Sequence[TrialSpec], out: Any = None)
         file=out,
     )
     print(f"packing:    up to {_models(spec.pack)} per trial, trained as one pack (train_packed)", file=out)
+    sums = ", ".join(f"{x:.4g}" for x in lr_sums(trials))
+    print(f"decay:      shrink = exp(-weight_decay * sum lr_t), the factor decoupled decay scales a weight by "
+          f"over the run (sum lr_t = {sums})", file=out)
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
     print(f"{_models(len(trials))} in {len(packs)} trials of up to {_models(largest)} ({len(trials) - len(done)} "

@@ -3,12 +3,14 @@ one row per model (a grid point), also for a packed trial, so every model's cell
 
     Sweep: 0/4 models finished, 15,000/40,000 model-steps (38%), 98.0 model-steps/s, ETA 0:04:41 (2 trials at a time)
     Number of trials: 4/4 (2 PENDING, 2 RUNNING)
-    +--------------+----------+-----------------+---------------+----------------+--------+------------+-------+-------+-------------+-----------------+---------+
-    | Trial name   | status   | loc             |   num_classes |   weight_decay |   seed | step       |   ICL |   IWL |   train acc |   model-steps/s | ETA     |
+    +--------------+----------+-----------------+---------------+----------------+----------+--------+------------+-------+-------+-------------+-----------------+---------+
+    | Trial name   | status   | loc             |   num_classes |   weight_decay | shrink   |   seed | step       |   ICL |   IWL |   train acc |   model-steps/s | ETA     |
     ...
 
 ``Trial name`` is the model's trial id; ``pack`` (packed sweeps only) the Tune trial that
-trains it; one column per grid key, by its short name (``spec.short_names``); ``step`` as
+trains it; one column per grid key, by its short name (``spec.short_names``); ``shrink``, what
+the model's weight decay amounts to over its schedule (``exp(-wd * sum lr_t)``, e.g.
+``e^-0.25``: the factor a weight without gradient ends at); ``step`` as
 done/total; the latest holdout ICL, IWL and training accuracies (and the peer evaluators'
 when the trainer reports them); the trial's rate in model-steps/s and its ETA. Above the
 table, Ray's status lines and one line for the whole sweep (``sweeps.progress``).
@@ -38,11 +40,25 @@ from icl.metrics import LIVE, STEP
 from icl.train.progress import format_duration
 from icl.train.rundir import RunDir
 from sweeps.progress import PER_MODEL, RATE, SweepTally
-from sweeps.spec import TrialSpec, format_value, short_names
+from sweeps.spec import TrialSpec, format_value, short_names, shrink_of
 
 COLUMNS = {STEP: "step", **LIVE, "rate": "model-steps/s", "eta": "ETA"}
+SHRINK = "shrink"  # each model's exp(-wd * sum lr_t), as e^-0.25 (sweeps.spec.shrink_of)
 REPORT_PERIOD_S = {True: 10.0, False: 60.0}  # at most one table per period: a terminal, a log
 PERIOD_ENV = "ICL_SWEEP_REPORT_S"  # overrides the period (seconds)
+
+
+def with_shrink(params: dict[str, str]) -> dict[str, str]:
+    """The table's parameter columns with ``shrink`` (each model's total shrink factor) after
+    the weight decay's column, or last when the grid does not vary the decay."""
+    if "optim.weight_decay" not in params:
+        return {**params, SHRINK: SHRINK}
+    out: dict[str, str] = {}
+    for k, v in params.items():
+        out[k] = v
+        if k == "optim.weight_decay":
+            out[SHRINK] = SHRINK
+    return out
 
 
 class ModelRow:
@@ -78,6 +94,7 @@ class SweepReporter(CLIReporter):
         short = short_names(keys)
         params = {"pack": "pack"} if any(len(m) > 1 for m in packs.values()) else {}
         params.update({k: short[k] for k in keys})
+        params = with_shrink(params)
         if period_s is None:
             period_s = float(os.environ.get(PERIOD_ENV) or REPORT_PERIOD_S[sys.stdout.isatty()])
         super().__init__(
@@ -88,7 +105,7 @@ class SweepReporter(CLIReporter):
             print_intermediate_tables=True,
         )
         self.packs = {p: tuple(m) for p, m in packs.items()}
-        self.cells = {t.trial_id: {k: format_value(t.grid[k]) for k in keys} for t in trials}
+        self.cells = {t.trial_id: {**{k: format_value(t.grid[k]) for k in keys}, SHRINK: shrink_of(t)} for t in trials}
         self.steps = {t.trial_id: int(t.config["train.steps"]) for t in trials}
         self.dirnames = {t.trial_id: t.dirname for t in trials}
         self.exp_dir = Path(exp_dir)

@@ -55,6 +55,7 @@ from icl.config import (
 from icl.errors import UserError
 from icl.inputs import user_path
 from icl.layout import saved_spec_text
+from icl.schedule import lr_sum, shrink_text
 
 SPEC_DIR = Path(__file__).resolve().parent
 DEFAULT_STORAGE = "experiments"
@@ -478,6 +479,23 @@ def short_names(keys: list[str]) -> dict[str, str]:
     """Last component of each dotted key, unless two keys share it."""
     last = [k.split(".")[-1] for k in keys]
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def shrink_of(trial: TrialSpec) -> str:
+    """The trial's total shrink factor ``exp(-wd * sum lr_t)`` as text (``e^-0.25``; see
+    :func:`icl.schedule.shrink_text`): what its weight decay amounts to over its schedule."""
+    return shrink_text(build_config({**trial.config, **trial.grid}))
+
+
+def lr_sums(trials: Sequence[TrialSpec]) -> list[float]:
+    """The distinct ``sum lr_t`` of the trials' schedules, in order of appearance."""
+    out: list[float] = []
+    for t in trials:
+        o = build_config({**t.config, **t.grid})
+        total = lr_sum(o.optim, o.train.steps)
+        if not any(math.isclose(total, x, rel_tol=1e-12) for x in out):
+            out.append(total)
+    return out
 
 
 def format_value(v: Any) -> str:

@@ -349,6 +349,19 @@ def test_every_numeric_key_has_a_range_documented_in_the_readme():
         assert f"| `{key}` | {rng}" in readme, f"README lacks the range of {key} ({rng})"
 
 
+def test_the_decay_choices_are_checked_and_listed_in_the_readme():
+    from icl.config import CHOICES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for key in ("optim.l2", "optim.l2_scope"):
+        leaf = key.split(".")[-1]
+        assert f"`{leaf}` ({', '.join(CHOICES[key])})" in readme, key
+        assert f"{key} must be one of {', '.join(CHOICES[key])}, got 'x'" in err("tiny", {key: "x"})
+    assert build_config("tiny").optim.l2_scope == "weights"  # today's coverage by default
+    assert build_config("tiny", {"optim.l2_scope": "all", "optim.l2": "coupled"}).optim.l2_scope == "all"
+    assert "optim.l2_scope=all" in err("tiny", {"optim.l2_scope": "all", "optim.decay_modules": "attn,mlp"})
+
+
 @pytest.mark.parametrize("key", [k for k, t in _numeric_keys().items() if t is float])
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", ".inf", "1e400", "1" + "0" * 400])
 def test_no_float_key_takes_a_non_finite_value(key, value):

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from icl.config import load_config
-from icl.schedule import decay_exponent, lr_at, lr_sum, shrink_factor
+from icl.schedule import decay_exponent, lr_at, lr_sum, shrink_factor, shrink_text
 
 
 def test_lr_sum_is_the_sum_of_the_schedule() -> None:
@@ -39,3 +39,18 @@ def test_no_decay_and_coupled_decay() -> None:
     cfg.optim.weight_decay = 0.1
     cfg.optim.l2 = "coupled"
     assert math.isnan(decay_exponent(cfg))  # coupled L2's pull depends on the weights: no fixed factor
+
+
+def test_shrink_text_is_short_and_says_when_there_is_no_fixed_factor() -> None:
+    cfg = load_config("paper")
+    assert shrink_text(cfg) == "1"
+    for wd, text in ((3e-4, "e^-0.0075"), (1e-2, "e^-0.25"), (0.04, "e^-1"), (0.2, "e^-5"), (1.0, "e^-25")):
+        cfg.optim.weight_decay = wd
+        assert shrink_text(cfg) == text
+        assert float(text[3:]) == pytest.approx(decay_exponent(cfg), rel=0.02)
+    cfg.optim.decay_modules = "none"  # nothing decays
+    assert shrink_text(cfg) == "1" and shrink_factor(cfg) == 1.0
+    cfg.optim.decay_modules, cfg.optim.l2 = "mlp", "coupled"
+    assert shrink_text(cfg) == "coupled"
+    cfg.optim.weight_decay = 0.0
+    assert shrink_text(cfg) == "1"  # coupled without a penalty: no decay at all

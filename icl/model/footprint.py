@@ -33,7 +33,7 @@ from icl.model.hooks import run_with_cache
 from icl.model.transformer import SequenceModel
 
 FLOAT_BYTES = 4  # fp32: the estimate does not count on bf16 savings
-STATE_COPIES = 4  # weights, gradients, AdamW exp_avg and exp_avg_sq
+STATE_COPIES = 5  # weights, gradients, AdamW exp_avg and exp_avg_sq, decay compensation (at most one per weight)
 N_EVAL_SETS = 3  # icl, iwl, icl_train
 SIZE_KEYS = "model.layers, model.d_model, model.mlp, train.batch_size, eval.batch_size, eval.n_sequences"
 

@@ -1,9 +1,23 @@
 """AdamW for a pack: one update over the ``[K, N]`` parameter stack, a weight decay per model.
 
-The update of ``torch.optim.AdamW`` (tests/train/test_packed.py holds it bit for bit), with the
+The update of ``torch.optim.AdamW`` (tests/train/test_packed.py holds it to torch's), with the
 decoupled decay of each model applied to exactly its decayed columns, or, under
 ``optim.l2: coupled``, the penalty's gradient added per model; its per-step scalars live in a
 device table, so a captured CUDA graph can read them.
+
+**Small decay, exactly.** torch's AdamW shrinks a weight by ``p *= 1 - lr_t * wd``. In fp32 the
+factor ``1 - lr_t * wd`` is rounded to a multiple of 2^-24 first, so for ``lr_t * wd`` below
+2^-25 it is exactly 1 and the step's decay is lost, and for a few times that it is off by a
+large part of itself: on a long inverse-square-root schedule most of a weak decay never
+happens (the README's weight-decay section has the figures). Here each step subtracts the
+decay itself, ``p * (lr_t * wd)`` (a small number, accurate to fp32's relative precision),
+with compensated (Kahan) summation (:func:`decay_`): a buffer ``compensation`` (one number per
+decayed column) carries what rounding ``p - p * lr_t * wd`` to the weight's precision dropped,
+and the next step subtracts it too. Over a run a weight without gradient thus ends at
+``prod_t (1 - lr_t * wd)`` (about ``exp(-wd * sum lr_t)``, :mod:`icl.schedule`) to within a
+rounding of the weight, however small each step's share. The Adam step is applied as torch
+applies it. The buffer is part of each model's optimiser state in checkpoints
+(``decay_compensation``, beside ``exp_avg``); a checkpoint without it resumes from zero.
 """
 
 from __future__ import annotations
@@ -23,17 +37,17 @@ class PackedAdamW:
 
     Per update ``t`` (1-based), in the order of torch's single-tensor AdamW::
 
-        p[:, :n_decay] *= 1 - lr_t * wd_k          (decay group only; a factor 1 where wd_k = 0)
+        p[:, :n_decay] -= p * (lr_t * wd_k)        (decay group only, compensated: :func:`decay_`)
         m = lerp(m, g, 1 - beta1);  v = v * beta2 + (1 - beta2) g^2
         p += (-lr_t / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
     The per-step scalars are computed in float64 on the host, as torch does with Python
     floats, for a whole range of updates at once (:meth:`schedule`); the per-model decay
-    factors go to the device in one copy, so an update never synchronises.
+    rates go to the device in one copy, so an update never synchronises.
 
     The scalars of a range live in ``table`` (``[rows, 2 + K]`` on the device: ``-step_size,
-    sqrt(1 - beta2^t)``, the K decay factors), a buffer that stays where it is, so a captured
-    CUDA graph can read row ``i`` through a device index (:meth:`step_at`).
+    sqrt(1 - beta2^t)``, the K decay rates ``lr_t * wd_k``), a buffer that stays where it is,
+    so a captured CUDA graph can read row ``i`` through a device index (:meth:`step_at`).
 
     Eager (:meth:`step`), the update runs over column chunks of ~1 MB per buffer (on the CPU
     all seven element-wise passes then stay in cache: about 3x faster than whole-buffer
@@ -53,7 +67,7 @@ class PackedAdamW:
         self.optim = o
         self.total_steps = cfgs[0].train.steps
         self.beta1, self.beta2, self.eps = o.beta1, o.beta2, o.eps
-        # optim.l2 is shared by a pack: decoupled decay shrinks the weights (the table's factors),
+        # optim.l2 is shared by a pack: decoupled decay shrinks the weights (the table's rates),
         # coupled decay adds the penalty's gradient instead (:meth:`add_l2_gradient`)
         self.coupled = o.l2 == "coupled"
         strengths = [c.optim.weight_decay for c in cfgs]
@@ -67,6 +81,8 @@ class PackedAdamW:
         self.exp_avg = torch.zeros_like(flat)
         self.exp_avg_sq = torch.zeros_like(flat)
         k, n = flat.shape
+        # what rounding left of each decayed weight's decay, still to subtract (:func:`decay_`)
+        self.compensation = flat.new_zeros(k, n_decay if self.decays else 0)
         chunk = chunk_elements or (k * n if flat.device.type == "cuda" else self.CHUNK_ELEMENTS)
         cols = max(1, chunk // k)
         self.chunks = [(a, min(a + cols, n)) for a in range(0, n, cols)]
@@ -89,7 +105,7 @@ class PackedAdamW:
             lr = lr_at(t, self.optim, self.total_steps)
             step_size = lr / (1 - self.beta1**t)
             bc2_sqrt = (1 - self.beta2**t) ** 0.5
-            rows.append([-step_size, bc2_sqrt, *[1 - lr * wd if wd != 0 else 1.0 for wd in self.weight_decay]])
+            rows.append([-step_size, bc2_sqrt, *[lr * wd for wd in self.weight_decay]])
         self.host = [(r[0], r[1]) for r in rows]
         grew = len(rows) > self.table.shape[0]
         if grew:
@@ -109,15 +125,16 @@ class PackedAdamW:
         self.add_l2_gradient(grad)
         if self.compiled is not None:
             self.compiled(self.flat, self.exp_avg, self.exp_avg_sq, grad, self.table[i], n_decay,
-                          self.beta1, self.beta2, self.eps)
+                          self.beta1, self.beta2, self.eps, self.compensation)
             return
         neg_step, bc2_sqrt = self.host[i]
-        decay = self.table[i, 2:, None]
+        rate = self.table[i, 2:, None]
         b1, b2, eps = self.beta1, self.beta2, self.eps
         for a, b in self.chunks:
             p, m, v, g = self.flat[:, a:b], self.exp_avg[:, a:b], self.exp_avg_sq[:, a:b], grad[:, a:b]
             if a < n_decay:
-                p[:, : min(b, n_decay) - a].mul_(decay)
+                c = min(b, n_decay) - a
+                decay_(p[:, :c], self.compensation[:, a : a + c], rate)
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (v.sqrt() / bc2_sqrt).add_(eps)
@@ -144,16 +161,32 @@ class PackedAdamW:
         self.add_l2_gradient(grad)
         update = self.compiled or adam_update
         update(self.flat, self.exp_avg, self.exp_avg_sq, grad, self.table.index_select(0, index)[0], n_decay,
-               self.beta1, self.beta2, self.eps)
+               self.beta1, self.beta2, self.eps, self.compensation)
+
+
+def decay_(p: Tensor, compensation: Tensor, rate: Tensor) -> None:
+    """``p -= p * rate`` (``rate = lr_t * wd``, ``[K, 1]``), compensated: ``compensation`` (as
+    ``p``) holds what earlier steps' rounding left to subtract and is updated in place.
+
+    Kahan summation of the decrements: ``y`` = this step's decrement plus the leftover;
+    ``s = p - y`` rounded to ``p``'s precision; ``(s - p) + y`` is then exactly what the rounding
+    left out (``s - p`` is exact while ``y`` is small against ``p``), carried to the next step.
+    A row with rate 0 leaves its weights and zero compensation exactly as they are. Five
+    element-wise kernels, no host scalar: capturable in a CUDA graph. Run it under
+    ``torch.no_grad()`` (the updates do)."""
+    y = torch.addcmul(compensation, p, rate)
+    s = p - y
+    torch.sub(s, p, out=compensation).add_(y)
+    p.copy_(s)
 
 
 @torch.no_grad()
 def adam_update(p: Tensor, m: Tensor, v: Tensor, g: Tensor, row: Tensor, n_decay: int,
-                beta1: float, beta2: float, eps: float) -> None:
+                beta1: float, beta2: float, eps: float, compensation: Tensor) -> None:
     """:class:`PackedAdamW`'s update with the per-step scalars as a device tensor ``row``
-    (``-step_size, sqrt(1 - beta2^t), decay factors [K]``): for ``torch.compile``/CUDA graphs."""
+    (``-step_size, sqrt(1 - beta2^t), decay rates [K]``): for ``torch.compile``/CUDA graphs."""
     if n_decay:
-        p[:, :n_decay].mul_(row[2:, None])
+        decay_(p[:, :n_decay], compensation, row[2:, None])
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     denom = (v.sqrt() / row[1]).add_(eps)

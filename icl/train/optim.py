@@ -11,18 +11,23 @@ from fading, and decay on attention alone does not; this is the knob that tests 
 **How they decay** (``optim.l2``):
 
 - ``decoupled`` (default): PyTorch's AdamW (Loshchilov & Hutter), ``p -= lr * weight_decay * p``
-  separately from the Adam step, as optax's ``adamw``.
+  separately from the Adam step, as optax's ``adamw`` (the packed engine applies small decay
+  exactly, where fp32 would round it away: :mod:`icl.train.adamw`).
 - ``coupled``: the papers' "L2", a penalty ``weight_decay * sum_W ||W||_F`` (an *unsquared*
   Frobenius norm per weight tensor) added to the loss, whose gradient ``weight_decay * W / ||W||``
   then passes through Adam's moments (icl-dynamics ``main.compute_loss``: ``query_ce.mean() +
   weight_decay * weight_norm``, optimised by ``scale_by_adam``). Because Adam normalises the
-  gradient, a coupled strength and a decoupled one are not comparable without calibration. One
-  difference remains: icl-dynamics sums over *every* array of the model (biases and LayerNorm
-  gains too); here the penalty covers the same decayed set as decoupled decay.
+  gradient, a coupled strength and a decoupled one are not comparable without calibration.
   :func:`l2_penalty` is the pure penalty (for a loss under ``functional_call``/``vmap``, with a
   per-model strength); :func:`make_optimizer` adds its gradient to the decayed parameters'
   gradients just before each step, which is the same update as adding it to the loss (the logged
   ``train_loss`` stays the cross-entropy alone).
+
+**What they cover** (``optim.l2_scope``): ``weights`` (default) is the set above, for either
+kind; ``all`` is every trainable array (the label table, LayerNorm and BatchNorm gains and
+biases, every bias), as icl-dynamics sums ``||W||`` over all of ``params``: with ``coupled``, the
+peers' penalty over this model's arrays. Under ``weights`` the label table, which the penalty
+does not reach, keeps its norm; under ``all`` it shrinks as in their runs.
 """
 
 from __future__ import annotations
@@ -50,15 +55,17 @@ def module_of(param_name: str) -> str | None:
 
 def decay_groups(model: nn.Module, cfg: OptimConfig | None = None) -> tuple[list[str], list[str]]:
     """Names of the trainable parameters that are decayed, and of those that are not: the
-    Linear/Conv weights of ``cfg.decay_modules`` (all four modules without ``cfg``). The same
-    set for decoupled and coupled decay."""
+    Linear/Conv weights of ``cfg.decay_modules`` (all four modules without ``cfg``), or every
+    one under ``optim.l2_scope: all``. The same set for decoupled and coupled decay."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if cfg is not None and cfg.l2_scope == "all":
+        return names, []
     modules = set(decay_module_set(cfg.decay_modules)) if cfg is not None else set(DECAY_MODULES)
     decayed = {
         f"{mod_name}.weight" if mod_name else "weight"
         for mod_name, module in model.named_modules()
         if isinstance(module, DECAYED_MODULES) and getattr(module, "weight", None) is not None
     }
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
 
     def decays(name: str) -> bool:
         return name in decayed and module_of(name) in modules

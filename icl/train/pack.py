@@ -23,7 +23,8 @@ Each model keeps everything that makes it *its own run*:
 - **state**: model ``k``'s parameters and buffers *are* views into the stack, so
   ``models[k]`` is a working ``SequenceModel`` (for evaluation, ``state_dict``,
   ``load_state_dict``), and its optimiser state converts to and from a plain
-  ``torch.optim.AdamW`` ``state_dict``: a checkpoint does not depend on the pack it came from.
+  ``torch.optim.AdamW`` ``state_dict`` (plus the compensation of its small decay, see
+  :mod:`icl.train.adamw`): a checkpoint does not depend on the pack it came from.
 
 Layout. All parameters of the pack live in one ``[K, N]`` tensor (model ``k``'s parameters
 are row ``k``, decayed ones first), gradients are concatenated into one ``[K, N]`` tensor,
@@ -53,6 +54,9 @@ from icl.train.optim import decay_groups, make_optimizer, set_lr
 
 # Keys in which the models of one pack may differ; every other config key must be equal.
 PER_MODEL_KEYS = ("seed", "optim.weight_decay")
+# In a model's AdamW state (beside exp_avg), for its decayed tensors: what rounding has left of
+# their decoupled decay (icl.train.adamw.decay_); absent from checkpoints made before it: zero.
+COMPENSATION = "decay_compensation"
 
 
 def initial_model(cfg: Config, device: torch.device | str = "cpu") -> SequenceModel:
@@ -124,7 +128,8 @@ class PackedModels:
     After construction every model's parameters and buffers are views into the stack, so
     ``models[k]`` holds model ``k``'s live weights. Columns: decayed parameters first
     (``[0, n_decay)``), then the other parameters bf16 autocast would cast, then the rest
-    (norms, embedding tables).
+    (norms, embedding tables); under ``optim.l2_scope: all`` every column decays, and the
+    castable ones still come first.
 
     :meth:`logits` runs the K models in one of two ways, with the same numbers:
 
@@ -153,7 +158,11 @@ class PackedModels:
         first = next(model.parameters())
         decay, no_decay = decay_groups(model, cfg.optim)
         castable = autocast_weights(model)
-        order = decay + [n for n in no_decay if n in castable] + [n for n in no_decay if n not in castable]
+        # decayed columns first, castable ones first: the decayed set is either within the castable
+        # one (optim.l2_scope: weights) or everything (all), so both are leading column ranges
+        order = ([n for n in decay if n in castable] + [n for n in no_decay if n in castable]
+                 + [n for n in decay if n not in castable] + [n for n in no_decay if n not in castable])
+        assert order[: len(decay)] == [n for n in order if n in decay], "decayed columns must lead"
         params = dict(model.named_parameters())
         slots, col = [], 0
         for name in order:
@@ -407,9 +416,10 @@ class PackedTrainer:
     def _capture(self) -> None:
         """Capture :meth:`static_step` as a CUDA graph. Capturing needs a few eager steps first
         (on a side stream: lazy initialisation, allocator pools); they change the weights, the
-        moments, BatchNorm statistics, counters and sums, which are put back afterwards, so
-        capturing leaves the run where it was."""
-        state = [self.pack.flat, self.optimizer.exp_avg, self.optimizer.exp_avg_sq, *self.pack.buffers.values(),
+        moments, the decay compensation, BatchNorm statistics, counters and sums, which are put
+        back afterwards, so capturing leaves the run where it was."""
+        opt = self.optimizer
+        state = [self.pack.flat, opt.exp_avg, opt.exp_avg_sq, opt.compensation, *self.pack.buffers.values(),
                  self.loss_sum, self.correct_sum, self.t_dev, self.i_dev]
         saved = [x.clone() for x in state]
         side = torch.cuda.Stream(self.device)
@@ -428,22 +438,28 @@ class PackedTrainer:
     # ------------------------------------------------------------------ per-model state
 
     def optimizer_state(self, k: int, t: int) -> dict:
-        """Model ``k``'s optimiser as a ``torch.optim.AdamW`` ``state_dict`` after update ``t``."""
+        """Model ``k``'s optimiser as a ``torch.optim.AdamW`` ``state_dict`` after update ``t``, its
+        decayed tensors' states also holding their ``decay_compensation`` (under decoupled decay
+        with ``weight_decay > 0``; a key torch's AdamW keeps through ``load_state_dict`` and ignores)."""
         model, cfg = self.pack.models[k], self.cfgs[k]
         opt = make_optimizer(model, cfg.optim)
         set_lr(opt, lr_at(max(t, 1), cfg.optim, cfg.train.steps))
         params = dict(model.named_parameters())
+        compensated = self.optimizer.weight_decay[k] != 0  # this model's decay runs compensated
         for s in self.pack.slots:
             opt.state[params[s.name]] = {
                 "step": torch.tensor(float(t)),
                 "exp_avg": self.optimizer.exp_avg[k, s.start : s.stop].view(s.shape).clone(),
                 "exp_avg_sq": self.optimizer.exp_avg_sq[k, s.start : s.stop].view(s.shape).clone(),
             }
+            if compensated and s.stop <= self.pack.n_decay:
+                opt.state[params[s.name]][COMPENSATION] = \
+                    self.optimizer.compensation[k, s.start : s.stop].view(s.shape).clone()
         return opt.state_dict()
 
     def load_state(self, k: int, model_state: dict, optimizer_state: dict, t: int) -> None:
-        """Put model ``k`` (weights, buffers, AdamW moments after update ``t``) into the pack,
-        from a ``state_dict`` and a ``torch.optim.AdamW`` ``state_dict``."""
+        """Put model ``k`` (weights, buffers, AdamW moments and decay compensation after update
+        ``t``) into the pack, from a ``state_dict`` and a ``torch.optim.AdamW`` ``state_dict``."""
         model = self.pack.models[k]
         model.load_state_dict(model_state)  # copies into the stack's views
         opt = make_optimizer(model, self.cfgs[k].optim)
@@ -458,6 +474,9 @@ class PackedTrainer:
                     raise UserError(f"checkpoint optimiser state of {s.name} is at step {int(state['step'])}, not {t}")
                 self.optimizer.exp_avg[k, s.start : s.stop] = state["exp_avg"].reshape(-1)
                 self.optimizer.exp_avg_sq[k, s.start : s.stop] = state["exp_avg_sq"].reshape(-1)
+                if s.stop <= self.optimizer.compensation.shape[1]:  # a checkpoint without it: zero
+                    kept = state.get(COMPENSATION)
+                    self.optimizer.compensation[k, s.start : s.stop] = 0 if kept is None else kept.reshape(-1)
 
 
 __all__ = [

@@ -85,12 +85,12 @@ def test_the_live_table_shows_each_model_by_cell(smoke_run: dict) -> None:
     final = tables[-1]
     header = next(line for line in final.splitlines() if line.startswith("| Trial name"))
     assert [c.strip() for c in header.strip("|").split("|")] == [
-        "Trial name", "status", "loc", "num_classes", "weight_decay", "seed", "step", "ICL", "IWL", "train acc",
-        "CIWL", "flip ctx", "flip IWL", "model-steps/s"]  # (no ETA column once every model is finished)
+        "Trial name", "status", "loc", "num_classes", "weight_decay", "shrink", "seed", "step", "ICL", "IWL",
+        "train acc", "CIWL", "flip ctx", "flip IWL", "model-steps/s"]  # (no ETA column once every model is finished)
     for t in SMOKE_TRIALS:
         row = next(line for line in final.splitlines() if line.startswith(f"| {t.trial_id} "))
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[1] == "TERMINATED" and cells[3:7] == [str(t.grid["data.num_classes"]), "0",
+        assert cells[1] == "TERMINATED" and cells[3:8] == [str(t.grid["data.num_classes"]), "0", "1",
                                                           str(t.grid["seed"]), "200/200"]
     assert "Sweep: 4/4 models finished, 800/800 model-steps (100%)" in final
     # (the tables in between, with each trial's and the sweep's ETA, depend on timing: see

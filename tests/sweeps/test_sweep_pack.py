@@ -28,7 +28,7 @@ from icl.train.checkpoint import step_of
 from sweeps import results as res
 from sweeps.procs import kill_pids, pids_mentioning, with_descendants
 from sweeps.cli import main
-from sweeps.spec import expand, load_spec, make_packs, parse_spec, saved_yaml
+from sweeps.spec import expand, load_spec, make_packs, parse_spec, saved_yaml, shrink_of
 
 GRID = {"data.num_classes": [16], "optim.weight_decay": [0.0, 0.01], "seed": [0, 1]}
 STEPS = 40
@@ -116,9 +116,12 @@ def test_dry_run_shows_the_packs(tmp_path: Path, capsys: pytest.CaptureFixture) 
     out = capsys.readouterr().out
     assert "per trial:  1 CPU, 0 GPU" in out
     assert "packing:    up to 3 models per trial, trained as one pack (train_packed)" in out
-    assert "model  trial  data.num_classes  optim.weight_decay  seed  status" in out
-    assert "t002   p000   16                0.01                0     to run" in out
-    assert "t003   p001   16                0.01                1     to run" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("model ", "t0"))}
+    assert rows["model"] == ["model", "trial", "data.num_classes", "optim.weight_decay", "seed", "shrink", "status"]
+    shrink = shrink_of(expand(parse_spec(smoke_doc(pack=3)))[2])  # wd 0.01 over STEPS of `tiny`'s schedule
+    assert shrink.startswith("e^-0.000")
+    assert rows["t002"] == ["t002", "p000", "16", "0.01", "0", shrink, "to", "run"]
+    assert rows["t003"] == ["t003", "p001", "16", "0.01", "1", shrink, "to", "run"]
     assert "4 models in 2 trials of up to 3 models (4 to run); dry run: nothing started" in out
     assert not (tmp_path / "smoke").exists()
 

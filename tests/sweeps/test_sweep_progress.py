@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from icl.config import build_config
+from icl.schedule import shrink_text
 from sweeps.progress import PER_MODEL, RATE, concurrency, finish_time, pack_progress
 from sweeps.reporter import SweepReporter
 from sweeps.spec import Resources, TrialSpec
@@ -79,14 +81,17 @@ def test_one_row_per_model_with_its_cell_in_a_packed_sweep(tmp_path: Path) -> No
 
     header = next(line for line in text.splitlines() if line.startswith("| Trial name"))
     assert [c.strip() for c in header.strip("|").split("|")] == [
-        "Trial name", "status", "loc", "pack", "num_classes", "weight_decay", "seed", "step", "ICL", "IWL",
+        "Trial name", "status", "loc", "pack", "num_classes", "weight_decay", "shrink", "seed", "step", "ICL", "IWL",
         "train acc", "model-steps/s", "ETA"]
     body = table_rows(text)
     # the pack's 2 x 6000 model-steps left at 100 model-steps/s: 2 minutes
-    assert body["t000"] == ["RUNNING", "10.0.0.5:4121", "p000", "100", "0", "0", "4000/10000", "0.52", "0.99",
+    assert body["t000"] == ["RUNNING", "10.0.0.5:4121", "p000", "100", "0", "1", "0", "4000/10000", "0.52", "0.99",
                             "0.5", "100", "0:02:00"]
-    assert body["t001"][2:7] == ["p000", "100", "0.1", "0", "4000/10000"]
-    assert body["t003"][:7] == ["PENDING", "", "p001", "1600", "0.1", "0", "0/10000"]
+    # wd 0.1 over these trials' schedule (the default one, 10k steps): its total shrink factor
+    shrink = shrink_text(build_config({"train.steps": 10000, "optim.weight_decay": 0.1}))
+    assert shrink.startswith("e^-0.")
+    assert body["t001"][2:8] == ["p000", "100", "0.1", shrink, "0", "4000/10000"]
+    assert body["t003"][:8] == ["PENDING", "", "p001", "1600", "0.1", shrink, "0", "0/10000"]
     # p001 waits for the only slot: 2 min, then its 20000 model-steps at p000's rate
     assert "Sweep: 0/4 models finished, 8,000/40,000 model-steps (20%), 100.0 model-steps/s, " \
            "ETA 0:05:20 (1 trial at a time)" in text
@@ -113,7 +118,7 @@ def test_finished_models_errors_and_resumed_models(tmp_path: Path) -> None:
     assert "| pack" not in text  # a pack of one is its model: no pack column
     assert body["t000"][-6:] == ["10000/10000", "0.53", "1", "0.5", "50", ""]  # finished: no ETA
     assert body["t002"][-1] == "0:00:15"  # 1000 model-steps at 50/s, reported 5 s ago
-    assert body["t003"][5] == "2500/10000"
+    assert body["t003"][6] == "2500/10000"
     assert "Number of errored trials: 1" in text and "/exp/t001/error.txt" in text
     # t002's 15 s, and t003's 7500 model-steps at 50/s on the free slot; the failed t001 is not waited for
     assert "Sweep: 1/4 models finished, 22,000/40,000 model-steps (55%), 50.0 model-steps/s, ETA 0:02:30" in line
@@ -134,3 +139,12 @@ def test_a_report_from_a_previous_driver_is_not_counted_down(tmp_path: Path) -> 
     trials = [tune_trial("t000", "RUNNING", report({"t000": (9000, 0.8, 0.3)}, 50.0, old))]
     rows, _ = reporter.rows(trials, time.time())
     assert rows[0].last_result["eta"] == "0:00:20"  # 1000 model-steps at 50/s, not 0
+
+
+def test_the_shrink_column_follows_the_weight_decay_or_comes_last() -> None:
+    from sweeps.reporter import with_shrink
+
+    assert list(with_shrink({"pack": "pack", "optim.weight_decay": "weight_decay", "seed": "seed"})) == [
+        "pack", "optim.weight_decay", "shrink", "seed"]
+    assert list(with_shrink({"data.num_classes": "num_classes", "seed": "seed"})) == [
+        "data.num_classes", "seed", "shrink"]

@@ -9,7 +9,8 @@ import yaml
 
 from sweep_helpers import cli_error
 
-from icl.config import presets
+from icl.config import build_config, presets
+from icl.schedule import decay_exponent, shrink_factor
 from icl.errors import UserError
 from sweeps.cli import main
 from sweeps.spec import differences, expand, identity, load_spec, parse_spec, saved_yaml, shipped_specs
@@ -51,6 +52,45 @@ def test_study_is_the_study_grid() -> None:
     assert {t.grid["seed"] for t in trials} == {0, 1, 2}
     assert all(t.config["data.p_bursty"] == 0.9 for t in trials)
     assert spec.resources.gpu > 0
+
+
+def test_study_strong_is_the_study_with_decays_from_e_minus_a_quarter_to_e_minus_5() -> None:
+    """STUDY.md's second grid: everything as study.yaml but the weight decays, whose total shrink
+    factors exp(-wd * sum lr_t) on the `paper` schedule span about e^-0.25 to e^-5, with the wd-0
+    control; study.yaml's own decays are weak (its strongest is about e^-0.25)."""
+    study, strong = load_spec("study"), load_spec("study_strong")
+    for field in ("base", "base_config", "overrides", "resources", "max_concurrent", "max_failures", "pack"):
+        assert getattr(strong, field) == getattr(study, field), field
+    assert {k: v for k, v in strong.grid.items() if k != "optim.weight_decay"} == \
+        {k: v for k, v in study.grid.items() if k != "optim.weight_decay"}
+    trials = expand(strong)
+    assert len(trials) == 30
+    exponents = {t.grid["optim.weight_decay"]: decay_exponent(build_config(t.config)) for t in trials}
+    assert exponents[0.0] == 0.0
+    decayed = [x for wd, x in exponents.items() if wd > 0]
+    assert min(decayed) <= 0.3 and max(decayed) >= 4.5 and len(decayed) == 4
+    assert max(decay_exponent(build_config(t.config)) for t in expand(study)) <= 0.3
+
+
+@pytest.mark.parametrize("name", ["study", "study_strong", "demo"])
+def test_spec_files_say_what_each_cells_decay_amounts_to(name: str) -> None:
+    """Each ``wd -> e^-x (x f)`` the spec file writes is the cell's computed total shrink
+    factor, and every weight decay of its grid is written."""
+    import re
+
+    from sweeps.spec import resolve_spec_path, shrink_of
+
+    text = resolve_spec_path(name).read_text()
+    stated = {float(wd): (shrink, factor) for wd, shrink, factor in
+              re.findall(r"(\d[\d.e-]*) -> (1|e\^-[\d.]+)(?: \([^)]*?x ([\d.]+)\))?", text)}
+    trials = expand(load_spec(name))
+    assert set(stated) == {t.grid["optim.weight_decay"] for t in trials}
+    for t in trials:
+        shrink, factor = stated[t.grid["optim.weight_decay"]]
+        assert shrink == shrink_of(t), t.trial_id
+        if factor:
+            digits = len(factor.split(".")[1])
+            assert float(factor) == round(shrink_factor(build_config(t.config)), digits), t.trial_id
 
 
 def test_smoke_is_small() -> None:
@@ -183,10 +223,25 @@ def test_differences_name_the_keys() -> None:
 def test_dry_run_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["smoke", "--dry-run", "--storage", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "model  trial  data.num_classes  optim.weight_decay  seed  status" in out
-    assert "t003   t003   64                0                   1     to run" in out
+    assert "model  trial  data.num_classes  optim.weight_decay  seed  shrink  status" in out
+    assert "t003   t003   64                0                   1     1       to run" in out
     assert "4 models in 4 trials of up to 1 model (4 to run); dry run: nothing started" in out
     assert not (tmp_path / "smoke").exists()
+
+
+def test_dry_run_lists_the_strong_study_with_each_models_shrink_factor(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    from sweeps.spec import shrink_of
+
+    assert main(["study_strong", "--dry-run", "--storage", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "30 models in 2 trials of up to 15 models (30 to run); dry run: nothing started" in out
+    assert "shrink = exp(-weight_decay * sum lr_t)" in out and "(sum lr_t = 25.03)" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("t0")}
+    trials = expand(load_spec("study_strong"))
+    assert len(rows) == 30
+    assert all(rows[t.trial_id][-3] == shrink_of(t) for t in trials)
+    assert {rows[t.trial_id][-3] for t in trials} == {"1", "e^-0.25", "e^-1", "e^-2.5", "e^-5"}
 
 
 def test_cli_spec_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
