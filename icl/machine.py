@@ -5,7 +5,8 @@ and they run before any work starts, so an impossible run ends as one
 :class:`~icl.errors.UserError` with the numbers, not as a traceback (or an attempt to
 allocate 128 TB) minutes later:
 
-- :func:`resolve_device`: ``auto``/``cpu``/``cuda[:N]`` -> a device that exists here.
+- :func:`resolve_device`: ``auto``/``cpu``/``cuda[:N]`` -> a device that exists here;
+  :func:`synchronize`: wait for it before reading a clock.
 - :func:`footprint`: the memory a run needs, estimated from the config alone. The model is
   built on PyTorch's ``meta`` device (shapes, no storage) and run on one sequence there, so
   the estimate follows the real architecture without duplicating it:
@@ -60,6 +61,13 @@ def resolve_device(name: str) -> torch.device:
                 "choose one of them or train.device=auto"
             )
     return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until ``device`` has done the work queued on it, so that a clock read next counts
+    that work (a GPU runs behind the host; the CPU's operators finish as they are called)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def host_memory() -> int:
@@ -192,5 +200,5 @@ def check_model_fits_host(cfg: Config) -> int:
     return params
 
 
-__all__ = ["resolve_device", "host_memory", "device_memory", "Footprint", "footprint", "check_fits",
+__all__ = ["resolve_device", "synchronize", "host_memory", "device_memory", "Footprint", "footprint", "check_fits",
            "check_model_fits_host"]
