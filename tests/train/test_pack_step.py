@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from icl.config import load_config
+from icl.config import load_config, replace
 from icl.data import load_data
 from icl.train.evaluate import autocast
 from icl.train.kernels import KernelCounter
@@ -117,6 +117,21 @@ def test_bf16_training_reads_bf16_copies_with_autocasts_numbers(embedder, k, for
     for i, cfg in enumerate(cfgs):
         _, theirs = autocast_reference(cfg, data_for(cfg, data), steps)
         assert [row[i] for row in ours_losses] == pytest.approx(theirs, rel=2e-3)
+
+
+def test_a_frozen_projection_loaded_into_a_bf16_pack_reaches_its_bf16_copy():
+    """A checkpoint restored into a bf16 pack brings its own frozen projection; the forward
+    must read that one (its bf16 copy), not the projection the pack was built with."""
+    cfg = configs(1, ["model.embedder=frozen"])[0]
+    data = load_data(cfg)
+    other = replace(cfg, seed=7)  # another seed: another projection
+    trainer = PackedTrainer.fresh([cfg], data, mixed=True)
+    saved = initial_model(other)
+    assert not torch.equal(saved.embedder.weight, trainer.models[0].embedder.weight)
+    trainer.load_state(0, saved.state_dict(), trainer.optimizer_state(0, 0), 0)
+    assert torch.equal(trainer.pack.forward_buffers["embedder.weight"][0], saved.embedder.weight.bfloat16())
+    built_on_it = PackedTrainer([initial_model(other)], [cfg], [data_for(cfg, data)], mixed=True)
+    assert torch.equal(trainer.run(1, 3)[0], built_on_it.run(1, 3)[0])
 
 
 class CastShapes(KernelCounter):
