@@ -17,7 +17,8 @@ from icl.data import load_data
 from icl.model import build_model
 from icl.train import TIMING_COLUMNS, PackTrainingDiverged, RunDir, train, train_packed
 from icl.train.evaluate import evaluate
-from icl.train.optim import decay_groups, lr_at, make_optimizer, set_lr
+from icl.schedule import lr_at
+from icl.train.optim import decay_groups, make_optimizer, set_lr
 from icl.train.adamw import PackedAdamW
 from icl.train.pack import PackedModels, PackedTrainer, check_packable, data_for, initial_model
 
@@ -289,7 +290,7 @@ def test_what_cannot_be_packed_is_refused(tmp_path):
     assert not (tmp_path / "a").exists()  # refused before touching anything
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_packed_equals_alone_on_cuda(tmp_path):
     """The CUDA path (captured step, one-chunk AdamW, batched kernels) against a pack of one."""
     cfgs = configs(GRID, ["train.device=cuda"])

@@ -1,0 +1,293 @@
+"""The correctness checks a GPU must pass before any speed figure it gives counts, in order.
+
+    python benchmarks/gpu_checks.py [--device cuda|cpu] [--jsonl FILE] [--clock-steps N]
+
+1. ``eager_vs_eager``: two eager runs of the same 12 steps; their largest difference (relative
+   to each tensor's scale) is the device's nondeterminism floor (atomics in some backward
+   kernels make it positive on a GPU);
+2. ``graph_vs_eager``: CUDA-graph replays of those steps against the first eager run, within
+   ``max(10 x floor, 1e-4)``: a model alone (frozen embedder, bf16), packs of 3 with weight
+   decay on chosen modules and with coupled L2 (fp32), a ResNet pack (bf16);
+3. ``packed_resnet``: a ResNet pack (K = 3, fp64, vmap) against each model alone: parameters and
+   BatchNorm running statistics within 1e-9 (tests/train/test_packed.py's bound);
+4. ``bf16_copies``: the pack's bf16 weight copies against autocast casting the fp32 weights at
+   every use: the losses of 5 steps within 2e-3;
+5. ``divergence``: a model diverging in a pack of 2 leaves the other equal to its solo run
+   (metrics and weights within 1e-3);
+6. ``icl_train_clock``: ``icl-train`` timed from outside against its own ``wall_s``: never more
+   than the time from outside, and on CUDA, where the host queues steps ahead of the device,
+   runs of N and 2N steps (the difference cancels the start-up) agree within 10 % + 1 s; the
+   line also says which TensorBoard writer wrote the run's events.
+
+All train the ``tiny`` preset: the code paths are under test, not the sizes. Comparisons leave
+out the key third of each qkv bias, whose gradient is rounding noise that Adam turns into
+steps of ~lr (tests/train/test_packed.py); its largest difference is reported. One line per
+result on stdout, one JSON object per line in ``--jsonl``; what needs CUDA says "skipped: no
+CUDA" elsewhere. Exit status 1 if a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from icl.config import Config, load_config  # noqa: E402
+from icl.data import StudyData, load_data  # noqa: E402
+from icl.train import TIMING_COLUMNS, PackTrainingDiverged, RunDir, train, train_packed  # noqa: E402
+from icl.train.pack import PackedTrainer  # noqa: E402
+from icl.train.tensorboard import read_events, writer  # noqa: E402
+
+STEPS = 12  # per comparison, in two runs: the second replays the graph the first captured
+GRID = [(0, 0.0), (1, 0.1), (2, 0.5)]  # (seed, weight decay)
+CASES = {  # graph against eager: (overrides, K)
+    "frozen bf16 K=1": (["model.embedder=frozen", "train.precision=bf16"], 1),
+    "linear fp32 K=3, decay on attn and head": (["optim.decay_modules=attn,head"], 3),
+    "linear fp32 K=3, coupled L2 on mlp": (["optim.l2=coupled", "optim.decay_modules=mlp"], 3),
+    "resnet bf16 K=3": (["model.embedder=resnet", "train.precision=bf16"], 3),
+}
+Result = dict[str, object]
+
+
+def configs(device: torch.device, extra: list[str], k: int = 3, grid=GRID) -> list[Config]:
+    run = [f"train.device={device}", "train.steps=40", "train.eval_every=20", "train.checkpoint_every=20"]
+    return [load_config("tiny", [*run, *extra, f"seed={s}", f"optim.weight_decay={wd}"]) for s, wd in grid[:k]]
+
+
+def verdict(ok: bool, detail: str, **numbers: float) -> Result:
+    return {"status": "pass" if ok else "fail", "detail": detail, **numbers}
+
+
+def skipped(why: str = "no CUDA") -> Result:
+    return {"status": "skipped", "detail": why}
+
+
+def key_bias(name: str, n: int) -> slice | None:
+    """The key third of a qkv bias of ``n`` values (its gradient is pure rounding noise)."""
+    return slice(n // 3, 2 * n // 3) if name.endswith("attn.qkv.bias") else None
+
+
+def split_noise(named: dict[str, Tensor], slots=None) -> dict[str, Tensor]:
+    """``named`` with every key-bias slice moved into one entry, ``key bias``; a ``[K, N]``
+    stack gives its columns by ``slots``, a state dict by name."""
+    out, noise = {}, []
+    for name, t in named.items():
+        t = t.detach().double().cpu()
+        keep = torch.ones(t.shape[-1] if slots else t.numel(), dtype=torch.bool)
+        for s in slots or []:
+            cut = key_bias(s.name, s.stop - s.start)
+            if cut:
+                keep[s.start + cut.start : s.start + cut.stop] = False
+        cut = None if slots else key_bias(name, t.numel())
+        if cut:
+            keep[cut] = False
+        flat = t if slots else t.reshape(-1)
+        out[name] = flat[..., keep]
+        noise.append(flat[..., ~keep].reshape(-1))
+    out["key bias"] = torch.cat(noise)
+    return out
+
+
+def difference(a: dict[str, Tensor], b: dict[str, Tensor]) -> tuple[float, str]:
+    """The largest difference of two snapshots relative to each tensor's scale (inf if not
+    finite), and where; the key bias is left out."""
+    worst, where = 0.0, ""
+    for name in a:
+        if name == "key bias" or not a[name].numel():
+            continue
+        d = float((a[name] - b[name]).abs().max() / a[name].abs().max().clamp_min(1e-12))
+        d = d if math.isfinite(d) else math.inf
+        if d > worst:
+            worst, where = d, name
+    return worst, where
+
+
+def describe(d: float, where: str) -> str:
+    return f"{d:.1e} (largest in {where})" if d else "0 (equal)"
+
+
+def key_bias_drift(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    return float((a["key bias"] - b["key bias"]).abs().max()) if a["key bias"].numel() else 0.0
+
+
+def trained(trainer: PackedTrainer) -> dict[str, Tensor]:
+    """Train ``STEPS`` updates; snapshot of weights, moments, buffers and loss sums."""
+    sums = {}
+    for first, last in ((1, 5), (6, STEPS)):
+        loss, correct = trainer.run(first, last)
+        sums[f"loss sum {first}-{last}"], sums[f"correct {first}-{last}"] = loss.clone(), correct.clone()
+    stack = {"weights": trainer.pack.flat, "exp_avg": trainer.optimizer.exp_avg,
+             "exp_avg_sq": trainer.optimizer.exp_avg_sq}
+    return {**split_noise(stack, trainer.pack.slots), **{n: b.double().cpu() for n, b in trainer.pack.buffers.items()},
+            **{n: s.double().cpu() for n, s in sums.items()}}
+
+
+# --------------------------------------------------------------------------- the checks
+
+
+def eager_vs_eager(cfgs: list[Config], data: StudyData, store: dict) -> Result:
+    runs = [trained(PackedTrainer.fresh(cfgs, data, cuda_graph=False)) for _ in range(2)]
+    floor, where = difference(*runs)
+    store.update(eager=runs[0], floor=floor)
+    return verdict(math.isfinite(floor), f"floor {describe(floor, where)}; key bias {key_bias_drift(*runs):.1e}",
+                   floor=floor)
+
+
+def graph_vs_eager(cfgs: list[Config], data: StudyData, store: dict) -> Result:
+    if data.device.type != "cuda":
+        return skipped()
+    trainer = PackedTrainer.fresh(cfgs, data)
+    ours = trained(trainer)
+    if trainer.graph is None:
+        return verdict(False, "no CUDA graph was captured")
+    diff, where = difference(ours, store["eager"])
+    bound = max(10 * store["floor"], 1e-4)
+    return verdict(diff <= bound, f"{describe(diff, where)} against max(10 x floor, 1e-4) = {bound:.1e}; "
+                   f"key bias {key_bias_drift(ours, store['eager']):.1e}", difference=diff, bound=bound)
+
+
+def packed_resnet(device: torch.device, data: StudyData) -> Result:
+    extra = ["model.embedder=resnet", "train.precision=fp64"]
+    pack = PackedTrainer.fresh(configs(device, [*extra, "train.pack_forward=vmap"]), data)
+    pack.run(1, STEPS)
+    worst, where = 0.0, ""
+    for i, cfg in enumerate(configs(device, extra)):
+        alone = PackedTrainer.fresh([cfg], data)  # auto: a model alone runs as itself
+        alone.run(1, STEPS)
+        d, name = difference(split_noise(alone.pack.state_dict(0)), split_noise(pack.pack.state_dict(i)))
+        if d > worst:
+            worst, where = d, f"{name} of model {i}"
+    tracked = int(pack.models[0].embedder.stem[1].num_batches_tracked)
+    return verdict(worst <= 1e-9 and tracked == STEPS,
+                   f"{describe(worst, where)} <= 1e-9, BatchNorm running statistics included; "
+                   f"{tracked} batches tracked", difference=worst)
+
+
+def bf16_copies(cfgs: list[Config], data: StudyData) -> Result:
+    if data.device.type != "cuda":
+        return skipped()
+    ours = PackedTrainer.fresh(cfgs, data)  # bf16 copies of the weights, the CUDA graph
+    casting = PackedTrainer.fresh(cfgs, data, mixed=False, cuda_graph=False)  # fp32 weights ...
+    casting.mixed = True  # ... under autocast, which casts them at every use
+    assert ours.pack.shadow.dtype == torch.bfloat16 and casting.pack.n_cast == 0
+    worst = 0.0
+    for t in range(1, 6):
+        a, b = ours.run(t, t)[0].double(), casting.run(t, t)[0].double()
+        worst = max(worst, float(((a - b).abs() / b.abs()).max()))
+    worst = worst if math.isfinite(worst) else math.inf
+    return verdict(worst <= 2e-3, f"losses of 5 steps within {worst:.1e} of autocast's (bound 2e-3)", difference=worst)
+
+
+def science(run: Path) -> dict[str, Tensor]:
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return {k: torch.tensor([float(r[k] or "nan") for r in rows]) for k in rows[0] if k not in TIMING_COLUMNS}
+
+
+def divergence(device: torch.device) -> Result:
+    cfgs = configs(device, [], k=2, grid=[(0, 0.0), (1, 1e6)])  # decay factor 1 - lr * 1e6 blows model 1 up
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        try:
+            train_packed(cfgs, [root / "ok", root / "bad"], progress=False)
+            return verdict(False, "model 1 (weight decay 1e6) did not diverge")
+        except PackTrainingDiverged as e:
+            if set(e.diverged) != {1}:
+                return verdict(False, f"models {sorted(e.diverged)} diverged, not model 1 alone")
+        train(cfgs[0], root / "solo", progress=False)
+        rows, _ = difference(science(root / "solo"), science(root / "ok"))
+        weights, where = difference(*(split_noise(RunDir(root / r).restore(cfgs[0]).model) for r in ("solo", "ok")))
+    return verdict(max(rows, weights) <= 1e-3, f"model 0 against its solo run: metrics {rows:.1e}, "
+                   f"weights {describe(weights, where)}; bound 1e-3", difference=max(rows, weights))
+
+
+def icl_train_clock(device: torch.device, n: int) -> Result:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    outside, wall = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for steps in (n, 2 * n):
+            out = Path(tmp) / f"run{steps}"
+            cmd = [sys.executable, "-m", "icl.train.cli", "--config", "tiny", "--out", str(out), "--no-progress"]
+            for item in (f"train.device={device}", f"train.steps={steps}", f"train.eval_every={n // 4}",
+                         f"train.checkpoint_every={2 * n}"):
+                cmd += ["--set", item]
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+            outside[steps] = time.perf_counter() - t0
+            if done.returncode:
+                return verdict(False, f"icl-train exited {done.returncode}: {done.stderr.strip()[-300:]}")
+            with open(out / "metrics.csv") as f:
+                wall[steps] = float(list(csv.DictReader(f))[-1]["wall_s"])
+        w = writer()
+        events = f"events by {w.package}: {len(read_events(out)['eval/icl_acc'])} rows" if w else "no event writer"
+    d_out, d_wall = outside[2 * n] - outside[n], wall[2 * n] - wall[n]
+    agree = abs(d_out - d_wall) <= 0.1 * d_out + 1
+    judged = "" if device.type == "cuda" else ", judged on CUDA only: the CPU queues nothing, and its neighbours move the start-up"
+    ok = all(wall[s] <= outside[s] for s in wall) and (agree or device.type != "cuda")
+    return verdict(ok, f"{n} more steps took {d_out:.2f} s from outside, {d_wall:.2f} s by wall_s "
+                   f"(bound 10 % + 1 s{judged}); wall_s {wall[n]:.2f} of {outside[n]:.2f} s, {wall[2 * n]:.2f} of "
+                   f"{outside[2 * n]:.2f} s; {events}", outside_s=d_out, wall_s=d_wall)
+
+
+# --------------------------------------------------------------------------- running them
+
+
+def plan(device: torch.device, clock_steps: int) -> list[tuple[str, str, Callable[[], Result]]]:
+    """(check, case, thunk) in the order they must pass."""
+    data = load_data(configs(device, [])[0], device)
+    steps: list[tuple[str, str, Callable[[], Result]]] = []
+    for case, (extra, k) in CASES.items():
+        cfgs, store = configs(device, extra, k), {}
+        steps.append(("eager_vs_eager", case, lambda c=cfgs, s=store: eager_vs_eager(c, data, s)))
+        steps.append(("graph_vs_eager", case, lambda c=cfgs, s=store: graph_vs_eager(c, data, s)))
+    steps.append(("packed_resnet", "resnet fp64 K=3 vmap vs alone", lambda: packed_resnet(device, data)))
+    for case, extra, k in (("frozen K=1", ["model.embedder=frozen"], 1), ("resnet K=2", ["model.embedder=resnet"], 2)):
+        cfgs = configs(device, [*extra, "train.precision=bf16"], k)
+        steps.append(("bf16_copies", case, lambda c=cfgs: bf16_copies(c, data)))
+    steps.append(("divergence", "linear fp32 K=2", lambda: divergence(device)))
+    steps.append(("icl_train_clock", f"tiny, {clock_steps} and {2 * clock_steps} steps",
+                  lambda: icl_train_clock(device, clock_steps)))
+    return steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--jsonl", type=Path, help="append one JSON object per result here")
+    p.add_argument("--clock-steps", type=int, default=0, help="N of icl_train_clock (default: 4000 on CUDA, 200 else)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    clock_steps = args.clock_steps or (4000 if device.type == "cuda" else 200)
+    failed = 0
+    for check, case, thunk in plan(device, clock_steps - clock_steps % 4):
+        t0 = time.perf_counter()
+        try:
+            result = thunk()
+        except Exception as e:  # a broken check is a failed one; the others still run
+            result = verdict(False, f"error: {type(e).__name__}: {e}")
+        result = {"check": check, "case": case, **result, "device": str(device),
+                  "seconds": round(time.perf_counter() - t0, 2)}
+        print(f"{check} [{case}]: {result['status']}: {result['detail']}", flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(result) + "\n")
+        failed += result["status"] == "fail"
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
