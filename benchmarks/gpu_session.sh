@@ -19,8 +19,9 @@
 #   bash benchmarks/gpu_session.sh                                                # on the GPU machine
 #   DEVICE=cpu CONFIG=tiny DEADLINE_S=120 OUT=/tmp/gs bash benchmarks/gpu_session.sh  # its check here
 #
-# Knobs: DEVICE (cuda), CONFIG (paper), DEADLINE_S (450), FROZEN_PACK (512), RESNET_PACK (15),
-# STEPS and REPEATS (throughput blocks), TRAIN_STEPS (5000); on the CPU a dry run's small values.
+# Knobs: DEVICE (cuda), CONFIG (paper), DEADLINE_S (450), PHASES (all, in the order above),
+# FROZEN_PACK (512), RESNET_PACK (15), STEPS and REPEATS (throughput blocks), TRAIN_STEPS (5000);
+# on the CPU (DEVICE=cpu, a dry run of the script) small values.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 START=$SECONDS MARGIN=5  # seconds kept for the last archive
@@ -122,8 +123,9 @@ phase_science() {
 gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)
 note "session: $(date -u '+%F %H:%M UTC'), DEVICE=$DEVICE (${gpu:-no nvidia-smi}), CONFIG=$CONFIG," \
     "DEADLINE_S=$DEADLINE_S, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-for phase in checks tests frozen resnet train profile science; do
+for phase in ${PHASES:-checks tests frozen resnet train profile science}; do
     n=$(need $phase) l=$(left)
+    [ -n "$n" ] || { note "error: unknown phase '$phase' (checks tests frozen resnet train profile science)"; exit 2; }
     if ((l < n)); then
         note "$phase: skipped: needs $n s, $l s left of DEADLINE_S=$DEADLINE_S"
         continue
