@@ -16,8 +16,9 @@
    training loss and weights within 1e-3, accuracies within two answers of an evaluation set;
 6. ``icl_train_clock``: ``icl-train`` timed from outside against its own ``wall_s``: never more
    than the time from outside, and on CUDA, where the host queues steps ahead of the device,
-   runs of N and 2N steps (the difference cancels the start-up) agree within 10 % + 1 s; the
-   line also says which TensorBoard writer wrote the run's events.
+   runs of N and 2N steps (the difference cancels the start-up) agree within 10 % + 1 s (on
+   the CPU one run: nothing is queued there); the line also says which TensorBoard writer
+   wrote the run's events.
 
 All train the ``tiny`` preset: the code paths are under test, not the sizes. Comparisons leave
 out the key third of each qkv bias, whose gradient is rounding noise that Adam turns into
@@ -223,9 +224,10 @@ def divergence(device: torch.device) -> Result:
 
 def icl_train_clock(device: torch.device, n: int) -> Result:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    cuda = device.type == "cuda"
     outside, wall = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for steps in (n, 2 * n):
+        for steps in (n, 2 * n) if cuda else (n,):
             out = Path(tmp) / f"run{steps}"
             cmd = [sys.executable, "-m", "icl.train.cli", "--config", "tiny", "--out", str(out), "--no-progress"]
             for item in (f"train.device={device}", f"train.steps={steps}", f"train.eval_every={n // 4}",
@@ -240,13 +242,14 @@ def icl_train_clock(device: torch.device, n: int) -> Result:
                 wall[steps] = float(list(csv.DictReader(f))[-1]["wall_s"])
         w = writer()
         events = f"events by {w.package}: {len(read_events(out)['eval/icl_acc'])} rows" if w else "no event writer"
+    within = all(wall[s] <= outside[s] for s in wall)
+    runs = ", ".join(f"{s} steps: wall_s {wall[s]:.2f} of {outside[s]:.2f} s from outside" for s in wall)
+    if not cuda:  # nothing is queued on the CPU, and a shared machine's load moves the start-up
+        return verdict(within, f"{runs}; {events}")
     d_out, d_wall = outside[2 * n] - outside[n], wall[2 * n] - wall[n]
     agree = abs(d_out - d_wall) <= 0.1 * d_out + 1
-    judged = "" if device.type == "cuda" else ", judged on CUDA only: the CPU queues nothing, and its neighbours move the start-up"
-    ok = all(wall[s] <= outside[s] for s in wall) and (agree or device.type != "cuda")
-    return verdict(ok, f"{n} more steps took {d_out:.2f} s from outside, {d_wall:.2f} s by wall_s "
-                   f"(bound 10 % + 1 s{judged}); wall_s {wall[n]:.2f} of {outside[n]:.2f} s, {wall[2 * n]:.2f} of "
-                   f"{outside[2 * n]:.2f} s; {events}", outside_s=d_out, wall_s=d_wall)
+    return verdict(within and agree, f"{n} more steps took {d_out:.2f} s from outside, {d_wall:.2f} s by wall_s "
+                   f"(bound 10 % + 1 s); {runs}; {events}", outside_s=d_out, wall_s=d_wall)
 
 
 # --------------------------------------------------------------------------- running them

@@ -105,5 +105,5 @@ def test_the_gpu_session_keeps_its_deadline_and_returns_three_files(gpu_machine_
         assert bool(results and not cut) <= (file in archived), (phase, archived)
     checks = [line for line in summary if line.startswith("check ")]
     assert checks, "the correctness checks run first, whatever else is skipped"
-    assert len(checks) == 13 or "checks: cut at the deadline" in summary
+    assert len(checks) == 13 or any(line.startswith("checks: cut at the deadline") for line in summary)
     assert all(": skipped: no CUDA" in line for line in checks if "graph_vs_eager" in line or "bf16_copies" in line)
