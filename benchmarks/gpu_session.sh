@@ -6,7 +6,7 @@
 #   tests    the CUDA-marked tests (pytest -m cuda)
 #   frozen   throughput.py: the 12-layer transformer with the frozen embedder, K = 1 and FROZEN_PACK
 #   resnet   throughput.py: CONFIG with the ResNet embedder, K = 1 and RESNET_PACK
-#   train    icl-train end to end (TRAIN_STEPS, its evaluations included) against the benchmark
+#   train    icl-train end to end (the resnet phase's config, TRAIN_STEPS with its evaluations) against it
 #   profile  profile_step.py, frozen and ResNet, K = 1: device-busy time, launches, top kernels
 #   science  pack_curve.py: CONFIG as a pack of 5 weight decays for the time left, its ICL/IWL curve
 #
@@ -35,23 +35,28 @@ mkdir -p "$OUT_DIR" && rm -f "$OUT_DIR/summary.txt" "$OUT_DIR/run.log" "$OUT_DIR
 SUMMARY=$OUT_DIR/summary.txt LOG=$OUT_DIR/run.log
 export ICL_DATA_DIR=${ICL_DATA_DIR:-$PWD/data/omniglot} ICL_CACHE_DIR=${ICL_CACHE_DIR:-/tmp/icl-cache}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+[ "$DEVICE" != cpu ] || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a dry run: OpenMP threads fighting neighbours
 
 need() {  # seconds a phase needs to be worth starting: on a GPU with paper, on the CPU with tiny
     case $1 in
     checks) pick 60 40 ;; tests) pick 30 10 ;; frozen) pick 60 12 ;; resnet) pick 60 15 ;;
-    train) pick 60 12 ;; profile) pick 40 12 ;; science) pick 60 15 ;;
+    train) pick 60 12 ;; profile) pick 40 25 ;; science) pick 60 15 ;;
     esac
 }
 left() { echo $((DEADLINE_S - MARGIN - (SECONDS - START))); }
 say() { echo "$*" | tee -a "$LOG"; }                # stdout and run.log
 note() { echo "$*" | tee -a "$SUMMARY" "$LOG"; }    # and a line of summary.txt
-failure() { case $1 in 124 | 137) echo "cut at the deadline" ;; *) echo "failed (exit $1)" ;; esac; }
-archive() { tar -czf "$RUNS/results.tar.gz" -C "$WORK" . && mv "$RUNS/results.tar.gz" "$OUT_DIR/results.tar.gz"; }
+failure() { case $1 in 124 | 137) echo "cut at the deadline" ;; 200) echo "not started: its time was up" ;; *) echo "failed (exit $1)" ;; esac; }
+archive() {  # one file under the 16 MiB a file may bring back (the profiler's traces go first)
+    tar -czf "$RUNS/results.tar.gz" -C "$WORK" . && { (($(stat -c %s "$RUNS/results.tar.gz") < 15000000)) ||
+        tar -czf "$RUNS/results.tar.gz" --exclude='*.trace.json' -C "$WORK" .; } &&
+        mv "$RUNS/results.tar.gz" "$OUT_DIR/results.tar.gz"
+}
 
 run() {  # run FILE CMD...: CMD, its output into $WORK/FILE and run.log, killed when the phase's time is up
     local file=$1 t=$((PHASE_END - SECONDS))
     shift
-    ((t > 0)) || return 124
+    ((t > 0)) || return 200
     timeout -k 5 "$t" "$@" 2>&1 | tee "$WORK/$file" >>"$LOG"
 }
 
@@ -86,7 +91,7 @@ phase_resnet() { measure resnet --config "$CONFIG" --set model.embedder=resnet -
 
 phase_train() {
     local t0=$EPOCHREALTIME rc
-    run train.log $PYTHON -m icl.train.cli --config "$CONFIG" --set "train.device=$DEVICE" \
+    run train.log $PYTHON -m icl.train.cli --config "$CONFIG" --set model.embedder=resnet --set "train.device=$DEVICE" \
         --set "train.steps=$TRAIN_STEPS" --no-progress --out "$RUNS/train"
     rc=$?
     if ((rc == 0)) && cp "$RUNS/train/metrics.csv" "$WORK/train_metrics.csv"; then
@@ -98,12 +103,11 @@ phase_train() {
 }
 
 phase_profile() {
-    local name args
+    local name
     for name in frozen resnet; do
-        args="--set model.embedder=$name"
         if run "profile_$name.txt" $PYTHON benchmarks/profile_step.py --config "$CONFIG" --device "$DEVICE" --pack 1 \
-            $args --json "$WORK/profile_$name.json" --trace "$WORK/profile_$name.trace.json"; then
-            note "profile $name K=1: $(head -1 "$WORK/profile_$name.txt")"
+            --set "model.embedder=$name" --json "$WORK/profile_$name.json" --trace "$WORK/profile_$name.trace.json"; then
+            note "profile $name K=1: $(grep -m1 'ms/step wall' "$WORK/profile_$name.txt")"
         else
             note "profile $name: $(failure $?); see profile_$name.txt"
         fi
@@ -114,7 +118,7 @@ phase_science() {
     if run science.log $PYTHON benchmarks/pack_curve.py --config "$CONFIG" --device "$DEVICE" \
         --seconds $((PHASE_END - SECONDS - 15)) $(pick "--eval-every 1000" "") --out "$RUNS/science" \
         --csv "$WORK/science_curve.csv" --png "$WORK/science_curve.png"; then
-        note "$(tail -1 "$WORK/science.log")"
+        note "$(grep -m1 '^science: ' "$WORK/science.log")"
     else
         note "science: $(failure $?); see science.log (science_curve.csv holds the evaluations made)"
     fi

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     if not rows:
         print(f"science: no evaluation within {args.seconds:.0f} s ({args.config}, pack of {len(cfgs)})")
-        return 1
+        return 0
     df = pd.DataFrame(rows)
     atomic_write(args.csv, df.to_csv(index=False).encode())
     steps = int(df["step"].max())
