@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from icl.config import Config, load_config  # noqa: E402
 from icl.data import StudyData, load_data  # noqa: E402
-from icl.train import TIMING_COLUMNS, PackTrainingDiverged, RunDir, train, train_packed  # noqa: E402
+from icl.train import PackTrainingDiverged, RunDir, train, train_packed  # noqa: E402
 from icl.train.pack import PackedTrainer  # noqa: E402
 from icl.train.tensorboard import read_events, writer  # noqa: E402
 
@@ -194,10 +194,10 @@ def bf16_copies(cfgs: list[Config], data: StudyData) -> Result:
 
 
 def rows(run: Path) -> dict[str, Tensor]:
-    """``metrics.csv`` by column, timing left out."""
+    """``metrics.csv`` by column."""
     with open(run / "metrics.csv") as f:
         table = list(csv.DictReader(f))
-    return {k: torch.tensor([float(r[k] or "nan") for r in table]) for k in table[0] if k not in TIMING_COLUMNS}
+    return {k: torch.tensor([float(r[k] or "nan") for r in table]) for k in table[0]}
 
 
 def divergence(device: torch.device) -> Result:

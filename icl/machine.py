@@ -5,8 +5,7 @@ and they run before any work starts, so an impossible run ends as one
 :class:`~icl.errors.UserError` with the numbers, not as a traceback (or an attempt to
 allocate 128 TB) minutes later:
 
-- :func:`resolve_device`: ``auto``/``cpu``/``cuda[:N]`` -> a device that exists here;
-  :func:`synchronize`: wait for it before reading a clock.
+- :func:`resolve_device`: ``auto``/``cpu``/``cuda[:N]`` -> a device that exists here.
 - :func:`footprint`: the memory a run needs, estimated from the config alone. The model is
   built on PyTorch's ``meta`` device (shapes, no storage) and run on one sequence there, so
   the estimate follows the real architecture without duplicating it:
