@@ -216,8 +216,8 @@ def divergence(device: torch.device) -> Result:
     loss = difference({"loss": solo["train_loss"]}, {"loss": ok["train_loss"]})[0]
     accuracy = max(float((solo[c] - ok[c]).abs().max()) for c in solo if c.endswith("_acc"))
     answers = 2 / cfgs[0].eval.n_sequences  # a batched and a single model's kernels may flip an answer or two
-    ok_ = max(loss, weights) <= 1e-3 and accuracy <= answers
-    return verdict(ok_, f"model 0 against its solo run: training loss {loss:.1e}, weights {describe(weights, where)} "
+    equal = max(loss, weights) <= 1e-3 and accuracy <= answers
+    return verdict(equal, f"model 0 against its solo run: training loss {loss:.1e}, weights {describe(weights, where)} "
                    f"(bound 1e-3), accuracies {accuracy:.3f} apart (bound {answers:.3f}, two answers)",
                    difference=max(loss, weights), accuracy=accuracy)
 
