@@ -30,25 +30,21 @@ import torch
 
 from icl.config import build_config
 from icl.data import load_data
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from icl.machine import synchronize
 
 
 def time_case(fn, device: torch.device, seconds: float, warmup: int = 20) -> tuple[list[float], float]:
     """Wall seconds of each timed batch, and the process CPU seconds per batch over them all."""
     for i in range(warmup):
         fn(i)
-    sync(device)
+    synchronize(device)
     times: list[float] = []
     start, cpu0 = time.perf_counter(), time.process_time()
     step = warmup
     while time.perf_counter() - start < seconds or len(times) < 20:
         t0 = time.perf_counter()
         fn(step)
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
         step += 1
     return times, (time.process_time() - cpu0) / len(times)

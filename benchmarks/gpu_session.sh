@@ -1,119 +1,147 @@
 #!/usr/bin/env bash
-# Every GPU check and measurement of benchmarks/README.md in one call that fits a short GPU lease
-# (at most ~8 minutes on an H100/H200), most important first.
+# Every GPU check and measurement in one call of a short GPU lease, most important first,
+# within DEADLINE_S seconds for the whole call (benchmarks/README.md, "On a GPU"):
 #
-#   bash benchmarks/gpu_session.sh [PHASE ...]   phases: tests frozen resnet train profile (default: all, in order)
+#   checks   benchmarks/gpu_checks.py: correctness, before any speed figure
+#   tests    the CUDA-marked tests (pytest -m cuda)
+#   frozen   throughput.py: the 12-layer transformer with the frozen embedder, K = 1 and FROZEN_PACK
+#   resnet   throughput.py: CONFIG with the ResNet embedder, K = 1 and RESNET_PACK
+#   train    icl-train end to end (the resnet phase's config, TRAIN_STEPS with its evaluations) against it
+#   profile  profile_step.py, frozen and ResNet, K = 1: device-busy time, launches, top kernels
+#   science  pack_curve.py: CONFIG as a pack of 5 weight decays for the time left, its ICL/IWL curve
 #
-# Each result is written to $OUT (the device tool's output folder), else gpu_results/, the
-# moment it exists, so a time-out keeps everything before it:
-#   tests.log             the CUDA tests (graph replays = eager steps, packed = alone, sampling)
-#   NAME.json             one throughput.py measurement each (baseline vs trainer, graph vs eager)
-#   train_paper.log/.csv  icl-train --config paper end to end, evaluations included
-#   profile_NAME.json     torch.profiler per step: device-busy time, launches, top kernels
-#   summary.txt           one line per result, each against the published 72 steps/s
-# Data: $ICL_DATA_DIR, default data/omniglot in the checkout (a device machine receives the
-# checkout only: copy ../shared/data/omniglot there and carry it; it is git-ignored).
-# The GPU machines have torch 2.11 + CUDA 13 and no Ray: nothing here imports Ray.
-# Knobs: DEVICE (cuda), CONFIG (paper), FROZEN_PACKS ("1 64 256 1024"), RESNET_PACKS ("1 15"),
-# STEPS (30), REPEATS (3), TRAIN_STEPS (5000), LIMIT (seconds per measurement, 100).
-# Checked without a GPU by:
-#   DEVICE=cpu CONFIG=tiny FROZEN_PACKS="1 2" RESNET_PACKS="1 2" STEPS=2 REPEATS=1 TRAIN_STEPS=100 \
-#     OUT=/tmp/gs bash benchmarks/gpu_session.sh
+# A phase starts only if the seconds it needs (need, below) are left, and is cut when its share
+# (3x that; the science phase: all that is left) or the deadline runs out; a phase skipped or cut
+# says so. After every phase $OUT (else gpu_results/) holds three files: summary.txt (one line
+# per result), run.log (everything printed) and results.tar.gz (every JSON, CSV, log, profile and
+# figure). Nothing here imports Ray or tensorboardX (the GPU machines have neither).
+#
+#   bash benchmarks/gpu_session.sh                                                # on the GPU machine
+#   DEVICE=cpu CONFIG=tiny DEADLINE_S=120 OUT=/tmp/gs bash benchmarks/gpu_session.sh  # its check here
+#
+# Knobs: DEVICE (cuda), CONFIG (paper), DEADLINE_S (450), PHASES (all, in the order above),
+# FROZEN_PACK (512), RESNET_PACK (15), STEPS and REPEATS (throughput blocks), TRAIN_STEPS (5000);
+# on the CPU (DEVICE=cpu, a dry run of the script) small values.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR=${OUT:-gpu_results}
-mkdir -p "$OUT_DIR"
+START=$SECONDS MARGIN=5  # seconds kept for the last archive
+DEVICE=${DEVICE:-cuda} CONFIG=${CONFIG:-paper} DEADLINE_S=${DEADLINE_S:-450} PYTHON=${PYTHON:-python3}
+pick() { if [ "$DEVICE" = cpu ]; then echo "$2"; else echo "$1"; fi; }  # pick GPU_VALUE CPU_VALUE
+FROZEN_PACK=${FROZEN_PACK:-$(pick 512 2)} RESNET_PACK=${RESNET_PACK:-$(pick 15 2)}
+STEPS=${STEPS:-$(pick 30 2)} REPEATS=${REPEATS:-$(pick 3 1)} TRAIN_STEPS=${TRAIN_STEPS:-$(pick 5000 100)}
+OUT_DIR=${OUT:-gpu_results} WORK=$(mktemp -d) RUNS=$(mktemp -d)  # WORK is archived, RUNS (checkpoints) not
+trap 'rm -rf "$WORK" "$RUNS"' EXIT
+mkdir -p "$OUT_DIR" && rm -f "$OUT_DIR/summary.txt" "$OUT_DIR/run.log" "$OUT_DIR/results.tar.gz"
+SUMMARY=$OUT_DIR/summary.txt LOG=$OUT_DIR/run.log
 export ICL_DATA_DIR=${ICL_DATA_DIR:-$PWD/data/omniglot} ICL_CACHE_DIR=${ICL_CACHE_DIR:-/tmp/icl-cache}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-DEVICE=${DEVICE:-cuda} CONFIG=${CONFIG:-paper} STEPS=${STEPS:-30} REPEATS=${REPEATS:-3}
-FROZEN_PACKS=${FROZEN_PACKS:-1 64 256 1024} RESNET_PACKS=${RESNET_PACKS:-1 15} TRAIN_STEPS=${TRAIN_STEPS:-5000}
-LIMIT=${LIMIT:-100} PYTHON=${PYTHON:-python3}
-PHASES=${*:-tests frozen resnet train profile}
-SUMMARY="$OUT_DIR/summary.txt"
+[ "$DEVICE" != cpu ] || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a dry run: OpenMP threads fighting neighbours
 
-note() { echo "$*" | tee -a "$SUMMARY"; }
+need() {  # seconds a phase needs to be worth starting: on a GPU with paper, on the CPU with tiny
+    case $1 in
+    checks) pick 60 40 ;; tests) pick 30 10 ;; frozen) pick 60 12 ;; resnet) pick 60 15 ;;
+    train) pick 60 12 ;; profile) pick 40 25 ;; science) pick 60 15 ;;
+    esac
+}
+left() { echo $((DEADLINE_S - MARGIN - (SECONDS - START))); }
+say() { echo "$*" | tee -a "$LOG"; }                # stdout and run.log
+note() { echo "$*" | tee -a "$SUMMARY" "$LOG"; }    # and a line of summary.txt
+failure() { case $1 in 124 | 137) echo "cut at the deadline" ;; 200) echo "not started: its time was up" ;; *) echo "failed (exit $1)" ;; esac; }
+archive() {  # one file under the 16 MiB a file may bring back (the profiler's traces go first)
+    tar -czf "$RUNS/results.tar.gz" -C "$WORK" . && { (($(stat -c %s "$RUNS/results.tar.gz") < 15000000)) ||
+        tar -czf "$RUNS/results.tar.gz" --exclude='*.trace.json' -C "$WORK" .; } &&
+        mv "$RUNS/results.tar.gz" "$OUT_DIR/results.tar.gz"
+}
 
-measure() {  # measure NAME ARGS...: one throughput.py run -> NAME.json + a summary line
-    local name=$1; shift
-    echo "== $name: throughput.py $*"
-    if timeout "$LIMIT" $PYTHON benchmarks/throughput.py --device "$DEVICE" --steps "$STEPS" --repeats "$REPEATS" \
-        --also-eager --quiet --json "$OUT_DIR/$name.json" "$@"; then
-        $PYTHON - "$OUT_DIR/$name.json" "$name" >>"$SUMMARY" <<'EOF'
-import json, sys
-r = json.load(open(sys.argv[1]))
-line = (f"{sys.argv[2]}: {' '.join([r['config'], *r['overrides']])} on {r['machine'].get('gpu', r['device'])} "
-        f"(torch {r['versions']['torch']}), pack {r['pack']}: {r['trainer_steps_per_s']:.1f} model-steps/s "
-        f"(graph: {r['cuda_graph']}), baseline {r['baseline_steps_per_s']:.1f}, ratio {r['ratio']:.2f}")
-if "eager_steps_per_s" in r:
-    line += f", eager {r['eager_steps_per_s']:.1f} (graph/eager {r['graph_vs_eager']:.2f})"
-if r["pack"] > 1:
-    line += f", unpacked {r['unpacked_steps_per_s']:.1f}"
-print(line + f"; x{r['trainer_steps_per_s'] / 72:.1f} the published 72 steps/s")
-EOF
-        tail -1 "$SUMMARY"
+run() {  # run FILE CMD...: CMD, its output into $WORK/FILE and run.log, killed when the phase's time is up
+    local file=$1 t=$((PHASE_END - SECONDS))
+    shift
+    ((t > 0)) || return 200
+    timeout -k 5 "$t" "$@" 2>&1 | tee "$WORK/$file" >>"$LOG"
+}
+
+phase_checks() {
+    run checks.log $PYTHON benchmarks/gpu_checks.py --device "$DEVICE" --jsonl "$WORK/checks.jsonl"
+    local rc=$? line
+    grep -E '^[a-z0-9_]+ \[.*\]: (pass|fail|skipped): ' "$WORK/checks.log" | while read -r line; do note "check $line"; done
+    ((rc == 0 || rc == 1)) || note "checks: $(failure $rc); see checks.log"
+}
+
+phase_tests() {
+    run tests.log $PYTHON -m pytest -q -p no:cacheprovider -m cuda $(grep -rl --include='test_*.py' 'mark\.cuda' tests)
+    local rc=$?
+    note "$($PYTHON benchmarks/gpu_summary.py tests "$WORK/tests.log")"
+    ((rc != 124 && rc != 137)) || note "tests: $(failure $rc)"
+}
+
+measure() {  # measure NAME ARGS...: throughput.py -> NAME.json, and its lines against the targets
+    local name=$1
+    shift
+    run "$name.log" $PYTHON benchmarks/throughput.py --device "$DEVICE" --steps "$STEPS" --repeats "$REPEATS" \
+        --also-eager --quiet --json "$WORK/$name.json" "$@"
+    local rc=$?
+    if ((rc == 0)); then
+        $PYTHON benchmarks/gpu_summary.py throughput "$name" "$WORK/$name.json" | tee -a "$SUMMARY" "$LOG"
     else
-        note "$name: FAILED or timed out after ${LIMIT}s (exit $?)"
+        note "$name: $(failure $rc); see $name.log"
+    fi
+}
+phase_frozen() { measure frozen --config "$CONFIG" --set model.embedder=frozen --pack "$FROZEN_PACK"; }
+phase_resnet() { measure resnet --config "$CONFIG" --set model.embedder=resnet --pack "$RESNET_PACK"; }
+
+phase_train() {
+    local t0=$EPOCHREALTIME rc
+    run train.log $PYTHON -m icl.train.cli --config "$CONFIG" --set model.embedder=resnet --set "train.device=$DEVICE" \
+        --set "train.steps=$TRAIN_STEPS" --no-progress --out "$RUNS/train"
+    rc=$?
+    if ((rc == 0)) && cp "$RUNS/train/metrics.csv" "$WORK/train_metrics.csv"; then
+        $PYTHON benchmarks/gpu_summary.py train "$WORK/train_metrics.csv" "$t0" "$EPOCHREALTIME" "$WORK/resnet.json" \
+            | tee -a "$SUMMARY" "$LOG"
+    else
+        note "train: $(failure $rc); see train.log"
     fi
 }
 
-for phase in $PHASES; do
-    case $phase in
-    tests)  # correctness on the device first: graph replays = eager steps, packed = alone, CUDA sampling
-        $PYTHON -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" \
-            | tee -a "$OUT_DIR/tests.log"
-        timeout "${TESTS_LIMIT:-150}" $PYTHON -m pytest -q -p no:cacheprovider tests/train/test_pack_step.py \
-            tests/train/test_packed.py tests/train/test_kernels.py tests/data/test_data_rng.py \
-            tests/data/test_data_sequences.py tests/model 2>&1 | tail -25 | tee -a "$OUT_DIR/tests.log"
-        note "tests: $(grep -E "passed|failed|error" "$OUT_DIR/tests.log" | tail -1 || echo "no result (timed out?)")"
-        ;;
-    frozen)  # the 12-layer transformer with the frozen embedder: the launch-bound case
-        for k in $FROZEN_PACKS; do
-            measure "frozen_pack$k" --config "$CONFIG" --set model.embedder=frozen --pack "$k"
-        done
-        ;;
-    resnet)  # the preset as it is (paper: the ResNet embedder), alone and as the study packs it
-        for k in $RESNET_PACKS; do
-            measure "${CONFIG}_pack$k" --config "$CONFIG" --pack "$k"
-        done  # and a model alone under vmap (auto runs it as itself: half the kernels)
-        measure "${CONFIG}_pack1_vmap" --config "$CONFIG" --pack 1 --set train.pack_forward=vmap
-        ;;
-    train)  # end to end: icl-train with its evaluations (every eval_every) against the benchmark's rate
-        run=$(mktemp -d)/run
-        if timeout "$((LIMIT * 2))" $PYTHON -m icl.train.cli --config "$CONFIG" --set "train.device=$DEVICE" \
-            --set "train.steps=$TRAIN_STEPS" --out "$run" >"$OUT_DIR/train_$CONFIG.log" 2>&1; then
-            cp "$run/metrics.csv" "$OUT_DIR/train_$CONFIG.csv"
-            $PYTHON - "$run/metrics.csv" "$OUT_DIR/${CONFIG}_pack1.json" >>"$SUMMARY" <<'EOF'
-import csv, json, sys
-rows = list(csv.DictReader(open(sys.argv[1])))
-steps, wall = int(rows[-1]["step"]), float(rows[-1]["wall_s"])
-evals = sum(float(r["eval_s"]) for r in rows)
-line = (f"icl-train end to end: {steps} steps in {wall:.1f} s with {len(rows)} evaluations ({evals:.1f} s): "
-        f"{steps / wall:.1f} steps/s; training alone {steps / (wall - evals):.1f}")
-try:
-    bench = json.load(open(sys.argv[2]))["trainer_steps_per_s"]
-    line += f"; benchmark {bench:.1f} -> end to end is {steps / wall / bench:.2f} of it"
-except (OSError, KeyError, ValueError):
-    pass
-print(line)
-EOF
-            tail -1 "$SUMMARY"
+phase_profile() {
+    local name
+    for name in frozen resnet; do
+        if run "profile_$name.txt" $PYTHON benchmarks/profile_step.py --config "$CONFIG" --device "$DEVICE" --pack 1 \
+            --set "model.embedder=$name" --json "$WORK/profile_$name.json" --trace "$WORK/profile_$name.trace.json"; then
+            note "profile $name K=1: $(grep -m1 'ms/step wall' "$WORK/profile_$name.txt")"
         else
-            note "train: icl-train FAILED or timed out (exit $?); see train_$CONFIG.log"
+            note "profile $name: $(failure $?); see profile_$name.txt"
         fi
-        ;;
-    profile)  # where a step's device time goes
-        for spec in "frozen1:--set model.embedder=frozen --pack 1" "${CONFIG}1:--pack 1" "${CONFIG}15:--pack 15"; do
-            name=${spec%%:*}; args=${spec#*:}
-            if timeout "$LIMIT" $PYTHON benchmarks/profile_step.py --config "$CONFIG" --device "$DEVICE" $args \
-                --json "$OUT_DIR/profile_$name.json" >"$OUT_DIR/profile_$name.txt" 2>"$OUT_DIR/profile_$name.err"; then
-                note "profile $name: $(head -1 "$OUT_DIR/profile_$name.txt")"
-            else
-                note "profile $name: FAILED or timed out (exit $?)"
-            fi
-        done
-        ;;
-    *) echo "error: unknown phase '$phase' (tests, frozen, resnet, train or profile)" >&2; exit 2 ;;
-    esac
+    done
+}
+
+phase_science() {
+    if run science.log $PYTHON benchmarks/pack_curve.py --config "$CONFIG" --device "$DEVICE" \
+        --seconds $((PHASE_END - SECONDS - 15)) $(pick "--eval-every 1000" "") --out "$RUNS/science" \
+        --csv "$WORK/science_curve.csv" --png "$WORK/science_curve.png"; then
+        note "$(grep -m1 '^science: ' "$WORK/science.log")"
+    else
+        note "science: $(failure $?); see science.log (science_curve.csv holds the evaluations made)"
+    fi
+}
+
+gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)
+note "session: $(date -u '+%F %H:%M UTC'), DEVICE=$DEVICE (${gpu:-no nvidia-smi}), CONFIG=$CONFIG," \
+    "DEADLINE_S=$DEADLINE_S, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+for phase in ${PHASES:-checks tests frozen resnet train profile science}; do
+    n=$(need $phase) l=$(left)
+    [ -n "$n" ] || { note "error: unknown phase '$phase' (checks tests frozen resnet train profile science)"; exit 2; }
+    if ((l < n)); then
+        note "$phase: skipped: needs $n s, $l s left of DEADLINE_S=$DEADLINE_S"
+        continue
+    fi
+    share=$((3 * n < l ? 3 * n : l))
+    [ $phase != science ] || share=$l
+    PHASE_END=$((SECONDS + share))
+    say "== $phase: up to $share s ($l s left)"
+    "phase_$phase"
+    archive
 done
-echo "== summary ($SUMMARY)"
+note "session: $((SECONDS - START)) s of DEADLINE_S=$DEADLINE_S"
+archive
+echo "== $SUMMARY"
 cat "$SUMMARY"

@@ -1,7 +1,7 @@
 """What one training step asks of the device, from torch.profiler: busy time, top kernels, launches.
 
     python benchmarks/profile_step.py --config paper [--set k=v ...] [--pack K] [--device cuda]
-                                      [--steps 10] [--no-graph] [--json FILE]
+                                      [--steps 10] [--no-graph] [--json FILE] [--trace FILE]
 
 It profiles ``--steps`` steps of the trainer exactly as the training loop runs them (a pack
 of ``--pack`` models; on CUDA the whole step replayed as one CUDA graph unless
@@ -37,6 +37,7 @@ from throughput import pack_configs, resolve  # noqa: E402
 
 from icl.config import load_config  # noqa: E402
 from icl.data import load_data  # noqa: E402
+from icl.machine import synchronize  # noqa: E402
 from icl.train.pack import PackedTrainer  # noqa: E402
 
 FAMILIES = [  # (family, regex over the kernel name), first match wins
@@ -79,14 +80,15 @@ def measure(args: argparse.Namespace) -> dict:
                                   cuda_graph=not args.no_graph)
     total = args.warmup + args.steps
     trainer.run(1, args.warmup)  # warm-up (and, on CUDA, the graph's capture)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         trainer.run(args.warmup + 1, total)
-        sync()
+        synchronize(device)
         wall = time.perf_counter() - t0
+    if args.trace:
+        prof.export_chrome_trace(str(args.trace))
     events = prof.events()
     if device.type == "cuda":
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--no-graph", action="store_true", help="eager steps even on CUDA (train.cuda_graph=false)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--trace", type=Path, help="also write the profiler's trace (chrome://tracing, Perfetto)")
     args = p.parse_args(argv)
     r = measure(args)
     print(f"{' '.join([r['config'], *r['overrides']])}, pack {r['pack']} on {r['device']} (graph: {r['graph']}): "

@@ -56,14 +56,10 @@ from baseline import NaiveBaseline  # noqa: E402
 from icl.config import Config, load_config, replace  # noqa: E402
 from icl.data import load_data  # noqa: E402
 from icl.errors import UserError  # noqa: E402
+from icl.machine import synchronize  # noqa: E402
 from icl.train.pack import PackedTrainer  # noqa: E402
 
 DEFAULT_WEIGHT_DECAYS = (0.0, 3e-4, 1e-3, 3e-3, 1e-2)  # STUDY.md's grid
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Method:
@@ -77,10 +73,10 @@ class Method:
         self.cpu_rates: list[float] = []  # per second of this process's CPU time
 
     def block(self, n: int, device: torch.device) -> float:
-        sync(device)
+        synchronize(device)
         t0, c0 = time.perf_counter(), time.process_time()
         self.steps(n)
-        sync(device)
+        synchronize(device)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
         self.check()
         self.last_cpu_rate = n * self.models / max(dc, 1e-9)

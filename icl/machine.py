@@ -47,6 +47,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait until ``device`` has done the work queued on it, so that a clock read next counts
+    that work (a GPU runs behind the host; the CPU's operators finish as they are called)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def host_memory() -> int:
     """Bytes of memory this process may use: physical memory, or a smaller cgroup limit."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -67,4 +74,4 @@ def device_memory(device: torch.device) -> int:
     return host_memory()
 
 
-__all__ = ["resolve_device", "host_memory", "device_memory", "gib"]
+__all__ = ["resolve_device", "synchronize", "host_memory", "device_memory", "gib"]

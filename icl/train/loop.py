@@ -17,7 +17,8 @@ one host read of the accumulated losses (divergence), evaluation, the metrics ro
 checkpoints (every ``train.checkpoint_every`` and at the end of what is trained), progress
 and the caller's ``on_eval``. Timing: ``wall_s`` is the pack's wall time (training plus
 every model's evaluation: the models share the process), ``steps_per_s`` excludes
-evaluation.
+evaluation; both count the device's work: the clock is read at a segment's end only after the
+device has finished the steps queued on it (one wait per segment, none per step).
 
 Resuming models that stand at different steps (a crash between two models' saves, a model
 trained in another pack before): the ones furthest behind train as a smaller pack up to the
@@ -42,7 +43,7 @@ import torch
 from icl.config import Config
 from icl.data import StudyData, load_data
 from icl.errors import UserError
-from icl.machine import resolve_device
+from icl.machine import resolve_device, synchronize
 from icl.metrics import EVAL_S, LR, SEQUENCES, SEQUENCES_PER_S, STEP, STEPS_PER_S, TRAIN_ACC, TRAIN_LOSS, WALL_S
 from icl.model.footprint import check_fits
 from icl.train.evaluate import evaluate
@@ -235,6 +236,7 @@ class Segment:
         for boundary in self.boundaries():
             first, seg_start = step + 1, time.perf_counter()
             loss_sum, correct_sum = trainer.run(first, boundary, tick=self.bar.tick)
+            synchronize(trainer.device)  # the steps just queued are part of the training time
             train_s = time.perf_counter() - seg_start
             step = boundary
             alive = self.evaluate(step, boundary - first + 1, alive, loss_sum, correct_sum, train_s)

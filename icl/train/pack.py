@@ -144,8 +144,9 @@ class PackedModels:
     With ``low_precision`` (bf16 training) the forward reads the castable columns
     from a bf16 copy, ``shadow``, refreshed from the fp32 weights in one kernel per step
     (:meth:`refresh`), and constant matmul buffers (the frozen projection) from bf16 copies
-    made once: autocast then finds its operands in bf16 already and casts no weight, where it
-    would launch a cast per weight per step. The numbers are autocast's: the same rounding of
+    made at construction and renewed only when weights are loaded (:meth:`refresh_constants`):
+    autocast then finds its operands in bf16 already and casts no weight, where it would
+    launch a cast per weight per step. The numbers are autocast's: the same rounding of
     the same fp32 weights, and their gradients come back in bf16 as autocast's cast returns them.
     """
 
@@ -200,6 +201,7 @@ class PackedModels:
         self.n_cast_slots = sum(1 for s in slots if s.stop <= self.n_cast)
         # Model by model, model k runs its own module with its bf16 copies swapped in (``swaps[k]``).
         self.swaps: list[dict[str, Tensor]] = [{} for _ in models]
+        self.low_buffers: list[str] = []  # constant buffers with a bf16 copy (refresh_constants)
         if low_precision:
             for s in slots[: self.n_cast_slots]:
                 self.inputs[s.name] = self.shadow[:, s.start : s.stop].view(self.k, *s.shape).requires_grad_(True)
@@ -209,6 +211,7 @@ class PackedModels:
                 for leaf in getattr(module, "LOW_PRECISION_BUFFERS", ()):
                     name = f"{mod_name}.{leaf}" if mod_name else leaf
                     self.forward_buffers[name] = self.buffers[name].to(low_precision)
+                    self.low_buffers.append(name)
                     for k in range(self.k):
                         self.swaps[k][name] = self.forward_buffers[name][k]
             self.refresh()
@@ -227,6 +230,13 @@ class PackedModels:
         """Bring the bf16 copy of the castable weights up to date (one kernel; none in fp32)."""
         if self.n_cast:
             self.shadow.copy_(self.flat[:, : self.n_cast])
+
+    @torch.no_grad()
+    def refresh_constants(self) -> None:
+        """Bring the bf16 copies of constant buffers (the frozen projection) up to date: once
+        made, they change only when weights are loaded into the pack, so never per step."""
+        for name in self.low_buffers:
+            self.forward_buffers[name].copy_(self.buffers[name])
 
     def model_logits(self, k: int, images: Tensor, labels: Tensor) -> Tensor:
         """Model ``k`` alone on its batch (``[B, 9, S, S]``, ``[B, 9]``): its own module, with
@@ -462,6 +472,7 @@ class PackedTrainer:
         ``t``) into the pack, from a ``state_dict`` and a ``torch.optim.AdamW`` ``state_dict``."""
         model = self.pack.models[k]
         model.load_state_dict(model_state)  # copies into the stack's views
+        self.pack.refresh_constants()  # (the castable weights' copy is refreshed at every step)
         opt = make_optimizer(model, self.cfgs[k].optim)
         opt.load_state_dict(optimizer_state)
         params = dict(model.named_parameters())

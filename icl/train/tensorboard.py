@@ -15,28 +15,99 @@ later evaluations are appended. A rebuild writes into a temporary folder first a
 the old file only when the new one is complete; a crash in between leaves at most a stray
 temporary (removed by the next rebuild) or no event file, and the next open rebuilds anyway.
 
-Written with tensorboardX's synchronous ``EventsWriter`` (tensorboardX comes with
-``ray[tune]``): no writer thread per model, and a flush puts every event on disk.
+Written synchronously (no writer thread per model; a flush puts every event on disk) by
+whichever writer is importable, looked up at the first write, not at import: tensorboardX's
+``EventsWriter`` (it comes with ``ray[tune]``), else the ``tensorboard`` package's record
+writer (what ``torch.utils.tensorboard`` writes with; the GPU machines have it, not
+tensorboardX). With neither, training goes on without event files and says so once.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import socket
 import struct
+import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from types import ModuleType
+from typing import Any, Callable, Sequence
 
 import numpy as np
-from tensorboardX.event_file_writer import EventsWriter
-from tensorboardX.proto import event_pb2, summary_pb2
-from tensorboardX.summary import histogram, scalar
 
 from icl.layout import EVENTS_GLOB, EVENTS_PREFIX, TB_REBUILD_PREFIX
 from icl.metrics import ATTN_STATS, STEP, WALL_S, group
 from icl.train.hparams import hparams_summaries, with_peak_icl
+
+
+@dataclass(frozen=True)
+class Writer:
+    """What writing and reading event files takes, from one package."""
+
+    package: str
+    events_writer: Callable[[str], Any]  # file prefix -> an object with write_event, flush, close
+    event_pb2: ModuleType
+    summary_pb2: ModuleType
+    histogram: Callable[..., Any]  # (tag, values, bins) -> a Summary holding one histogram
+
+
+class RecordEventsWriter:
+    """tensorboardX's ``EventsWriter`` over the ``tensorboard`` package's ``RecordWriter``: the
+    same file name, the same version record first, synchronous."""
+
+    def __init__(self, prefix: str):
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        path = f"{prefix}.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
+        self.records = RecordWriter(open(path, "wb"))
+        self.write_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def write_event(self, event: Any) -> None:
+        self.records.write(event.SerializeToString())
+
+    def flush(self) -> None:
+        self.records.flush()
+
+    def close(self) -> None:
+        self.records.close()
+
+
+WRITERS = ("tensorboardX", "tensorboard")  # in the order they are tried
+
+
+@functools.cache
+def load_writer(package: str) -> Writer | None:
+    """The event writer of ``package`` (one of ``WRITERS``), or None if it cannot be imported."""
+    try:
+        if package == "tensorboardX":
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto import event_pb2, summary_pb2
+            from tensorboardX.summary import histogram
+
+            return Writer(package, EventsWriter, event_pb2, summary_pb2, histogram)
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from torch.utils.tensorboard.summary import histogram
+
+        return Writer(package, RecordEventsWriter, event_pb2, summary_pb2, histogram)
+    except ImportError:
+        return None
+
+
+def writer() -> Writer | None:
+    """The first writer this process can import, or None."""
+    return next(filter(None, map(load_writer, WRITERS)), None)
+
+
+@functools.cache
+def say_no_writer() -> None:
+    """Once per process: why a run has no (or a stale) event file."""
+    print("note: no TensorBoard events are written (neither tensorboardX nor tensorboard can be imported; "
+          "pip install tensorboard); metrics.csv holds every row", file=sys.stderr)
 
 
 def tag(column: str) -> str:
@@ -49,13 +120,16 @@ class EventLog:
 
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
-        self.writer: EventsWriter | None = None
+        self.writer: Any = None  # the open file's writer (Writer.events_writer)
         self.steps: list[int] = []  # the steps of the rows in the file, in order
         self.hparams: dict[str, Any] = {}  # the run's HParams (icl.train.hparams), set when it opens
 
     def sync(self, rows: Sequence[dict[str, float]], heads: Sequence[np.ndarray]) -> None:
         """Append the rows the file lacks, or rebuild it if its rows are not a prefix of
-        ``rows`` (a resume) or this process has not written it yet."""
+        ``rows`` (a resume) or this process has not written it yet. Without a writer, nothing."""
+        if writer() is None:
+            say_no_writer()
+            return
         rows = with_peak_icl(rows)  # eval/peak_icl_acc: a metric of the HParams summary
         steps = [int(r[STEP]) for r in rows]
         if self.writer is not None and steps[: len(self.steps)] == self.steps:
@@ -79,38 +153,43 @@ class EventLog:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = self.dir / f"{TB_REBUILD_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
-        writer = EventsWriter(str(tmp / EVENTS_PREFIX))
+        events = writer().events_writer(str(tmp / EVENTS_PREFIX))
         # wall times as the run spent them (wall_s), ending now
         start = time.time() - float(rows[-1].get(WALL_S, 0.0)) if rows else time.time()
         for proto in hparams_summaries(self.hparams) if self.hparams else ():  # first: the run's cell
-            writer.write_event(event_pb2.Event(wall_time=start, summary=summary_pb2.Summary.FromString(proto)))
+            w = writer()
+            events.write_event(w.event_pb2.Event(wall_time=start, summary=w.summary_pb2.Summary.FromString(proto)))
         for row, h in zip(rows, heads):
-            self._write(writer, row, h, start + float(row.get(WALL_S, 0.0)))
-        writer.flush()
+            self._write(events, row, h, start + float(row.get(WALL_S, 0.0)))
+        events.flush()
         (new,) = tmp.iterdir()
         for old in self.dir.glob(EVENTS_GLOB):
             old.unlink()
         os.replace(new, self.dir / new.name)  # the open file moves with it
         tmp.rmdir()
-        self.writer = writer
+        self.writer = events
 
     @staticmethod
-    def _write(writer: EventsWriter, row: dict[str, float], heads: np.ndarray | None, wall_time: float) -> None:
+    def _write(events: Any, row: dict[str, float], heads: np.ndarray | None, wall_time: float) -> None:
+        w = writer()
         step = int(row[STEP])
-        values = [scalar(tag(k), float(v)).value[0] for k, v in row.items() if k != STEP]
+        values = [w.summary_pb2.Summary.Value(tag=tag(k), simple_value=float(v)) for k, v in row.items() if k != STEP]
         if heads is not None and np.size(heads):
             h = np.asarray(heads, dtype=np.float64)  # [L, H, len(ATTN_STATS)]
             for layer in range(h.shape[0]):
                 for s, stat in enumerate(ATTN_STATS):
-                    values.append(histogram(f"heads/L{layer}_{stat}", h[layer, :, s], bins="auto").value[0])
-        summary = summary_pb2.Summary(value=values)
-        writer.write_event(event_pb2.Event(wall_time=wall_time, step=step, summary=summary))
+                    values.append(w.histogram(f"heads/L{layer}_{stat}", h[layer, :, s], bins="auto").value[0])
+        summary = w.summary_pb2.Summary(value=values)
+        events.write_event(w.event_pb2.Event(wall_time=wall_time, step=step, summary=summary))
 
 
 def read_events(run_dir: Path) -> dict[str, list[tuple[int, Any]]]:
     """Every series in a run directory's event files: tag -> [(step, value)] in file order,
     a float for a scalar, the ``HistogramProto`` for a histogram. For tests and notebooks
-    (TensorBoard itself is not a dependency)."""
+    (TensorBoard itself is not a dependency; either writer's package reads them)."""
+    if writer() is None:
+        raise ModuleNotFoundError("reading TensorBoard events needs tensorboardX or tensorboard; pip install tensorboard")
+    event_pb2 = writer().event_pb2
     out: dict[str, list[tuple[int, Any]]] = {}
     for path in sorted(Path(run_dir).glob(EVENTS_GLOB)):
         data = path.read_bytes()

@@ -28,7 +28,7 @@ from icl.data.split import make_split
 
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")),
+    pytest.param("cuda", marks=pytest.mark.cuda),
 ]
 
 

@@ -56,6 +56,9 @@ def test_a_training_step_never_waits_for_the_device(tiny, k):
     with KernelCounter() as counter:
         float(trainer.step(3)[0].sum())  # what logging the loss every step would cost
     assert counter.syncs == ["aten._local_scalar_dense.default"]
+    with KernelCounter() as counter:
+        trainer.run(4, 6)  # a segment's steps (the loop waits for the device once, after them)
+    assert counter.syncs == []
 
 
 def test_a_pack_launches_the_same_kernels_for_any_number_of_models(tiny):

@@ -357,7 +357,7 @@ def test_what_cannot_be_packed_is_refused(tmp_path):
     assert not (tmp_path / "a").exists()  # refused before touching anything
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_packed_equals_alone_on_cuda(tmp_path):
     """The CUDA path (captured step, one-chunk AdamW, batched kernels) against a pack of one."""
     cfgs = configs(GRID, ["train.device=cuda"])

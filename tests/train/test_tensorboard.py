@@ -1,13 +1,27 @@
 """A run's TensorBoard event file: appended during a process, rebuilt from the run's rows at
-its first write in a process (a resume), and left consistent by a rebuild that crashed.
-(The file of a real resumed run is checked in test_train_run.py.)"""
+its first write in a process (a resume), and left consistent by a rebuild that crashed; the
+same with either writer package (each tested where it is installed); without one, a run
+says so once and writes none. (The file of a real resumed run is checked in
+test_train_run.py; a training without tensorboardX in tests/benchmarks/test_gpu_session.py.)"""
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from icl.train import tensorboard
 from icl.layout import EVENTS_GLOB, TB_REBUILD_PREFIX
-from icl.train.tensorboard import EventLog, read_events, tag
+from icl.train.tensorboard import WRITERS, EventLog, load_writer, read_events, tag
+
+
+@pytest.fixture(params=WRITERS)
+def package(request, monkeypatch) -> str:
+    """Every event file of the test written (and read) with this package's writer."""
+    chosen = load_writer(request.param)
+    if chosen is None:
+        pytest.skip(f"{request.param} is not installed here")
+    monkeypatch.setattr(tensorboard, "writer", lambda: chosen)
+    return request.param
 
 
 def rows(steps: list[int]) -> tuple[list[dict[str, float]], list[np.ndarray]]:
@@ -26,7 +40,7 @@ def test_tags_group_the_columns() -> None:
         "train/train_loss", "train/lr", "eval/icl_acc", "eval/ciwl_acc", "attention/attn_L3_prev_tok", "timing/wall_s"]
 
 
-def test_appends_within_a_process_and_rebuilds_on_a_resume(tmp_path: Path) -> None:
+def test_appends_within_a_process_and_rebuilds_on_a_resume(tmp_path: Path, package: str) -> None:
     log = EventLog(tmp_path)
     log.sync(*rows([10, 20]))
     log.sync(*rows([10, 20, 30]))  # an evaluation: appended to the same file
@@ -45,7 +59,7 @@ def test_appends_within_a_process_and_rebuilds_on_a_resume(tmp_path: Path) -> No
         (s, 4, np.float32(s / 1000)) for s in (10, 20, 30, 40)]
 
 
-def test_a_crashed_rebuild_leaves_nothing_the_next_one_keeps(tmp_path: Path) -> None:
+def test_a_crashed_rebuild_leaves_nothing_the_next_one_keeps(tmp_path: Path, package: str) -> None:
     log = EventLog(tmp_path)
     log.sync(*rows([10, 20, 30]))
     log.close()
@@ -59,3 +73,17 @@ def test_a_crashed_rebuild_leaves_nothing_the_next_one_keeps(tmp_path: Path) -> 
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(TB_REBUILD_PREFIX)] == []
     assert len(list(tmp_path.glob(EVENTS_GLOB))) == 1
     assert [s for s, _ in series(tmp_path, "train/train_loss")] == [10, 20]
+
+
+def test_without_a_writer_runs_say_so_once_and_write_no_events(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(tensorboard, "writer", lambda: None)
+    tensorboard.say_no_writer.cache_clear()
+    for run in ("a", "b"):  # two runs of one process (a pack), each recording twice
+        log = EventLog(tmp_path / run)
+        log.sync(*rows([10]))
+        log.sync(*rows([10, 20]))
+        log.close()
+    assert capsys.readouterr().err.count("no TensorBoard events are written") == 1
+    assert list(tmp_path.rglob(EVENTS_GLOB)) == []
+    with pytest.raises(ModuleNotFoundError, match="pip install tensorboard"):
+        read_events(tmp_path / "a")

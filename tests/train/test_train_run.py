@@ -232,3 +232,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert list(pd.read_csv(out / "metrics.csv")["step"]) == [50, 100]
     with pytest.raises(TrainingDiverged):
         train(load_config("tiny"), out)
+
+
+def test_the_training_clock_waits_for_the_device_once_per_segment(tmp_path, monkeypatch):
+    """On a GPU the host queues steps ahead of the device; the training time of a segment must
+    include the queued work. Here a wait of 0.3 s stands in for the device finishing it: it is
+    asked for once per segment (never per step), and the rows' training rate counts it."""
+    from icl.train import loop
+
+    calls = []
+
+    def device_finishing(device):
+        calls.append(device)
+        time.sleep(0.3)
+
+    monkeypatch.setattr(loop, "synchronize", device_finishing)
+    cfg = load_config("tiny", ["train.steps=40", "train.eval_every=20"])
+    train(cfg, tmp_path / "run")
+    m = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert calls == [torch.device("cpu")] * 2  # two segments of 20 steps
+    assert (m["steps_per_s"] <= 20 / 0.3).all()  # each segment's 20 steps took the wait too
+    assert (m["wall_s"].diff().fillna(m["wall_s"]) >= 0.3).all()
