@@ -26,13 +26,17 @@ from sweeps.spec import Resources
 PER_MODEL = "per_model"  # in a pack's report: model id -> its latest step and accuracies
 RATE = "model_steps_per_s"  # in a pack's report: the trial's measured rate
 # The accuracies shown, metric -> column; a metric the trainer does not report is not shown
-# (the peer evaluators' columns appear once the trainer has them).
+# (the peer evaluators' columns appear once the trainer has them). "in ctx": the argmax over
+# the labels in context (the peers' in_context_acc) beside the all-label one; flip IWL in ctx
+# is 1 - flip ctx in ctx, so it is left out.
 ACCURACIES = {
     "icl_acc": "ICL",
     "iwl_acc": "IWL",
     "train_acc": "train acc",
     "ciwl_acc": "CIWL",
+    "ciwl_acc_inctx": "CIWL in ctx",
     "flip_icl_ctx_acc": "flip ctx",
+    "flip_icl_ctx_acc_inctx": "flip ctx in ctx",
     "flip_icl_iwl_acc": "flip IWL",
 }
 
