@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from icl.config import RANGES, RUNTIME_KEYS, build_config, check_value, flatten, get_key, read_yaml, valid_keys
+from icl.config import RANGES, RUNTIME_KEYS, build_config, check_value, flatten, read_yaml, valid_keys
 from icl.errors import UserError
 from icl.inputs import read_text
 
@@ -34,10 +34,25 @@ TRAIN_ACC = "train_acc"
 CIWL = "ciwl_acc"  # context-constrained IWL: the query's trained label sits on another exemplar
 FLIP_CTX = "flip_icl_ctx_acc"  # flip ICL (trained labels swapped in context): follows the context
 FLIP_IWL = "flip_icl_iwl_acc"  # ... follows its weights
+# The peers' definition beside each all-label one (icl.train.evaluate): argmax over the labels in context
+ICL_ALL = "icl_acc_all"  # holdout ICL, argmax over every label
+ICL_TRAIN = "icl_train_acc"  # ICL on training classes relabelled 0/1, over the 2 labels in context
+ICL_TRAIN_ALL = "icl_train_acc_all"  # ... over every label
+CIWL_INCTX = "ciwl_acc_inctx"
+FLIP_CTX_INCTX = "flip_icl_ctx_acc_inctx"
+FLIP_IWL_INCTX = "flip_icl_iwl_acc_inctx"
+ICL_EVEN, ICL_ODD = "icl_acc_even", "icl_acc_odd"  # icl_acc on the ICL set's even / odd sequences
+ICL_HALVES = (ICL_EVEN, ICL_ODD)
+# Per-trial constants from each run's config (not metrics, not cell keys): the size of every
+# evaluation set, and the effective decay wd * sum_t lr_t (icl.schedule.decay_exponent).
+N_EVAL = "eval_sequences"
+DECAY_EXP = "decay_exponent"
 REQUIRED_METRICS = (ICL, IWL, TRAIN_ACC)
 REQUIRED_COLUMNS = ("step", *REQUIRED_METRICS)
-_NUMERIC_LOGS = ("sequences", "train_loss", "lr", "icl_acc_all", "icl_train_acc", "ece", "steps_per_s",
-                 "sequences_per_s", "eval_s", "wall_s")  # the trainer's other numeric columns
+PEER_METRICS = (ICL_ALL, ICL_TRAIN, ICL_TRAIN_ALL, CIWL, CIWL_INCTX, FLIP_CTX, FLIP_CTX_INCTX, FLIP_IWL,
+                FLIP_IWL_INCTX, *ICL_HALVES)
+_NUMERIC_LOGS = ("sequences", "train_loss", "lr", "ece", "steps_per_s", "sequences_per_s", "eval_s",
+                 "wall_s", *PEER_METRICS)  # the trainer's other numeric columns
 
 MAX_TABLE_BYTES = 4 << 30  # a results table this large is not one this project wrote
 RESULTS_CSV = "results.csv"  # a sweep's tidy table, STORAGE/NAME/results.csv
@@ -127,11 +142,11 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 
 def _is_metric(col: str) -> bool:
-    return col in REQUIRED_COLUMNS or col.startswith("attn_") or col in _NUMERIC_LOGS or col in (CIWL, FLIP_CTX, FLIP_IWL)
+    return col in REQUIRED_COLUMNS or col.startswith("attn_") or col in _NUMERIC_LOGS
 
 
 def _probabilities(col: str) -> bool:
-    return col.endswith(("_acc", "_acc_all")) or col == "ece"
+    return col.endswith(("_acc", "_acc_all", "_acc_inctx")) or col in ICL_HALVES or col == "ece"
 
 
 def check_values(df: pd.DataFrame, where: str, first_line: int | None = None) -> pd.DataFrame:
@@ -197,21 +212,77 @@ def _spec_value(spec: dict[str, Any] | None, key: str) -> Any:
         flat = flatten(resolved)
         if key in flat:
             return flat[key]
+    overrides = _spec_overrides(spec)
+    if key in overrides:
+        return overrides[key]
+    full = _spec_config(spec)
+    return None if full is None else full.get(key)
+
+
+def _spec_overrides(spec: dict[str, Any]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for name in ("overrides", "set", "config_overrides"):
         block = spec.get(name)
         if isinstance(block, dict):
             overrides.update(flatten(block))
-    if key in overrides:
-        return overrides[key]
+    return overrides
+
+
+def _spec_config(spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A sweep spec's base config, flat and complete: ``resolved`` (what icl-sweep saves), else
+    its base preset or file with its overrides; None where neither resolves."""
+    if not spec:
+        return None
+    resolved = spec.get("resolved")
+    if isinstance(resolved, dict):
+        return flatten(resolved)
     base = next((spec[n] for n in ("base", "preset", "config") if isinstance(spec.get(n), (str, dict))), None)
     if base is None:
         return None
     try:
-        cfg = build_config(base, {k: v for k, v in overrides.items() if k in _config_keys()})
+        cfg = build_config(base, {k: v for k, v in _spec_overrides(spec).items() if k in _config_keys()})
     except (UserError, TypeError):
         return None
-    return get_key(cfg, key)
+    return flatten(cfg.to_dict())
+
+
+def _plain(v: Any) -> Any:
+    """A table cell as a config value: whole numbers as int (``1600.0`` -> ``1600``)."""
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return int(v)
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def add_run_constants(src: Source, df: pd.DataFrame) -> None:
+    """Add :data:`N_EVAL` and :data:`DECAY_EXP` to one source's rows, from each trial's config:
+    a run's ``config.yaml``, or a sweep's base config (its spec) with the row's grid values on
+    top. Missing (NaN) where no config says; a table that has the columns already keeps them."""
+    if N_EVAL in df.columns and DECAY_EXP in df.columns:
+        return
+    from icl.schedule import decay_exponent  # torch-free
+
+    base = src.config if src.kind == "run" else _spec_config(src.spec)
+    known = _config_keys()
+    if base is None:
+        df[N_EVAL], df[DECAY_EXP] = math.nan, math.nan
+        src.notes.append(f"{src.path}: no run config or resolved spec, so the evaluation set's size (for the binomial "
+                         "part of the intervals) and the effective decay are unknown")
+        return
+    base = {k: v for k, v in base.items() if k in known}
+    keys = [] if src.kind == "run" else [c for c in df.columns if c in known and c != SEED_KEY]
+    groups = df.groupby(keys, dropna=False, sort=False).groups.items() if keys else [((), df.index)]
+    n_eval = pd.Series(math.nan, index=df.index)
+    decay = pd.Series(math.nan, index=df.index)
+    for values, index in groups:
+        values = values if isinstance(values, tuple) else (values,)
+        overrides = {k: _plain(v) for k, v in zip(keys, values) if not is_missing(v)}
+        try:
+            cfg = build_config(base, overrides)
+        except (UserError, TypeError, ValueError):
+            continue
+        n_eval[index] = cfg.eval.n_sequences
+        decay[index] = decay_exponent(cfg)
+    df[N_EVAL], df[DECAY_EXP] = n_eval, decay
 
 
 def _configs_below(root: Path, max_depth: int = 3) -> list[dict[str, Any]]:
@@ -314,6 +385,7 @@ def load_results(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
             for key in CORE_KEYS:
                 if key not in df.columns:
                     df[key] = _resolve_constant(src, key)
+        add_run_constants(src, df)
         df.insert(0, "experiment", name)
         frames.append(df)
 
@@ -342,7 +414,10 @@ def load_results(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     missing_id = df["trial_id"].isna()
     if missing_id.any():
         id_cols = [c for c in grid_cols if c in df.columns]
-        df.loc[missing_id, "trial_id"] = df.loc[missing_id, id_cols].astype(str).agg("_".join, axis=1)
+        rows = df.loc[missing_id, id_cols].itertuples(index=False)
+        ids = [("_".join(str(v) for v in row) or "trial") for row in rows]
+        df["trial_id"] = df["trial_id"].astype(object)  # an all-text column may be Arrow-backed: no mixed writes
+        df.loc[missing_id, "trial_id"] = ids
     df["trial_id"] = df["trial_id"].astype(str)
     for key in (CLASS_KEY, WD_KEY, SEED_KEY):
         df[key] = pd.to_numeric(df[key], errors="coerce")
