@@ -4,8 +4,8 @@ Notebook use::
 
     from analysis import load_results, summarize, trial_summary, verdict
     df = load_results("experiments/study")          # tidy: one row per trial and evaluation
-    summary = summarize(df)                         # one row per cell, mean/sd over seeds
-    print(verdict(summary, trial_summary(df)))      # the STUDY.md success criterion
+    summary = summarize(df)                         # one row per cell, mean/sd and 95% intervals over seeds
+    print(verdict(summary, trial_summary(df)))      # the STUDY.md success criterion, both parts
     from analysis.plots import plot_curves
     plot_curves(df, logx=True)                      # a matplotlib Figure
 

@@ -18,10 +18,12 @@ DESCRIPTION = """\
 (`icl-analyze heads RUN...` runs head attribution at every checkpoint; see its --help.)
 Analyse sweep results (STORAGE/NAME with results.csv), single runs (RUN with metrics.csv and
 config.yaml), or CSV files; several paths are combined. Writes summary.csv (one row per cell:
-mean and sd over seeds of peak/final ICL, drop, final IWL and train accuracy, ICL onset), PNG
-plots and report.md with the verdict on the study's success criterion, and report.html: the
-same report as one file with the plots inside, to share. Works on a sweep that
-is still running (cells behind or short of seeds are flagged)."""
+its effective decay; mean over seeds, with 95% intervals, of the unbiased (cross-fitted) peak
+ICL, final ICL and drop; final IWL and train accuracy, ICL onset), PNG plots and report.md with
+the verdict on the study's two-part success criterion (reaches 90% of the many-class baseline,
+and beats the same classes without decay), and report.html: the same report as one file with
+the plots inside, to share. Works on a sweep that is still running (cells behind or short of
+seeds are flagged)."""
 
 
 def _check_out(out: Path, paths: list[str]) -> None:

@@ -112,3 +112,32 @@ def join_words(items: Sequence[str]) -> str:
     if len(items) <= 1:
         return "".join(items)
     return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def fmt_ci(lo: Any, hi: Any, digits: int = 3) -> str:
+    """A 95% interval: ``[0.812, 0.884]``; ``(no interval)`` where there is none."""
+    if is_missing(lo) or is_missing(hi):
+        return "(no interval)"
+    return f"[{float(lo):.{digits}f}, {float(hi):.{digits}f}]"
+
+
+def mean_ci(mean: Any, lo: Any, hi: Any, digits: int = 3) -> str:
+    """``0.850 [0.812, 0.884]``; ``–`` without a mean."""
+    if is_missing(mean):
+        return "–"
+    return f"{float(mean):.{digits}f} " + fmt_ci(lo, hi, digits)
+
+
+def fmt_shrink(exponent: Any) -> str:
+    """The total shrink factor of decoupled decay, ``exp(-wd * sum lr)``, as ``e^-0.25``;
+    ``1 (none)`` without decay; ``?`` where unknown (no config, or coupled L2)."""
+    if is_missing(exponent):
+        return "?"
+    x = float(exponent)
+    if x == 0:
+        return "1 (none)"
+    text = f"{x:.2g}"  # 0.0075, 0.25, 1.5, 12; 9.7e-05 below 1e-4
+    if "e" in text:
+        mantissa, e = text.split("e")
+        text = f"{mantissa}e{int(e)}"
+    return f"e^-{text}"

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from icl.config import RANGES, RUNTIME_KEYS, check_value, flatten, read_yaml, valid_keys
+from icl.config import RANGES, RUNTIME_KEYS, build_config, check_value, flatten, read_yaml, valid_keys
 from icl.errors import UserError
 from icl.inputs import read_text
 from icl.layout import CONFIG, METRICS, RESULTS, SPEC, TRIAL_ID, ExperimentDir, RunLayout, SavedSpec
-from icl.metrics import PROBABILITIES, REQUIRED, STEP, is_metric
+from icl.metrics import DECAY_EXP, N_EVAL, PROBABILITIES, REQUIRED, STEP, is_metric
 
 CLASS_KEY = "data.num_classes"
 WD_KEY = "optim.weight_decay"
@@ -174,6 +174,46 @@ def _trial_configs(src: Source) -> list[dict[str, Any]]:
     return found
 
 
+def _plain(v: Any) -> Any:
+    """A table cell as a config value: whole numbers as int (``1600.0`` -> ``1600``)."""
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return int(v)
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def add_run_constants(src: Source, df: pd.DataFrame) -> None:
+    """Add :data:`~icl.metrics.N_EVAL` and :data:`~icl.metrics.DECAY_EXP` to one source's rows,
+    from each trial's config: a run's ``config.yaml``, or a sweep's saved base config (its spec)
+    with the row's grid values on top. Missing (NaN) where no config says; a table that has the
+    columns already keeps them."""
+    if N_EVAL in df.columns and DECAY_EXP in df.columns:
+        return
+    from icl.schedule import decay_exponent  # torch-free
+
+    base = src.config if src.kind == "run" else (src.spec.config() if src.spec is not None else None)
+    known = _config_keys()
+    if base is None:
+        df[N_EVAL], df[DECAY_EXP] = math.nan, math.nan
+        src.notes.append(f"{src.path}: no run config or resolved spec, so the evaluation set's size (for the binomial "
+                         "part of the intervals) and the effective decay are unknown")
+        return
+    base = {k: v for k, v in base.items() if k in known}
+    keys = [] if src.kind == "run" else [c for c in df.columns if c in known and c != SEED_KEY]
+    groups = df.groupby(keys, dropna=False, sort=False).groups.items() if keys else [((), df.index)]
+    n_eval = pd.Series(math.nan, index=df.index)
+    decay = pd.Series(math.nan, index=df.index)
+    for values, index in groups:
+        values = values if isinstance(values, tuple) else (values,)
+        overrides = {k: _plain(v) for k, v in zip(keys, values) if not is_missing(v)}
+        try:
+            cfg = build_config(base, overrides)
+        except (UserError, TypeError, ValueError):
+            continue
+        n_eval[index] = cfg.eval.n_sequences
+        decay[index] = decay_exponent(cfg)
+    df[N_EVAL], df[DECAY_EXP] = n_eval, decay
+
+
 def _resolve_constant(src: Source, key: str) -> Any:
     """The value a key had for every trial of a source that has no column for it, or None."""
     if src.config is not None:
@@ -259,6 +299,7 @@ def load_results(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
             for key in CORE_KEYS:
                 if key not in df.columns:
                     df[key] = _resolve_constant(src, key)
+        add_run_constants(src, df)
         df.insert(0, "experiment", name)
         frames.append(df)
 
@@ -287,7 +328,10 @@ def load_results(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     missing_id = df[TRIAL_ID].isna()
     if missing_id.any():
         id_cols = [c for c in grid_cols if c in df.columns]
-        df.loc[missing_id, TRIAL_ID] = df.loc[missing_id, id_cols].astype(str).agg("_".join, axis=1)
+        rows = df.loc[missing_id, id_cols].itertuples(index=False)
+        ids = [("_".join(str(v) for v in row) or "trial") for row in rows]
+        df[TRIAL_ID] = df[TRIAL_ID].astype(object)  # an all-text column may be Arrow-backed: no mixed writes
+        df.loc[missing_id, TRIAL_ID] = ids
     df[TRIAL_ID] = df[TRIAL_ID].astype(str)
     for key in (CLASS_KEY, WD_KEY, SEED_KEY):
         df[key] = pd.to_numeric(df[key], errors="coerce")

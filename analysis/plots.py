@@ -22,21 +22,27 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from analysis.fmt import cell_label, cell_slug, fmt_number, seed_spread
+from analysis.fmt import cell_label, cell_slug, fmt_number, fmt_shrink, seed_spread
 from analysis.load import CLASS_KEY, SEED_KEY, WD_KEY, is_missing
 from analysis.summary import same_value, with_ids, cell_keys
-from analysis.verdict import RATIO, summary_keys
+from analysis.verdict import RATIO, baseline_cell, summary_keys
 from icl.metrics import (
     ATTN_NAMES,
     ATTN_RE,
     AXIS_LABELS,
     CHANCE,
     CIWL,
+    CIWL_INCTX,
+    DECAY_EXP,
     FLIP_CTX,
+    FLIP_CTX_INCTX,
     FLIP_IWL,
+    FLIP_IWL_INCTX,
     ICL,
     ICL_ACCURACIES,
+    ICL_ALL,
     ICL_TRAIN,
+    ICL_TRAIN_ALL,
     IWL,
     TITLES,
     TRAIN_ACC,
@@ -45,6 +51,10 @@ from icl.metrics import (
 )
 
 DPI = 110
+# The evaluators plot: each row the peers' definition (argmax over the labels in context; for
+# IWL over every label, as their pure_iwl) drawn solid, beside its all-label twin, dashed.
+EVALUATOR_ROWS = {ICL: ICL_ALL, ICL_TRAIN: ICL_TRAIN_ALL, CIWL_INCTX: CIWL, FLIP_CTX_INCTX: FLIP_CTX,
+                  FLIP_IWL_INCTX: FLIP_IWL, IWL: None}
 
 
 def _short_number(v: float, _pos: Any = None) -> str:
@@ -160,21 +170,29 @@ def _draw_curve(ax: Any, stats: pd.DataFrame, x: str, colour: Any, style: str, l
                         alpha=0.18, linewidth=0)
 
 
+def _has(df: pd.DataFrame, metric: str | None) -> bool:
+    return metric is not None and metric in df.columns and bool(df[metric].notna().any())
+
+
 def plot_curves(
     df: pd.DataFrame,
     metrics: Sequence[str] = (ICL, IWL, TRAIN_ACC),
     x: str = "step",
     logx: bool = False,
     title: str | None = None,
+    twins: Mapping[str, str | None] | None = None,
 ) -> Figure:
     """Metrics over training: one row per metric, one column per number of classes, colour = weight decay.
 
     Seed mean with a +-1 sd band. ``x`` is ``step`` or ``sequences``; ``logx`` puts it on a log
     scale (evaluations at step 0 are dropped there), which shows early rises and late fades.
+    ``twins`` maps a row's metric to a second one drawn dashed in the same panels (another
+    definition of the same accuracy); a row is kept when either has values.
     """
     _theme()
     df = with_ids(df)
-    metrics = [m for m in metrics if m in df.columns and df[m].notna().any()]
+    twins = dict(twins or {})
+    metrics = [m for m in metrics if _has(df, m) or _has(df, twins.get(m))]
     if not metrics:
         raise ValueError("none of the requested metrics has values")
     keys = cell_keys(df)
@@ -185,19 +203,22 @@ def plot_curves(
     axes = fig.subplots(len(metrics), len(facets), sharex=True, sharey="row", squeeze=False)
     n_seeds = df.groupby(keys, dropna=False)[SEED_KEY].nunique() if keys else pd.Series([df[SEED_KEY].nunique()])
     for r, metric in enumerate(metrics):
-        stats = seed_curves(df, metric, x)
+        drawn = [(m, style) for m, style in ((metric, "-"), (twins.get(metric), "--")) if _has(df, m)]
+        all_stats = [(seed_curves(df, m, x), style) for m, style in drawn]
+        low = min(float(st["mean"].min()) for st, _ in all_stats)
         for c, facet in enumerate(facets):
             ax = axes[r][c]
-            sub = _select(stats, facet)
-            for wd in wds:
-                cell = sub if wd is None else _select(sub, {WD_KEY: wd})
-                if cell.empty:
-                    continue
-                _draw_curve(ax, cell, x, _colour(palette, wd), "-", logx)
+            for stats, style in all_stats:
+                sub = _select(stats, facet)
+                for wd in wds:
+                    cell = sub if wd is None else _select(sub, {WD_KEY: wd})
+                    if cell.empty:
+                        continue
+                    _draw_curve(ax, cell, x, _colour(palette, wd), style, logx)
             if metric in ICL_ACCURACIES:
-                ax.axhline(CHANCE, color="0.45", linestyle="--", linewidth=1)
-                ax.set_ylim(min(0.4, float(stats["mean"].min()) - 0.02), 1.0)
-            elif metric.endswith("_acc"):
+                ax.axhline(CHANCE, color="0.45", linestyle=":", linewidth=1)
+                ax.set_ylim(min(0.4, low - 0.02), 1.0)
+            elif metric.endswith(("_acc", "_inctx")):
                 ax.set_ylim(-0.02, 1.02)
             _time_axis(ax, logx, df[x])
             if r == 0:
@@ -209,7 +230,11 @@ def plot_curves(
     handles = [mlines.Line2D([], [], color=_colour(palette, wd), linewidth=2.5, label=fmt_number(wd)) for wd in wds
                if wd is not None]
     if any(m in ICL_ACCURACIES for m in metrics):
-        handles.append(mlines.Line2D([], [], color="0.45", linestyle="--", label="chance"))
+        handles.append(mlines.Line2D([], [], color="0.45", linestyle=":", label="chance"))
+    if twins:
+        handles += [mlines.Line2D([], [], linestyle="none", label="\nargmax over"),
+                    mlines.Line2D([], [], color="0.3", linestyle="-", label="labels in context\n(peers' definition)"),
+                    mlines.Line2D([], [], color="0.3", linestyle="--", label="every label")]
     if handles:
         fig.legend(handles=handles, title="weight decay", loc="outside right center", frameon=False)
     seeds = int(n_seeds.max()) if len(n_seeds) else 0
@@ -218,14 +243,17 @@ def plot_curves(
 
 
 def plot_evaluators(df: pd.DataFrame, x: str = "step", logx: bool = False) -> Figure | None:
-    """ICL beside the peer code's evaluators: CIWL, flip ICL (context vs weights) and pure IWL.
+    """ICL beside the peer code's evaluators (ICL on training classes, CIWL, flip ICL: context
+    vs weights) and pure IWL, each by both definitions: solid, the peers' (argmax over the
+    labels in context, icl-dynamics ``in_context_acc``; IWL over every label, their
+    ``pure_iwl``), dashed, over every label.
 
-    None when the results have neither ``ciwl_acc`` nor the flip columns (logged before they existed)."""
-    extra = [m for m in (CIWL, FLIP_CTX, FLIP_IWL) if m in df.columns and df[m].notna().any()]
-    if not extra:
+    None when the results have neither CIWL nor flip columns (logged before they existed)."""
+    if not any(_has(df, m) for m in (CIWL, CIWL_INCTX, FLIP_CTX, FLIP_CTX_INCTX, FLIP_IWL, FLIP_IWL_INCTX)):
         return None
-    return plot_curves(df, (ICL, *extra, IWL), x=x, logx=logx,
-                       title="ICL into IWL or CIWL? The peer evaluators over training")
+    return plot_curves(df, tuple(EVALUATOR_ROWS), x=x, logx=logx, twins=EVALUATOR_ROWS,
+                       title="ICL into IWL or CIWL? The peer evaluators over training\nsolid: argmax over the labels "
+                             "in context (the peers' definition), dashed: over every label")
 
 
 def plot_attention_overview(df: pd.DataFrame, x: str = "step", logx: bool = False) -> Figure | None:
@@ -339,79 +367,115 @@ def _edges(xs: np.ndarray, logx: bool) -> np.ndarray:
     return np.concatenate([[xs[0] - (mid[0] - xs[0])], mid, [xs[-1] + (xs[-1] - mid[-1])]])
 
 
-def _wd_axis(ax: Any, wds: list[float]) -> None:
+def _shrink_labels(wds: Sequence[float], summary: pd.DataFrame | None) -> list[str]:
+    """Weight decay values, each with its total shrink factor below it where the summary knows
+    it (a range where cells differ, e.g. in their schedule)."""
+    labels = [fmt_number(w) for w in wds]
+    if summary is None or DECAY_EXP not in summary.columns:
+        return labels
+    for i, w in enumerate(wds):
+        exps = sorted({round(float(e), 12) for e in _select(summary, {WD_KEY: w})[DECAY_EXP].dropna()})
+        if exps:
+            shrink = fmt_shrink(exps[0]) if len(exps) == 1 else f"{fmt_shrink(exps[0])}…{fmt_shrink(exps[-1])[3:]}"
+            labels[i] += "\n" + ("none" if shrink == fmt_shrink(0) else shrink)
+    return labels
+
+
+def _wd_axis(ax: Any, wds: list[float], summary: pd.DataFrame | None = None) -> None:
+    """Weight decay on evenly spaced categories, labelled with their shrink factors."""
     ax.set_xticks(range(len(wds)))
-    ax.set_xticklabels([fmt_number(w) for w in wds])
+    ax.set_xticklabels(_shrink_labels(wds, summary), fontsize=8.5)
     ax.set_xlim(-0.5, len(wds) - 0.5)
 
 
-def plot_peak_final(summary: pd.DataFrame, ratio: float = RATIO) -> Figure:
-    """Peak and final ICL (mean +- sd over seeds) against weight decay, one panel per number of classes.
+def plot_peak_final(summary: pd.DataFrame, ratio: float = RATIO, grid: Mapping[str, Sequence[Any]] | None = None
+                    ) -> Figure:
+    """Peak and final ICL (mean over seeds with its 95% interval) against weight decay, one
+    panel per number of classes.
 
-    The grey line is the many-class, weight-decay-0 baseline's peak ICL and the dashed line the
-    success bar (``ratio`` x baseline), so passing cells stand out. Weight decay is drawn on
-    evenly spaced categories (0 has no place on a log axis); ``n=`` marks cells short of seeds.
+    The grey line and band are the verdict's baseline (:func:`analysis.verdict.baseline_cell`:
+    the most classes, in the data or the spec's ``grid``, at weight decay 0) with its interval,
+    the dashed line the success bar (``ratio`` x baseline), so cells that reach it stand out.
+    Peak ICL is the unbiased (cross-fitted) peak where the results allow it. Weight decay is
+    drawn on evenly spaced categories (0 has no place on a log axis), each labelled with its
+    total shrink factor; ``n=`` marks cells short of seeds.
     """
     _theme()
     keys = summary_keys(summary)
+    grid = grid if grid is not None else summary.attrs.get("grid") or {}
     facets = _facets(summary, keys)
     wds = sorted({float(w) for w in summary[WD_KEY] if not is_missing(w)}) if WD_KEY in keys else []
     wds = wds or [None]  # no known weight decay: one point per panel
-    fig = Figure(figsize=(3.6 + 4.0 * len(facets), 4.4), layout="constrained")
+    fig = Figure(figsize=(3.6 + 4.0 * len(facets), 4.6), layout="constrained")
     axes = fig.subplots(1, len(facets), sharey=True, squeeze=False)[0]
     pal = sns.color_palette("deep")
     for ax, facet in zip(axes, facets):
-        base = _baseline(summary, keys, facet)
+        base = _baseline(summary, keys, facet, grid)
         sub = _select(summary, facet)
         if wds != [None]:
             sub = sub.assign(_pos=[wds.index(float(w)) if not is_missing(w) else np.nan for w in sub[WD_KEY]])
         else:
             sub = sub.assign(_pos=0)
         sub = sub.dropna(subset=["_pos"]).sort_values("_pos")
-        for stat, colour, marker, label, shift in (("peak_icl", pal[0], "o", "peak ICL", -0.06),
+        for stat, colour, marker, label, shift in (("peak_icl", pal[0], "o", peak_label(summary), -0.06),
                                                      ("final_icl", pal[1], "s", "final ICL (last eval.)", 0.06)):
-            ax.errorbar(sub["_pos"] + shift, sub[f"{stat}_mean"], yerr=sub[f"{stat}_std"].fillna(0), color=colour,
-                        marker=marker, markersize=7, capsize=4, linewidth=1.6, label=label)
+            mean = sub[f"{stat}_mean"].to_numpy(float)
+            err = np.vstack([mean - sub[f"{stat}_lo"].to_numpy(float), sub[f"{stat}_hi"].to_numpy(float) - mean])
+            ax.errorbar(sub["_pos"] + shift, mean, yerr=np.nan_to_num(err), color=colour, marker=marker,
+                        markersize=7, capsize=4, linewidth=1.6, label=label)
         for _, r in sub.iterrows():
             if not r["seeds_complete"]:
                 ax.annotate(f"n={int(r['n_seeds'])}", (r["_pos"], r["peak_icl_mean"]), textcoords="offset points",
                             xytext=(0, 10), ha="center", fontsize=9, color="firebrick")
         if base is not None:
-            ax.axhline(base, color="0.35", linewidth=1.2, label="baseline peak (many classes, wd 0)")
-            ax.axhline(ratio * base, color="0.35", linestyle="--", linewidth=1.2,
+            ax.axhline(base["peak_icl_mean"], color="0.35", linewidth=1.2,
+                       label=f"baseline peak ({cell_label({CLASS_KEY: base[CLASS_KEY], WD_KEY: 0})}), 95% band")
+            if not is_missing(base["peak_icl_lo"]):
+                ax.axhspan(base["peak_icl_lo"], base["peak_icl_hi"], color="0.35", alpha=0.12, linewidth=0)
+            ax.axhline(ratio * base["peak_icl_mean"], color="0.35", linestyle="--", linewidth=1.2,
                        label=f"success bar ({ratio:.0%} of baseline)")
         ax.axhline(CHANCE, color="0.6", linestyle=":", linewidth=1.2, label="chance")
         if wds != [None]:
-            _wd_axis(ax, wds)
+            _wd_axis(ax, wds, summary)
         else:
             ax.set_xticks([0])
             ax.set_xticklabels(["?"])
             ax.set_xlim(-0.5, 0.5)
-        ax.set_xlabel("AdamW weight decay")
+        ax.set_xlabel("AdamW weight decay\n(total shrink factor)")
         ax.set_title(cell_label(facet) or "all runs")
-        low = np.nanmin(summary[["peak_icl_mean", "final_icl_mean"]].to_numpy(float))
+        low = np.nanmin(summary[["peak_icl_lo", "final_icl_lo", "peak_icl_mean", "final_icl_mean"]].to_numpy(float))
         ax.set_ylim(min(0.4, float(low) - 0.03), 1.0)
     axes[0].set_ylabel("ICL accuracy, holdout (chance 0.5)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", frameon=False)
-    fig.suptitle(f"Peak and final ICL vs weight decay ({seed_spread(int(summary['n_seeds'].max()))})", fontsize=13)
+    fig.suptitle("Peak and final ICL vs weight decay (mean over seeds, bars = 95% interval)", fontsize=13)
     return fig
 
 
-def _baseline(summary: pd.DataFrame, keys: list[str], where: Mapping[str, Any] | None = None) -> float | None:
-    """Peak ICL mean of the largest-classes, weight-decay-0 cell of the slice ``where``, or None."""
+def peak_label(summary: pd.DataFrame) -> str:
+    """What the summary's peak ICL is: cross-fitted (unbiased) or, for results logged before
+    the ICL set's halves existed, the raw maximum (biased upward)."""
+    methods = set(summary.get("peak_method", pd.Series(dtype=str)).dropna()) - {""}
+    if methods == {"cross-fit"}:
+        return "peak ICL (cross-fitted)"
+    if methods <= {"raw max"}:
+        return "peak ICL (raw max., biased up)"
+    return "peak ICL (some raw max., biased up)"
+
+
+def _baseline(summary: pd.DataFrame, keys: list[str], where: Mapping[str, Any] | None = None,
+              grid: Mapping[str, Sequence[Any]] | None = None) -> pd.Series | None:
+    """The verdict's baseline row for the slice of ``where`` (its keys other than classes and
+    weight decay), or None."""
     if CLASS_KEY not in keys or WD_KEY not in keys:
         return None
-    known = _select(summary, {k: v for k, v in (where or {}).items() if k not in (CLASS_KEY, WD_KEY)})
-    known = known.dropna(subset=[CLASS_KEY, WD_KEY])
-    if known.empty:
-        return None
-    rows = known[(known[CLASS_KEY] == known[CLASS_KEY].max()) & (known[WD_KEY] == 0) & (known["n_seeds"] > 0)]
-    return None if rows.empty else float(rows["peak_icl_mean"].iloc[0])
+    sl = _select(summary, {k: v for k, v in (where or {}).items() if k not in (CLASS_KEY, WD_KEY)})
+    return baseline_cell(sl, dict(grid or {}))[1]
 
 
 def plot_heatmap(summary: pd.DataFrame, stats: Sequence[str] = ("peak_icl", "final_icl")) -> Figure:
-    """Classes x weight decay heatmaps of peak (and final) ICL, mean over seeds, ``±sd`` annotated.
+    """Classes x weight decay heatmaps of peak (and final) ICL, mean over seeds, with the 95%
+    interval annotated (``[lo, hi]``; ``±sd`` for a stat without one).
 
     Colour runs from chance (0.5) to 1.0 on the same scale in every panel; ``*`` marks a cell
     missing seeds. Any other grid key (e.g. ``experiment``) gets its own row of panels.
@@ -432,31 +496,39 @@ def plot_heatmap(summary: pd.DataFrame, stats: Sequence[str] = ("peak_icl", "fin
             ax = axes[r][i]
             mean = part.pivot_table(index=CLASS_KEY, columns=WD_KEY, values=f"{stat}_mean", aggfunc="mean",
                                     dropna=False).sort_index(ascending=False)
-            std = part.pivot_table(index=CLASS_KEY, columns=WD_KEY, values=f"{stat}_std", aggfunc="mean",
-                                   dropna=False).reindex_like(mean)
+            ci = f"{stat}_lo" in part.columns
+
+            def table(col: str) -> pd.DataFrame:
+                return part.pivot_table(index=CLASS_KEY, columns=WD_KEY, values=col, aggfunc="mean",
+                                        dropna=False).reindex_like(mean)
+
+            lo, hi = (table(f"{stat}_lo"), table(f"{stat}_hi")) if ci else (table(f"{stat}_std"), None)
             complete = part.assign(_c=part["seeds_complete"].astype(float)).pivot_table(
                 index=CLASS_KEY, columns=WD_KEY, values="_c", aggfunc="min", dropna=False).reindex_like(mean)
             annot = np.empty(mean.shape, dtype=object)
             for a in range(mean.shape[0]):
                 for b in range(mean.shape[1]):
-                    m, s, ok = mean.iat[a, b], std.iat[a, b], complete.iat[a, b]
+                    m, ok = mean.iat[a, b], complete.iat[a, b]
                     if is_missing(m):
                         annot[a, b] = "no data"
                         continue
-                    txt = f"{m:.3f}" + ("" if is_missing(s) else f"\n±{s:.3f}")
+                    if hi is not None:
+                        spread = "" if is_missing(lo.iat[a, b]) else f"\n[{lo.iat[a, b]:.2f}, {hi.iat[a, b]:.2f}]"
+                    else:
+                        spread = "" if is_missing(lo.iat[a, b]) else f"\n±{lo.iat[a, b]:.3f}"
+                    txt = f"{m:.3f}" + spread
                     annot[a, b] = txt + (" *" if ok == 0 else "")
             sns.heatmap(mean.astype(float), ax=ax, annot=annot, fmt="", cmap="viridis", vmin=0.5, vmax=1.0,
                         linewidths=1, linecolor="white", cbar=i == len(stats) - 1,
                         cbar_kws={"label": "ICL accuracy (chance 0.5)"}, annot_kws={"fontsize": 10})
-            ax.set_xticklabels([fmt_number(w) for w in mean.columns])
+            ax.set_xticklabels(_shrink_labels([float(w) for w in mean.columns], part), fontsize=8.5)
             ax.set_yticklabels([fmt_number(c) for c in mean.index], rotation=0)
-            ax.set_xlabel("AdamW weight decay")
+            ax.set_xlabel("AdamW weight decay\n(total shrink factor)")
             ax.set_ylabel("number of training classes")
-            title = {"peak_icl": "peak ICL", "final_icl": "final ICL (last evaluation)"}.get(stat, stat)
+            title = {"peak_icl": peak_label(summary), "final_icl": "final ICL (last evaluation)"}.get(stat, stat)
             ax.set_title(f"{title}\n{cell_label(where)}" if where else title)
     note = "  (* = missing seeds)" if not summary["seeds_complete"].all() else ""
-    fig.suptitle(f"Holdout ICL by classes and weight decay, {seed_spread(int(summary['n_seeds'].max()))}{note}",
-                 fontsize=13)
+    fig.suptitle(f"Holdout ICL by classes and weight decay: mean over seeds [95% interval]{note}", fontsize=13)
     return fig
 
 
@@ -487,7 +559,7 @@ def write_plots(
     evaluators = plot_evaluators(df, x=x, logx=True)
     if evaluators is not None:
         save("evaluators", evaluators, "evaluators.png")
-    save("peak_final", plot_peak_final(summary, ratio), "peak_final_vs_wd.png")
+    save("peak_final", plot_peak_final(summary, ratio, df.attrs.get("grid") or {}), "peak_final_vs_wd.png")
     keys = summary_keys(summary)
     if CLASS_KEY in keys and WD_KEY in keys and summary[[CLASS_KEY, WD_KEY]].notna().all(axis=1).any():
         save("heatmap", plot_heatmap(summary), "heatmap_icl.png")

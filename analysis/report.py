@@ -21,14 +21,15 @@ import pandas as pd
 
 from icl.io import all_or_nothing, atomic_write, check_writable, remove_stale_temporaries
 
-from analysis.fmt import (cell_label, fmt_number, markdown_table, mean_std, seed_list, seed_spread, short_key,
-                          step_mean_std)
+from analysis.fmt import (cell_label, fmt_number, fmt_shrink, markdown_table, mean_ci, mean_std, seed_list,
+                          seed_spread, short_key, step_mean_std)
 from analysis.html import report_html
-from analysis.load import load_results
-from analysis.summary import ONSET_THRESHOLD, missing_cells, summarize, trial_summary
+from analysis.load import is_missing, load_results
+from analysis.summary import CROSS_FIT, ONSET_THRESHOLD, missing_cells, summarize, trial_summary
 from analysis.verdict import COLLAPSE_FRACTION, RATIO, Verdict, summary_keys, verdict
 from icl.errors import UserError
 from icl.layout import REPORT, SUMMARY, ReportDir
+from icl.metrics import DECAY_EXP, N_EVAL
 
 
 @dataclass
@@ -43,11 +44,13 @@ class Report:
 
 
 def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
-    """The per-cell summary as strings (mean ± sd), one row per cell, for the report."""
+    """The per-cell summary as strings, one row per cell, for the report: ICL figures as mean
+    [95% interval], the others as mean ± sd, the peers' evaluators as all labels / in context."""
     keys = summary_keys(summary)
     out = pd.DataFrame()
     for k in keys:
         out[short_key(k)] = [fmt_number(v) if k != "experiment" else str(v) for v in summary[k]]
+    out["shrink"] = [fmt_shrink(v) for v in summary[DECAY_EXP]]
     seeds = []
     for _, r in summary.iterrows():
         txt = str(int(r["n_seeds"]))
@@ -55,17 +58,28 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
             txt += f" (missing {r['missing_seeds']})"
         seeds.append(txt)
     out["seeds"] = seeds
-    out["peak ICL"] = [mean_std(m, s) for m, s in zip(summary["peak_icl_mean"], summary["peak_icl_std"])]
+
+    def ci(stat: str) -> list[str]:
+        return [mean_ci(m, lo, hi) for m, lo, hi in zip(summary[f"{stat}_mean"], summary[f"{stat}_lo"],
+                                                         summary[f"{stat}_hi"])]
+
+    def sd(stat: str) -> list[str]:
+        return [mean_std(m, s) for m, s in zip(summary[f"{stat}_mean"], summary[f"{stat}_std"])]
+
+    out["peak ICL"] = [txt + ("" if m == CROSS_FIT else " (raw max)") for txt, m in
+                       zip(ci("peak_icl"), summary["peak_method"])]
+    out["raw max (biased)"] = [mean_std(m, None) for m in summary["peak_icl_raw_mean"]]
     out["peak step"] = [step_mean_std(m, s) for m, s in zip(summary["peak_step_mean"], summary["peak_step_std"])]
-    out["final ICL"] = [mean_std(m, s) for m, s in zip(summary["final_icl_mean"], summary["final_icl_std"])]
-    out["drop"] = [mean_std(m, s) for m, s in zip(summary["icl_drop_mean"], summary["icl_drop_std"])]
-    out["final IWL"] = [mean_std(m, s) for m, s in zip(summary["final_iwl_mean"], summary["final_iwl_std"])]
-    out["final train acc"] = [mean_std(m, s) for m, s in zip(summary["final_train_acc_mean"],
-                                                             summary["final_train_acc_std"])]
+    out["final ICL"] = ci("final_icl")
+    out["drop"] = ci("icl_drop")
+    out["final IWL"] = sd("final_iwl")
+    out["final train acc"] = sd("final_train_acc")
     for stat, title in (("final_ciwl", "final CIWL"), ("final_flip_ctx", "final flip: context"),
                         ("final_flip_iwl", "final flip: weights")):
-        if summary[f"{stat}_mean"].notna().any():  # results logged before the evaluators existed lack them
-            out[title] = [mean_std(m, s) for m, s in zip(summary[f"{stat}_mean"], summary[f"{stat}_std"])]
+        both = [summary[f"{x}_mean"] for x in (stat, f"{stat}_inctx")]
+        if any(b.notna().any() for b in both):  # results logged before the evaluators existed lack them
+            out[f"{title} (all / in ctx)"] = [" / ".join("–" if is_missing(v) else f"{v:.3f}" for v in pair)
+                                              for pair in zip(*both)]
     out["ICL onset step"] = [
         "never" if n == 0 else step_mean_std(m, s) + ("" if n == ns else f" ({n} of {ns} seeds)")
         for m, s, n, ns in zip(summary["icl_onset_step_mean"], summary["icl_onset_step_std"], summary["icl_onset_n"],
@@ -102,6 +116,23 @@ def completeness(summary: pd.DataFrame, grid: dict[str, Any] | None, notes: Sequ
         lines.append(f"{cell_label({k: r[k] for k in keys})}: {int(r['n_trials'])} trials for {int(r['n_seeds'])} "
                      "seed(s); per seed the trial that got furthest is used.")
     lines += list(notes)
+    return lines
+
+
+def estimator_notes(trials: pd.DataFrame) -> list[str]:
+    """What the data allows of the peak estimator and the intervals: trials whose peak is the
+    raw maximum (no ICL halves: logged before they existed) and trials of unknown set size."""
+    lines = []
+    raw = trials[(trials["peak_method"] != CROSS_FIT) & trials["peak_icl"].notna()]
+    if len(raw):
+        lines.append(f"{len(raw)} of {len(trials)} trials have no `icl_acc_even`/`icl_acc_odd` columns (logged before "
+                     "the ICL set's halves existed): their peak ICL is the raw maximum over the evaluations, biased "
+                     "upward by the evaluation noise (marked \"raw max\" below).")
+    unknown = trials[trials[N_EVAL].isna()]
+    if len(unknown):
+        lines.append(f"{len(unknown)} of {len(trials)} trials have no known evaluation-set size (no run config or "
+                     "resolved spec): their intervals cover the spread over seeds only, and a cell with one seed has "
+                     "none; their effective decay is shown as ?.")
     return lines
 
 
@@ -228,12 +259,21 @@ def _render(
         "",
         "## Verdict",
         "",
-        f"*Criterion (STUDY.md):* in some few-class cell with weight decay > 0, peak ICL (mean over seeds) "
-        f"reaches at least {ratio:.0%} of the peak ICL of the many-class, weight-decay-0 baseline, without "
-        f"training accuracy collapsing. Baseline = the largest number of classes at weight decay 0; "
-        f"*collapse* = the cell's final training accuracy (mean over seeds) below {collapse_fraction:.0%} of "
-        f"that of the same number of classes at weight decay 0. Ratio spread: propagated sd of both means; "
-        f"per-seed range: each seed's peak over the baseline mean.",
+        f"*Criterion (STUDY.md), two parts that must both hold in one few-class cell with weight decay > 0:* "
+        f"(1) its peak ICL (mean over seeds) reaches at least {ratio:.0%} of the peak ICL of the many-class, "
+        f"weight-decay-0 baseline, without training accuracy collapsing; (2) it exceeds the peak ICL of the same "
+        f"number of classes at weight decay 0, with a 95% interval that excludes 0. Baseline = the largest number "
+        f"of classes at weight decay 0; *collapse* = the cell's final training accuracy (mean over seeds) below "
+        f"{collapse_fraction:.0%} of that of the same number of classes at weight decay 0.",
+        "",
+        "*Peak ICL* is estimated without the max-of-noise bias: the peak step is chosen on one half of the ICL set "
+        "(even sequences) and its value read on the other (odd), both ways, averaged (cross-fitting); the raw "
+        "maximum is kept for reference and is biased upward. *Intervals* (95%): a t interval over seeds plus the "
+        "evaluation set's binomial error, in quadrature (the set is shared by every seed, so its error does not "
+        "shrink with more seeds); with one seed the binomial error alone. The *decay effect* pairs the two cells by "
+        "seed (same seed = same initialisation and data stream; only the decay differs) and needs at least 2 "
+        "seeds, else the verdict is \"too few seeds to tell\". *Shrink* = exp(-wd x sum of the learning rates): "
+        "the factor decoupled decay scales a weight with no gradient by over the run.",
         "",
         v.to_markdown(),
         "",
@@ -241,24 +281,31 @@ def _render(
         "",
     ]
     gaps = completeness(summary, grid, df.attrs.get("notes") or [])
-    if gaps:
-        lines += [f"- {g}" for g in gaps]
-    else:
+    notes = [f"- {g}" for g in gaps + estimator_notes(trials)]
+    if not gaps:
         lines.append(f"All {len(summary)} cells have every seed and every trial reached step {furthest:,.0f}.")
+        lines += [""] + notes if notes else []
+    else:
+        lines += notes
     lines += [
         "",
         "## Summary per cell",
         "",
-        ("Mean ± sd over seeds (sample sd; none where a cell has one seed)." if summary["n_seeds"].max() >= 2
-         else "One seed per cell: the values of that seed, no sd.")
+        ("ICL figures: mean over seeds [95% interval]; the others mean ± sd over seeds (sample sd; none where a "
+         "cell has one seed)." if summary["n_seeds"].max() >= 2
+         else "One seed per cell: ICL figures with their 95% interval (the evaluation set's binomial error), the "
+              "others the values of that seed.")
         + f" Machine-readable: [`{SUMMARY}`]({SUMMARY}).",
         "",
         markdown_table(format_summary(summary)),
         "",
-        f"*Peak ICL*: highest `icl_acc` over the evaluations; *peak step*: where it first occurs. *Final*: the "
-        f"trial's last evaluation. *Drop*: peak − final (transience). *ICL onset step*: first evaluation with "
-        f"`icl_acc` ≥ {threshold:g}; the mean is over the seeds that got there.",
+        f"*Shrink*: exp(-wd x sum of the learning rates) of the cell's schedule. *Peak ICL*: cross-fitted on the "
+        f"two halves of the ICL set (unbiased); *raw max*: the highest `icl_acc` over the evaluations (biased "
+        f"upward); *peak step*: where the raw maximum first occurs. *Final*: the trial's last evaluation. *Drop*: "
+        f"peak − final (transience). *ICL onset step*: first evaluation with `icl_acc` ≥ {threshold:g}; the mean "
+        f"is over the seeds that got there. *all / in ctx*: argmax over every label / over the labels in context.",
         "",
+        *metric_definitions(),
     ]
     named = {k: p for k, p in plots.items()}
     if "curves" in named:
@@ -269,13 +316,17 @@ def _render(
                                "Linear then log steps.")
     if "evaluators" in named:
         lines += _plot_section("ICL, CIWL and flip ICL", [("evaluators", named["evaluators"])], out,
-                               "The peer code's evaluators (log step axis): CIWL = the query's class is absent from "
-                               "the context but its trained label sits on another exemplar; flip ICL = training "
-                               "classes with their trained labels swapped in context: following the context vs "
-                               "following the weights. Pure IWL below for comparison.")
+                               "The peer code's evaluators (log step axis), each by the peers' definition (solid: "
+                               "argmax over the labels in context) and over every label (dashed): ICL on holdout and "
+                               "on training classes; CIWL = the query's class is absent from the context but its "
+                               "trained label sits on another exemplar; flip ICL = training classes with their trained "
+                               "labels swapped in context: following the context vs following the weights. Pure IWL "
+                               "(all labels, as the peers score it) below for comparison.")
     if "peak_final" in named:
         lines += _plot_section("Peak and final ICL vs weight decay", [("peak and final ICL", named["peak_final"])],
-                               out, f"Solid grey: the baseline's peak ICL; dashed: the success bar ({ratio:.0%}).")
+                               out, f"Bars: 95% intervals. Solid grey line and band: the verdict's baseline peak ICL "
+                               f"with its interval; dashed: the success bar ({ratio:.0%}). Below each weight decay, "
+                               "its total shrink factor.")
     if "heatmap" in named:
         lines += _plot_section("Classes x weight decay", [("heatmap of ICL", named["heatmap"])], out)
     if "attention" in named:
@@ -300,6 +351,32 @@ def relative_paths(text: str, paths: Sequence[str], out: Path) -> str:
         if os.path.isabs(p):
             text = re.sub(re.escape(p) + r"(?![\w.-])", lambda _: os.path.relpath(p, out), text)
     return text
+
+
+def metric_definitions() -> list[str]:
+    """The report's section on what each metric is and whose definition it follows."""
+    rows = [
+        ("`icl_acc` (headline)", "2-way 4-shot on holdout classes, labels 0/1; argmax over the 2 labels in context",
+         "Chan et al. 2022's holdout few-shot evaluation, scored as icl-dynamics' `in_context_acc`"),
+        ("`icl_acc_all`", "the same sequences, argmax over every label", "all-label accuracy (`acc`)"),
+        ("`icl_acc_even`, `icl_acc_odd`", "`icl_acc` on the even / odd sequences of the set",
+         "this project: the halves of the cross-fitted peak"),
+        ("`icl_train_acc` / `_all`", "2-way 4-shot on training classes relabelled 0/1; in context / all labels",
+         "icl-dynamics' `icl` evaluator (`pe_fs_relabel_scheme 01`, the transience paper's ICL), `in_context_acc`"),
+        ("`iwl_acc`", "query class never in the context, trained labels; argmax over every label",
+         "icl-dynamics `acc` on `pure_iwl`/`iwl`"),
+        ("`ciwl_acc` / `_inctx`", "query class absent, its trained label on another exemplar; all labels / in context",
+         "icl-dynamics `iwl_copy_avail`, scored with `in_context_acc` (the `_inctx` column)"),
+        ("`flip_icl_ctx_acc` / `_inctx`", "trained labels swapped within the sequence: answer = the context's label",
+         "icl-dynamics `flip_icl`, scored with `in_context_acc` (the `_inctx` column)"),
+        ("`flip_icl_iwl_acc` / `_inctx`", "same sequences: answer = the query's own trained label (the weights')",
+         "this project's complement of `flip_icl` (in context it is 1 − the context's)"),
+    ]
+    table = pd.DataFrame(rows, columns=["metric", "what", "definition it follows"])
+    return ["## Metric definitions", "",
+            "Each accuracy and the peer definition it follows (README, *Evaluation sets*; `in_context_acc`: "
+            "icl-dynamics `main.eval_step`, the argmax restricted to the labels present in the context).", "",
+            markdown_table(table), ""]
 
 
 def default_out(paths: Sequence[str | os.PathLike[str]]) -> Path:

@@ -22,14 +22,21 @@ from icl.config import build_config
 from icl.layout import TRIAL_ID, ExperimentDir, RunLayout, saved_spec_text
 from icl.metrics import (
     CIWL,
+    CIWL_INCTX,
     ECE,
     FLIP_CTX,
+    FLIP_CTX_INCTX,
     FLIP_IWL,
+    FLIP_IWL_INCTX,
     ICL,
     ICL_ALL,
+    ICL_EVEN,
+    ICL_ODD,
     ICL_TRAIN,
+    ICL_TRAIN_ALL,
     IWL,
     LR,
+    N_EVAL,
     SEQUENCES,
     SEQUENCES_PER_S,
     STEP,
@@ -82,12 +89,19 @@ def make_sweep(
                 rise = 1 / (1 + np.exp(-(np.log(steps) - math.log(shape["onset"] * jitter)) / 0.25))
                 fade = 1 - shape["decay"] * (1 - np.exp(-steps / 40_000))
                 gain = (shape["peak"] - 0.5) * rise * fade
-                icl = np.clip(0.5 + gain + noise * rng.standard_normal(len(steps)), 0, 1)
+                # the two halves of the ICL set, each with twice the variance of the whole
+                even, odd = (np.clip(0.5 + gain + math.sqrt(2) * noise * rng.standard_normal(len(steps)), 0, 1)
+                             for _ in range(2))
+                icl = (even + odd) / 2
                 learn = 1 - np.exp(-steps / 12_000)
                 iwl = np.clip(shape["iwl"] * learn + noise * rng.standard_normal(len(steps)), 0, 1)
                 train = np.clip(0.5 * rise * fade + (shape["train"] - 0.5 * rise * fade) * learn
                                 + noise * rng.standard_normal(len(steps)), 0, 1)
                 circuit = np.clip(gain / 0.45, 0, 1)
+                # the peers' evaluators, in context (inctx; flip: context vs weights between the two
+                # labels shown) and over every label (lower: other labels take a share)
+                flip_ctx = np.clip(icl - 0.5 * iwl, 0, 1)
+                ciwl = np.clip(np.maximum(iwl, 1 - 2 * (icl - 0.5)), 0, 1)
                 df = pd.DataFrame({
                     TRIAL_ID: f"trial_c{c}_wd{wd:g}_s{s}",
                     CLASS_KEY: c,
@@ -100,11 +114,17 @@ def make_sweep(
                     LR: 3e-4 / np.sqrt(np.maximum(steps, 4000) / 4000),
                     ICL: icl,
                     ICL_ALL: icl * 0.98,
+                    ICL_EVEN: even,
+                    ICL_ODD: odd,
                     ICL_TRAIN: np.clip(icl + 0.02, 0, 1),
+                    ICL_TRAIN_ALL: np.clip(icl * 0.98 + 0.02, 0, 1),
                     IWL: iwl,
-                    FLIP_CTX: np.clip(2 * (icl - 0.5) * (1 - iwl), 0, 1),
-                    FLIP_IWL: np.clip(iwl * (1 - 2 * (icl - 0.5)), 0, 1),
-                    CIWL: np.clip(np.maximum(iwl, 1 - 2 * (icl - 0.5)) * learn, 0, 1),
+                    FLIP_CTX: flip_ctx * (1 - 0.3 * iwl),
+                    FLIP_CTX_INCTX: flip_ctx,
+                    FLIP_IWL: (1 - flip_ctx) * (1 - 0.3 * (1 - iwl)),
+                    FLIP_IWL_INCTX: 1 - flip_ctx,
+                    CIWL: ciwl * (0.6 + 0.4 * learn),
+                    CIWL_INCTX: ciwl,
                     ECE: np.abs(0.1 - 0.05 * circuit),
                 })
                 for layer in range(layers):
@@ -143,3 +163,41 @@ def write_run(directory: str | Path, metrics: pd.DataFrame, config: dict[str, An
     metrics.drop(columns=drop).to_csv(run.metrics, index=False)
     run.config.write_text(yaml.safe_dump(config, sort_keys=False))
     return run.path
+
+
+def binomial_halves(true: Sequence[float], n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """An accuracy curve as an evaluation on ``n`` fixed sequences measures it: each half of the
+    set (even / odd indices, ``ceil(n/2)`` / ``floor(n/2)`` sequences) a binomial draw around the
+    ``true`` accuracy at every evaluation, and the whole set their pooled mean. Returns
+    ``(whole, even, odd)``."""
+    p = np.clip(np.asarray(true, dtype=float), 0, 1)
+    n_even, n_odd = (n + 1) // 2, n // 2
+    even = rng.binomial(n_even, p) / n_even
+    odd = rng.binomial(n_odd, p) / n_odd
+    return (even * n_even + odd * n_odd) / n, even, odd
+
+
+def planted_sweep(peaks: dict[tuple[int, float], Sequence[float]], n_sequences: int = 1024, evals: int = 20,
+                  train: dict[tuple[int, float], float] | None = None, rng_seed: int = 0) -> pd.DataFrame:
+    """Results whose true peak ICL is planted, per cell and seed: ``peaks[(classes, wd)][s]`` is
+    seed ``s``'s true peak. Each true curve rises from chance to its peak at the middle
+    evaluation and fades by a tenth of its gain; what the table holds is that curve measured on
+    ``n_sequences`` (binomial halves, :func:`binomial_halves`), as a real evaluation measures
+    it, with ``eval_sequences`` = ``n_sequences`` (as :func:`analysis.load.load_results` adds
+    from the runs' configs). ``train``: final training accuracy per cell (default 0.99)."""
+    rng = np.random.default_rng(rng_seed)
+    steps = np.arange(1, evals + 1) * 500
+    mid = evals // 2
+    frames = []
+    for (c, wd), seed_peaks in peaks.items():
+        for s, peak in enumerate(seed_peaks):
+            rise = np.minimum(np.arange(evals) / mid, 1.0)
+            fade = 1 - 0.1 * np.maximum(np.arange(evals) - mid, 0) / max(evals - 1 - mid, 1)
+            true = 0.5 + (peak - 0.5) * rise * fade
+            icl, even, odd = binomial_halves(true, n_sequences, rng)
+            frames.append(pd.DataFrame({
+                TRIAL_ID: f"planted_c{c}_wd{wd:g}_s{s}", CLASS_KEY: c, WD_KEY: wd, SEED_KEY: s, STEP: steps,
+                TRAIN_ACC: (train or {}).get((c, wd), 0.99), ICL: icl, ICL_EVEN: even,
+                ICL_ODD: odd, IWL: 0.3, N_EVAL: n_sequences,
+            }))
+    return pd.concat(frames, ignore_index=True)

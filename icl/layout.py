@@ -265,15 +265,34 @@ class SavedSpec:
             flat = flatten(resolved)
             if key in flat:
                 return flat[key]
-        overrides = flatten(self.raw["overrides"]) if isinstance(self.raw.get("overrides"), dict) else {}
+        overrides = self._overrides()
         if key in overrides:
             return overrides[key]
+        cfg = self._base_config(overrides)
+        try:
+            return None if cfg is None else get_key(cfg, key)
+        except (UserError, AttributeError):
+            return None
+
+    def config(self) -> dict[str, Any] | None:
+        """The config every model starts from (before its grid values), flattened: ``resolved``,
+        else ``overrides`` on ``base``; None where neither resolves."""
+        resolved = self.raw.get("resolved")
+        if isinstance(resolved, dict):
+            return flatten(resolved)
+        cfg = self._base_config(self._overrides())
+        return None if cfg is None else flatten(cfg.to_dict())
+
+    def _overrides(self) -> dict[str, Any]:
+        return flatten(self.raw["overrides"]) if isinstance(self.raw.get("overrides"), dict) else {}
+
+    def _base_config(self, overrides: dict[str, Any]) -> Any:
         base = self.raw.get("base")
         if not isinstance(base, str):
             return None
         keys = set(valid_keys())
         try:
-            return get_key(build_config(base, {k: v for k, v in overrides.items() if k in keys}), key)
+            return build_config(base, {k: v for k, v in overrides.items() if k in keys})
         except (UserError, TypeError, AttributeError):
             return None
 

@@ -34,17 +34,30 @@ LR = "lr"  # the learning rate at the step
 TRAIN = (SEQUENCES, TRAIN_LOSS, TRAIN_ACC, LR)
 
 # --------------------------------------------------------------------------- evaluation, on the fixed sets
+# Two definitions of accuracy, side by side wherever they differ: *all labels* (argmax over every
+# label) and *in context* (argmax over the labels present in the sequence's context only: the peer
+# code icl-dynamics' ``in_context_acc``; the suffix ``_inctx``, or the 2-label ICL columns).
 ICL = "icl_acc"  # the headline: holdout classes, argmax over the 2 labels in context
 ICL_ALL = "icl_acc_all"  # the same sequences, argmax over every label
 ICL_TRAIN = "icl_train_acc"  # training classes relabelled 0/1, argmax over the 2 labels
+ICL_TRAIN_ALL = "icl_train_acc_all"  # ... argmax over every label
 IWL = "iwl_acc"  # query class absent from the context, argmax over every label
 FLIP_CTX = "flip_icl_ctx_acc"  # flip ICL (trained labels swapped in context): the context's label
+FLIP_CTX_INCTX = "flip_icl_ctx_acc_inctx"  # ... argmax over the labels in context (the peers')
 FLIP_IWL = "flip_icl_iwl_acc"  # ... the query's own trained label (the weights' answer)
+FLIP_IWL_INCTX = "flip_icl_iwl_acc_inctx"  # ... argmax over the labels in context (the peers')
 CIWL = "ciwl_acc"  # context-constrained IWL: the query's trained label on another exemplar
+CIWL_INCTX = "ciwl_acc_inctx"  # ... argmax over the labels in context (the peers')
+ICL_EVEN = "icl_acc_even"  # icl_acc on the ICL set's even sequences: with ICL_ODD, the two
+ICL_ODD = "icl_acc_odd"  # halves the analysis cross-fits the peak on (analysis.intervals)
 ECE = "ece"  # expected calibration error on the ICL holdout set (eval.ece_bins bins)
-ACCURACIES = (ICL, ICL_ALL, ICL_TRAIN, IWL, FLIP_CTX, FLIP_IWL, CIWL)
-EVALUATION = (*ACCURACIES, ECE)
-ICL_ACCURACIES = (ICL, ICL_ALL, ICL_TRAIN)  # the ICL curves, drawn against CHANCE
+ACCURACIES = (ICL, ICL_ALL, ICL_TRAIN, ICL_TRAIN_ALL, IWL, FLIP_CTX, FLIP_CTX_INCTX, FLIP_IWL, FLIP_IWL_INCTX,
+              CIWL, CIWL_INCTX)
+ICL_HALVES = (ICL_EVEN, ICL_ODD)
+EVALUATION = (ICL, ICL_ALL, *ICL_HALVES, ECE, *ACCURACIES[2:])  # in metrics.csv's order
+ICL_ACCURACIES = (ICL, ICL_ALL, ICL_TRAIN, ICL_TRAIN_ALL)  # the ICL curves, drawn against CHANCE
+PEERS = (ICL_ALL, ICL_TRAIN, ICL_TRAIN_ALL, CIWL, CIWL_INCTX, FLIP_CTX, FLIP_CTX_INCTX, FLIP_IWL,
+         FLIP_IWL_INCTX)  # columns older runs may lack (added with the peer evaluators)
 
 # --------------------------------------------------------------------------- timing
 STEPS_PER_S = "steps_per_s"  # training steps per second since the last evaluation (evaluation excluded)
@@ -102,11 +115,17 @@ CHANCE = 0.5  # ICL restricted to the 2 labels in context (ICL, ICL_TRAIN); IWL'
 PAPER = {
     ICL: "Chan et al. 2022 (holdout 2-way 4-shot, labels 0/1, restricted to the 2 labels; STUDY.md)",
     ICL_ALL: "Chan et al. 2022 (the same, over every label)",
-    ICL_TRAIN: "Singh et al. 2023 (their main ICL evaluator: training classes relabelled 0/1)",
-    IWL: "Chan et al. 2022 (no support); the peer code's pure_iwl",
-    FLIP_CTX: "peer code icl-dynamics, flip_icl (coopetition paper)",
-    FLIP_IWL: "peer code icl-dynamics, flip_icl (coopetition paper)",
-    CIWL: "peer code icl-dynamics, iwl_copy_avail (coopetition paper)",
+    ICL_EVEN: "icl_acc on the even sequences (this project: for the cross-fitted peak)",
+    ICL_ODD: "icl_acc on the odd sequences (this project: for the cross-fitted peak)",
+    ICL_TRAIN: "Singh et al. 2023 (their main ICL evaluator: training classes relabelled 0/1; icl-dynamics in_context_acc)",
+    ICL_TRAIN_ALL: "Singh et al. 2023's ICL evaluator, over every label",
+    IWL: "Chan et al. 2022 (no support); the peer code's pure_iwl (argmax over every label)",
+    FLIP_CTX: "peer code icl-dynamics, flip_icl (coopetition paper), argmax over every label",
+    FLIP_CTX_INCTX: "peer code icl-dynamics, flip_icl scored with in_context_acc (the peers' definition)",
+    FLIP_IWL: "peer code icl-dynamics, flip_icl (coopetition paper), argmax over every label",
+    FLIP_IWL_INCTX: "peer code icl-dynamics, flip_icl scored with in_context_acc (the peers' definition)",
+    CIWL: "peer code icl-dynamics, iwl_copy_avail (coopetition paper), argmax over every label",
+    CIWL_INCTX: "peer code icl-dynamics, iwl_copy_avail scored with in_context_acc (the peers' definition)",
     ECE: "STUDY.md: equal-width bins on the ICL holdout set",
     TRAIN_ACC: "STUDY.md: training-distribution accuracy",
 }
@@ -116,8 +135,10 @@ LIVE = {  # the sweep's live table: the accuracies shown, metric -> column heade
     IWL: "IWL",
     TRAIN_ACC: "train acc",
     CIWL: "CIWL",
+    CIWL_INCTX: "CIWL in ctx",
     FLIP_CTX: "flip ctx",
-    FLIP_IWL: "flip IWL",
+    FLIP_CTX_INCTX: "flip ctx in ctx",
+    FLIP_IWL: "flip IWL",  # its in-context twin is 1 - flip ctx in ctx: left out
 }
 
 TITLES = {  # short names, for plot titles and legends
@@ -128,6 +149,10 @@ TITLES = {  # short names, for plot titles and legends
     FLIP_CTX: "flip ICL: context",
     FLIP_IWL: "flip ICL: weights",
     ICL_ALL: "ICL, all labels",
+    ICL_TRAIN_ALL: "ICL, train classes, all labels",
+    CIWL_INCTX: "CIWL, in context",
+    FLIP_CTX_INCTX: "flip ICL: context, in context",
+    FLIP_IWL_INCTX: "flip ICL: weights, in context",
     TRAIN_ACC: "training accuracy",
 }
 HEAD_MAP_METRICS = (ICL, ICL_TRAIN, IWL, CIWL, FLIP_CTX, FLIP_IWL)  # the panels of a head-ablation map
@@ -149,6 +174,10 @@ AXIS_LABELS = {  # a curve's y-axis label
     CIWL: "CIWL accuracy\n(query's label in context)",
     FLIP_CTX: "flip ICL: follows\nthe context",
     FLIP_IWL: "flip ICL: follows\nthe weights",
+    ICL_TRAIN_ALL: "ICL acc., train classes,\nall labels",
+    CIWL_INCTX: "CIWL accuracy\n(query's label in context)",
+    FLIP_CTX_INCTX: "flip ICL: follows\nthe context",
+    FLIP_IWL_INCTX: "flip ICL: follows\nthe weights",
     TRAIN_LOSS: "training loss (nats)",
     ECE: "ECE, ICL holdout",
     attn_max_column("induction"): "induction score\n(max over layers)",
@@ -158,3 +187,7 @@ AXIS_LABELS = {  # a curve's y-axis label
     attn_max_column("other"): "attn. to other tokens\n(fraction, max over layers)",
 }
 X_LABELS = {STEP: "training step", SEQUENCES: "training sequences"}  # the time axes
+
+# --------------------------------------------------------------------------- per-trial columns the analysis adds
+N_EVAL = "eval_sequences"  # the run's eval.n_sequences (the binomial error of its accuracies)
+DECAY_EXP = "decay_exponent"  # wd * sum_t lr_t over the run (icl.schedule): the shrink factor is exp(-it)

@@ -1,18 +1,30 @@
 """Evaluation on the fixed sets: accuracies, calibration, and attention diagnostics.
 
+Two definitions of accuracy, side by side wherever they differ (README "Evaluation sets"):
+*all labels* takes the argmax over every label of the vocabulary; *in context* (suffix
+``_inctx``, or the 2-label ICL columns) takes it over the labels present in the sequence's
+context only, as icl-dynamics scores ``icl``, ``flip_icl``, ``iwl_copy_avail`` and
+``train_eval`` (``main.eval_step``: ``in_context_acc``).
+
 Metric names (the columns of ``metrics.csv``; the names, their groups and labels are
 :mod:`icl.metrics`'s):
 - ``icl_acc``: ICL on holdout classes, argmax over the two labels in context (0 and 1),
   chance 0.5 — the headline. ``icl_acc_all``: argmax over every label.
+  ``icl_acc_even`` / ``icl_acc_odd``: ``icl_acc`` on the even / odd sequence indices of the
+  set, two fixed halves, so the analysis can choose a peak on one half and read it on the
+  other (an unbiased peak: ``analysis.summary``).
 - ``icl_train_acc``: the same 2-way 4-shot task on training classes relabelled 0/1,
-  restricted to the two labels.
+  restricted to the two labels; ``icl_train_acc_all``: argmax over every label.
 - ``iwl_acc``: no-support sequences, argmax over every label (chance 1/num_classes).
 - ``flip_icl_ctx_acc`` / ``flip_icl_iwl_acc``: on ``flip_icl`` (training classes, trained
   labels swapped within the sequence), how often the argmax over every label is the label the
   context gives the query's class / the query's own trained label (the weights' answer). The
-  two sum to at most 1; the rest goes to other labels.
+  two sum to at most 1; the rest goes to other labels. ``flip_icl_ctx_acc_inctx`` /
+  ``flip_icl_iwl_acc_inctx``: the same with the argmax over the two labels in context (the
+  peers' definition); they sum to exactly 1.
 - ``ciwl_acc``: context-constrained IWL (query class absent from the context, its trained
-  label on another exemplar), argmax over every label.
+  label on another exemplar), argmax over every label; ``ciwl_acc_inctx``: over the labels in
+  context (the peers' definition).
 - ``ece``: expected calibration error on the ICL holdout set, from the probabilities
   renormalised over the two in-context labels, ``eval.ece_bins`` equal-width bins.
 - ``attn_L{l}_{match_img,match_lbl,other,induction,prev_tok}``: see :func:`attention_scores`;
@@ -31,7 +43,8 @@ from torch import Tensor
 from icl.config import CONTEXT_LEN, Config
 from icl.data import EvalSets, StudyData
 from icl.data.sequences import Sequences
-from icl.metrics import ACCURACIES, ATTN_STATS, CIWL, ECE, FLIP_CTX, FLIP_IWL, ICL, ICL_ALL, ICL_TRAIN, IWL, attn_column
+from icl.metrics import (ATTN_STATS, CIWL, CIWL_INCTX, ECE, EVALUATION, FLIP_CTX, FLIP_CTX_INCTX, FLIP_IWL,
+                         FLIP_IWL_INCTX, ICL, ICL_ALL, ICL_HALVES, ICL_TRAIN, ICL_TRAIN_ALL, IWL, attn_column)
 from icl.model.hooks import run_with_cache
 from icl.model.transformer import QUERY_POS, SequenceModel
 
@@ -130,21 +143,35 @@ def autocast(cfg: Config, device: torch.device, enabled: bool | None = None):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on, cache_enabled=False)
 
 
+def in_context_argmax(logits: Tensor, seqs: Sequences) -> Tensor:
+    """The argmax over the labels present in each sequence's context only ``[N]``:
+    icl-dynamics' ``in_context_acc`` (``main.eval_step``: logits of labels absent from the
+    context pushed to -1e20; a label shown several times counts once; ties go to the lowest
+    label id, as ``jnp.argmax`` and ``torch.argmax`` both take the first maximum)."""
+    present = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, seqs.labels[:, :CONTEXT_LEN], True)
+    return logits.masked_fill(~present, -torch.inf).argmax(-1)
+
+
 def set_hits(logits: Mapping[str, Tensor], sets: EvalSets, data: StudyData) -> dict[str, Tensor]:
     """Each accuracy metric's per-sequence correctness (bool ``[N]``) from the logits of each
     evaluation set: the accuracies are their means, and head attribution's paired standard
     errors come from the per-sequence differences (ablated - clean, same sequences)."""
     t = sets.icl.targets
-    two = logits["icl"][:, :2]
     flip = logits["flip_icl"].argmax(-1)
+    flip_ctx = in_context_argmax(logits["flip_icl"], sets.flip_icl)
+    flip_weights = data.trained_labels(sets.flip_icl.classes[:, -1])
     return {
-        ICL: two.argmax(-1) == t,
+        ICL: in_context_argmax(logits["icl"], sets.icl) == t,
         ICL_ALL: logits["icl"].argmax(-1) == t,
-        ICL_TRAIN: logits["icl_train"][:, :2].argmax(-1) == sets.icl_train.targets,
+        ICL_TRAIN: in_context_argmax(logits["icl_train"], sets.icl_train) == sets.icl_train.targets,
+        ICL_TRAIN_ALL: logits["icl_train"].argmax(-1) == sets.icl_train.targets,
         IWL: logits["iwl"].argmax(-1) == sets.iwl.targets,
         FLIP_CTX: flip == sets.flip_icl.targets,
-        FLIP_IWL: flip == data.trained_labels(sets.flip_icl.classes[:, -1]),
+        FLIP_CTX_INCTX: flip_ctx == sets.flip_icl.targets,
+        FLIP_IWL: flip == flip_weights,
+        FLIP_IWL_INCTX: flip_ctx == flip_weights,
         CIWL: logits["ciwl"].argmax(-1) == sets.ciwl.targets,
+        CIWL_INCTX: in_context_argmax(logits["ciwl"], sets.ciwl) == sets.ciwl.targets,
     }
 
 
@@ -152,9 +179,11 @@ def set_metrics(logits: Mapping[str, Tensor], sets: EvalSets, data: StudyData, c
     """Every accuracy and the ECE from the logits of each evaluation set (``{set name: [N, vocab]}``);
     the accuracies are read from the device in one copy."""
     hits = set_hits(logits, sets, data)
-    accs = dict(zip(hits, torch.stack([h.float().mean() for h in hits.values()]).tolist()))
-    ece = expected_calibration_error(logits["icl"][:, :2].softmax(-1), sets.icl.targets, cfg.eval.ece_bins)
-    return {ICL: accs[ICL], ICL_ALL: accs[ICL_ALL], ECE: ece, **{k: accs[k] for k in ACCURACIES[2:]}}
+    icl = hits[ICL].float()
+    means = [*(h.float().mean() for h in hits.values()), icl[0::2].mean(), icl[1::2].mean()]
+    accs = dict(zip([*hits, *ICL_HALVES], torch.stack(means).tolist()))
+    accs[ECE] = expected_calibration_error(logits["icl"][:, :2].softmax(-1), sets.icl.targets, cfg.eval.ece_bins)
+    return {k: accs[k] for k in EVALUATION}
 
 
 def evaluate(model: SequenceModel, data: StudyData, cfg: Config) -> tuple[dict[str, float], np.ndarray]:

@@ -64,7 +64,14 @@ def test_report_with_default_out(experiment, capsys):
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert {"curves.png", "curves_logx.png", "peak_final_vs_wd.png", "heatmap_icl.png"} <= set(images)
     assert all((out / img).stat().st_size > 0 for img in images)
-    assert "| classes | weight decay | seeds | peak ICL |" in report
+    assert "| classes | weight decay | shrink | seeds | peak ICL | raw max (biased) |" in report
+    assert "*Part 2: the decay effect" in report and "| passes (both parts) |" in report
+    assert "## Metric definitions" in report and "`in_context_acc`" in report
+    # these results predate the ICL halves: the peaks are raw maxima, and the report says so
+    assert "16 of 16 trials have no `icl_acc_even`/`icl_acc_odd` columns" in report
+    assert "0.860 [" in report and "(raw max)" in report
+    assert {"peak_icl_raw_mean", "peak_icl_lo", "peak_icl_hi", "decay_exponent", "shrink_factor",
+            "peak_method"} <= set(summary.columns)
     assert "All 8 cells have every seed" in report
     assert "no `attn_L*` columns" in report and not list(out.glob("attention*"))
     assert {p.name: _digest(p) for p in experiment.iterdir() if p.is_file()} == before  # inputs untouched

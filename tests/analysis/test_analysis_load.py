@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import yaml
@@ -146,3 +148,32 @@ def test_bad_input_is_a_user_error(tmp_path, rows, curve, setup, message):
         target.write_text("hello")
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_results(target)
+
+
+def test_each_trial_gets_its_evaluation_size_and_effective_decay(tmp_path, rows, curve):
+    """From a run's config.yaml, or a sweep's resolved spec with the row's grid values on top:
+    the ICL set's size (the binomial part of the intervals) and wd * sum_t lr_t of the schedule."""
+    from icl.metrics import DECAY_EXP, N_EVAL
+    from icl.config import build_config
+    from icl.schedule import decay_exponent
+
+    run = _run(tmp_path / "runs" / "a", rows(100, 1e-2, 0, curve(0.8)), 100, 1e-2, 0, eval__n_sequences=512,
+               train__steps=3000)
+    out = load_results(run)
+    want = build_config(Config().to_dict(), {WD: 1e-2, "eval.n_sequences": 512, "train.steps": 3000})
+    assert (out[N_EVAL] == 512).all() and out[DECAY_EXP].iloc[0] == pytest.approx(decay_exponent(want))
+    assert 0 < out[DECAY_EXP].iloc[0] < 1e-2 * 3000 * Config().optim.lr
+
+    resolved = build_config("demo").to_dict()
+    df = pd.concat([rows(100, wd, 0, curve(0.8)) for wd in (0.0, 0.1)], ignore_index=True)
+    exp = _experiment(tmp_path / "sweep", df, {"resolved": resolved, "grid": {CLASSES: [100], WD: [0.0, 0.1]}})
+    out = load_results(exp)
+    by_wd = out.groupby(WD)[DECAY_EXP].first()
+    assert by_wd[0.0] == 0.0 and by_wd[0.1] == pytest.approx(decay_exponent(build_config("demo", {WD: 0.1})))
+    assert (out[N_EVAL] == build_config("demo").eval.n_sequences).all()
+    shrink = summarize(out).set_index(WD)["shrink_factor"]
+    assert shrink[0.0] == 1.0 and shrink[0.1] == pytest.approx(math.exp(-by_wd[0.1]))
+
+    bare = load_results(_experiment(tmp_path / "bare", df))  # no spec, no config: unknown, and said so
+    assert bare[N_EVAL].isna().all() and bare[DECAY_EXP].isna().all()
+    assert any("effective decay are unknown" in n for n in bare.attrs["notes"])

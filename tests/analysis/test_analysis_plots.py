@@ -20,6 +20,7 @@ from analysis.plots import (  # noqa: E402
 )
 
 PNG = b"\x89PNG\r\n\x1a\n"
+CLASSES, WD = "data.num_classes", "optim.weight_decay"
 DPI = 30  # small images: the test checks that files are written, not how they look
 
 
@@ -83,3 +84,38 @@ def test_peer_evaluators_get_their_own_plot_and_summary_columns(tmp_path, rows, 
     fig = plot_evaluators(df)
     assert fig.get_suptitle() and any("CIWL" in ax.get_ylabel() for ax in fig.axes)
     assert any("follows" in ax.get_ylabel() for ax in fig.axes)
+
+
+def test_evaluators_draw_both_definitions(rows, curve):
+    """Each evaluator row: the peers' definition solid, the all-label one dashed, in the same panel."""
+    from analysis.plots import plot_evaluators
+
+    df = _small(rows, curve, attention=False, cells=((10, 0.0), (100, 0.0)))
+    df = df.assign(ciwl_acc=0.5, ciwl_acc_inctx=0.8, flip_icl_ctx_acc=0.3, flip_icl_ctx_acc_inctx=0.4,
+                   flip_icl_iwl_acc=0.5, flip_icl_iwl_acc_inctx=0.6, icl_train_acc_all=0.7)
+    fig = plot_evaluators(df)
+    axes = {ax.get_ylabel(): ax for ax in fig.axes if ax.get_ylabel()}
+    ciwl = next(ax for label, ax in axes.items() if label.startswith("CIWL"))
+    styles = {(line.get_linestyle(), round(float(line.get_ydata()[-1]), 3)) for line in ciwl.lines}
+    assert {("-", 0.8), ("--", 0.5)} <= styles
+    assert len(axes) == 6 and any(label.startswith("IWL") for label in axes)
+    assert "labels in context" in fig.get_suptitle() and "every label" in fig.get_suptitle()
+
+
+def test_peak_plot_draws_the_verdicts_baseline(rows, curve):
+    """The baseline line is the verdict's: with the spec's grid naming more classes than have
+    results, the verdict has no baseline, and neither does the plot."""
+    from analysis.verdict import baseline_cell
+
+    df = _small(rows, curve, attention=False)
+    s = summarize(df)
+    def levels(fig):  # the horizontal lines across the first panel (axhline: x from 0 to 1 in axes units)
+        return sorted(round(float(line.get_ydata()[0]), 6) for line in fig.axes[0].lines
+                      if list(line.get_xdata()) == [0, 1])
+
+    base = baseline_cell(s)[1]
+    assert base[CLASSES] == 100 and base[WD] == 0
+    assert levels(plot_peak_final(s)) == sorted([0.5, round(base["peak_icl_mean"], 6),
+                                                 round(0.9 * base["peak_icl_mean"], 6)])
+    # the 1600-class baseline has no results: no baseline, no bar, chance only
+    assert levels(plot_peak_final(s, grid={CLASSES: [10, 100, 1600]})) == [0.5]

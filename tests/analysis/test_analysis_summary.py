@@ -119,3 +119,44 @@ def test_missing_cells_from_the_spec_grid(rows, curve):
     grid = {CLASSES: [100, 1600], WD: ["0", "1e-3"], SEED: [0]}  # YAML may give 1e-3 as a string
     assert missing_cells(s, grid) == [{CLASSES: 100, WD: 0.001}, {CLASSES: 1600, WD: 0.001}]
     assert missing_cells(s, None) == []
+
+
+def test_peak_is_cross_fitted_on_the_two_halves(rows):
+    """The step is chosen on one half of the ICL set and read on the other, both ways; the raw
+    maximum of the whole set stays beside it, and its step is the peak step."""
+    from analysis.intervals import binomial_se
+    from icl.metrics import N_EVAL
+
+    even = [0.50, 0.70, 0.90, 0.80]
+    odd = [0.50, 0.80, 0.70, 0.85]
+    icl = [(e + o) / 2 for e, o in zip(even, odd)]  # 0.5, 0.75, 0.8, 0.825
+    df = rows(100, 0.0, 0, icl).assign(icl_acc_even=even, icl_acc_odd=odd, **{N_EVAL: 1000})
+    t = trial_summary(df).iloc[0]
+    assert t["peak_method"] == "cross-fit"
+    assert t["peak_icl"] == pytest.approx((0.70 + 0.80) / 2)  # even peaks at 300 (odd 0.7), odd at 400 (even 0.8)
+    assert t["peak_icl_raw"] == pytest.approx(0.825) and t["peak_step"] == 400
+    assert t["icl_drop"] == pytest.approx(0.75 - 0.825)  # no fade; the unbiased peak can sit below the final value
+    assert t["peak_icl_se"] == pytest.approx(0.5 * math.hypot(binomial_se(0.7, 500), binomial_se(0.8, 500)))
+    assert t["final_icl_se"] == pytest.approx(binomial_se(0.825, 1000))
+    old = trial_summary(rows(100, 0.0, 0, icl)).iloc[0]  # logged before the halves existed: the raw maximum
+    assert old["peak_method"] == "raw max" and old["peak_icl"] == old["peak_icl_raw"] == pytest.approx(0.825)
+    assert math.isnan(old["peak_icl_se"])  # and no set size known: no binomial error
+
+
+def test_cell_intervals_combine_seeds_and_the_evaluation_set(rows, curve):
+    from analysis.intervals import Z95, binomial_se, t95
+    from icl.metrics import N_EVAL
+
+    peaks = (0.80, 0.84, 0.88)
+    df = pd.concat([rows(100, 0.0, s, curve(p)).assign(**{N_EVAL: 1024}) for s, p in enumerate(peaks)],
+                   ignore_index=True)
+    cell = summarize(df).iloc[0]
+    rms = math.sqrt(sum(binomial_se(p, 1024) ** 2 for p in peaks) / 3)
+    half = math.hypot(t95(2) * 0.04 / math.sqrt(3), Z95 * rms)
+    assert (cell["peak_icl_lo"], cell["peak_icl_hi"]) == pytest.approx((0.84 - half, 0.84 + half))
+    assert cell["interval"] == "t over 3 seeds + binomial error of the evaluation set"
+    assert cell["peak_method"] == "raw max" and cell["peak_icl_se"] == pytest.approx(rms)
+    one = summarize(df[df[SEED] == 0]).iloc[0]
+    assert (one["peak_icl_lo"], one["peak_icl_hi"]) == pytest.approx((0.80 - Z95 * binomial_se(0.8, 1024),
+                                                                      0.80 + Z95 * binomial_se(0.8, 1024)))
+    assert one["final_icl_lo"] < 0.80 < one["final_icl_hi"] and one["icl_drop_lo"] < 0 < one["icl_drop_hi"]

@@ -148,3 +148,20 @@ def test_the_shrink_column_follows_the_weight_decay_or_comes_last() -> None:
         "pack", "optim.weight_decay", "shrink", "seed"]
     assert list(with_shrink({"data.num_classes": "num_classes", "seed": "seed"})) == [
         "data.num_classes", "seed", "shrink"]
+
+
+def test_peer_evaluators_show_both_definitions_side_by_side(tmp_path: Path) -> None:
+    """CIWL and flip ICL over every label, each beside its argmax over the labels in context."""
+    reporter = SweepReporter(TRIALS, {t.trial_id: (t.trial_id,) for t in TRIALS}, tmp_path, slots=4, period_s=0)
+    now = time.time() + 60
+    peers = {"ciwl_acc": 0.46, "ciwl_acc_inctx": 0.78, "flip_icl_ctx_acc": 0.03, "flip_icl_ctx_acc_inctx": 0.08,
+             "flip_icl_iwl_acc": 0.66, "flip_icl_iwl_acc_inctx": 0.92}
+    result = {**pack_progress({"t000": {"step": 4000, "icl_acc": 0.8, "iwl_acc": 0.3, "train_acc": 0.9, **peers}},
+                              50.0), "timestamp": now, "node_ip": "10.0.0.5", "pid": 1, "training_iteration": 1}
+    rows, line = reporter.rows([tune_trial("t000", "RUNNING", result)], now)
+    text = reporter._progress_str(rows, False, line)
+    header = next(line for line in text.splitlines() if line.startswith("| Trial name"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cols[cols.index("train acc") + 1:cols.index("model-steps/s")] == [
+        "CIWL", "CIWL in ctx", "flip ctx", "flip ctx in ctx", "flip IWL"]
+    assert table_rows(text)["t000"][-7:-2] == ["0.46", "0.78", "0.03", "0.08", "0.66"]

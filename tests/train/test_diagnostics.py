@@ -98,3 +98,65 @@ def test_flip_and_ciwl_metrics_tell_context_from_weights():
     assert m["flip_icl_ctx_acc"] == 0.0 and m["flip_icl_iwl_acc"] == 1.0
     assert 0.0 < m["ciwl_acc"] < 0.3  # the label of the first context item: right only where it carries the query's
     assert (data.trained_labels(torch.as_tensor(data.split.holdout_classes)) == -1).all()
+
+
+def test_in_context_argmax_follows_the_peers_masking():
+    """icl-dynamics ``in_context_acc``: only labels shown in the context compete, a label shown
+    several times counts once, ties go to the lowest label id, the query's own label is not shown."""
+    from icl.data.sequences import Sequences
+    from icl.train.evaluate import in_context_argmax
+
+    labels = torch.tensor([[3, 3, 5, 5, 3, 5, 3, 5, 9],   # context {3, 5}; the query's label 9 is never shown
+                           [1, 1, 1, 1, 6, 6, 6, 6, 1],
+                           [2, 4, 2, 4, 2, 4, 2, 4, 4]])
+    seqs = Sequences(torch.zeros_like(labels), labels, torch.zeros_like(labels))
+    logits = torch.zeros(3, 10)
+    logits[0, [9, 3, 5]] = torch.tensor([9.0, 1.0, 2.0])  # best overall is 9 (not in context) -> 5
+    logits[1, [0, 1, 6]] = torch.tensor([5.0, -3.0, -3.0])  # a tie in context -> the lower id, 1
+    logits[2, [7, 2, 4]] = torch.tensor([1.0, -1.0, -0.5])  # every context logit below an absent one -> 4
+    assert in_context_argmax(logits, seqs).tolist() == [5, 1, 4]
+    assert logits.argmax(-1).tolist() == [9, 0, 7]
+
+
+def test_in_context_columns_beside_the_all_label_ones():
+    """A model whose top logit is a label absent from the context and whose second is the
+    target scores 0 over all labels and 1 over the labels in context, on every evaluator;
+    the ICL headline equals the 2-label argmax it always was; the two halves average to it."""
+    from icl.config import load_config
+    from icl.data import load_data
+    from icl.metrics import ACCURACIES as ACCURACY_METRICS, ICL_HALVES
+    from icl.train.evaluate import set_metrics
+
+    cfg = load_config("tiny")
+    data = load_data(cfg)
+    sets = data.eval_sets
+    vocab = cfg.data.num_classes
+    one = torch.nn.functional.one_hot
+
+    def absent(s):  # per sequence, the lowest label id not shown in its context
+        shown = one(s.labels[:, :8], vocab).sum(1) > 0
+        return (~shown).float().argmax(-1)
+
+    def target_second(s, target):
+        return one(target, vocab).float() + 2 * one(absent(s), vocab).float()
+
+    weights = data.trained_labels(sets.flip_icl.classes[:, -1])
+    logits = {name: target_second(s, s.targets) for name, s in sets.items()}
+    m = set_metrics(logits, sets, data, cfg)
+    assert set(ACCURACY_METRICS) | set(ICL_HALVES) | {"ece"} == set(m)
+    for all_labels, in_context in (("icl_acc_all", "icl_acc"), ("icl_train_acc_all", "icl_train_acc"),
+                                   ("flip_icl_ctx_acc", "flip_icl_ctx_acc_inctx"), ("ciwl_acc", "ciwl_acc_inctx")):
+        assert (m[all_labels], m[in_context]) == (0.0, 1.0), all_labels
+    assert m["flip_icl_iwl_acc"] == 0.0 and m["flip_icl_iwl_acc_inctx"] == 0.0
+    m = set_metrics({**logits, "flip_icl": target_second(sets.flip_icl, weights)}, sets, data, cfg)
+    assert (m["flip_icl_iwl_acc"], m["flip_icl_iwl_acc_inctx"], m["flip_icl_ctx_acc_inctx"]) == (0.0, 1.0, 0.0)
+
+    g = torch.Generator().manual_seed(0)
+    noisy = {name: torch.randn(len(s), vocab, generator=g) for name, s in sets.items()}
+    m = set_metrics(noisy, sets, data, cfg)
+    two = (noisy["icl"][:, :2].argmax(-1) == sets.icl.targets).float()
+    assert m["icl_acc"] == two.mean().item()
+    assert m["icl_acc_even"] == two[0::2].mean().item() and m["icl_acc_odd"] == two[1::2].mean().item()
+    assert m["flip_icl_ctx_acc_inctx"] + m["flip_icl_iwl_acc_inctx"] == 1.0  # two labels in context
+    assert m["flip_icl_ctx_acc"] + m["flip_icl_iwl_acc"] < 1.0  # the rest of the vocabulary takes some
+    assert m["ciwl_acc_inctx"] > m["ciwl_acc"]

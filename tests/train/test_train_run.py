@@ -79,14 +79,17 @@ def test_written_config_is_fully_resolved(finished):
     assert again == load_config("tiny")
 
 
+class Stop(Exception):
+    pass
+
+
+def stop_after_150(row, checkpoint):
+    """An ``on_eval`` callback: interrupt the run after its step-150 evaluation (checkpoint at 100)."""
+    if row["step"] == 150:
+        raise Stop
+
+
 def test_resumed_run_equals_uninterrupted(finished, tmp_path):
-    class Stop(Exception):
-        pass
-
-    def stop_after_150(row, checkpoint):
-        if row["step"] == 150:
-            raise Stop
-
     out = tmp_path / "part"
     with pytest.raises(Stop):
         train(load_config("tiny"), out, on_eval=stop_after_150)
@@ -99,6 +102,30 @@ def test_resumed_run_equals_uninterrupted(finished, tmp_path):
     with np.load(out / "attention.npz") as x, np.load(finished / "attention.npz") as y:
         assert np.array_equal(x["heads"], y["heads"])
     assert_events_equal_metrics(out)  # step 150 was dropped and trained again: once in the events
+
+
+def test_a_run_from_an_older_version_resumes_with_the_new_columns(finished, tmp_path, monkeypatch):
+    """A checkpoint written before a metric existed: the resumed run appends the new columns,
+    empty in the older rows, and everything else equals the uninterrupted run."""
+    import icl.train.evaluate as evaluate
+    from icl.metrics import ICL_HALVES
+
+    new = {"icl_train_acc_all", "flip_icl_ctx_acc_inctx", "flip_icl_iwl_acc_inctx", "ciwl_acc_inctx", *ICL_HALVES}
+    current = evaluate.set_metrics
+
+    out = tmp_path / "old"
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "set_metrics", lambda *a: {k: v for k, v in current(*a).items() if k not in new})
+        with pytest.raises(Stop):
+            train(load_config("tiny"), out, on_eval=stop_after_150)
+    assert new.isdisjoint(pd.read_csv(out / "metrics.csv").columns)
+    train(load_config("tiny"), out)  # resumes from the step-100 checkpoint of the "older version"
+    got, want = science(out), science(finished)
+    assert set(got.columns[-len(new):]) == new  # appended after the columns the old rows have
+    assert got.loc[got["step"] <= 100, list(new)].isna().all().all()
+    pd.testing.assert_frame_equal(got.loc[got["step"] > 100, list(want.columns)].reset_index(drop=True),
+                                  want.loc[want["step"] > 100].reset_index(drop=True))
+    pd.testing.assert_frame_equal(got[list(want.columns.difference(new))], want[list(want.columns.difference(new))])
 
 
 def assert_events_equal_metrics(run: Path) -> None:
