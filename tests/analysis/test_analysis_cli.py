@@ -87,7 +87,7 @@ def test_report_html_is_the_whole_report_in_one_file(experiment, capsys):
     report = (out / "report.md").read_text()
     assert page.startswith("<!DOCTYPE html>") and "<title>In-context vs in-weights learning" in page
     assert "<strong>Supported: 1 of 3 few-class cells" in page
-    assert "<th>classes</th>\n<th>weight decay</th>\n<th>seeds</th>\n<th>peak ICL</th>" in page
+    assert "<th>classes</th>\n<th>weight decay</th>\n<th>shrink</th>\n<th>seeds</th>\n<th>peak ICL</th>" in page
     shown = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert len(shown) == len(images) >= 4
@@ -111,13 +111,13 @@ def test_one_seed_report_says_so_and_shows_no_sd(experiment, tmp_path):
     assert main([str(single), "--dpi", "30"]) == 0
     report = (single / "report" / "report.md").read_text()
     assert "seeds expected per cell: 1 (seed 0))" in report
-    assert "One seed per cell: the values of that seed, no sd." in report
+    assert "One seed per cell: ICL figures with their 95% interval (the evaluation set's binomial error)" in report
     table = report.split("## Summary per cell")[1].split("## ICL and IWL")[0]
-    assert "±" not in table and "| 10 | 1e-2 | 1 | 0.850 | 300 | 0.800 |" in table
+    assert "±" not in table and "| 10 | 1e-2 | e^-0.00097 | 1 | 0.850 [0.786, 0.914] (raw max) | 0.850 | 300 |" in table
     # two seeds: the sd is shown, and the header lists both
     assert main([str(experiment), "--out", str(tmp_path / "two"), "--dpi", "30"]) == 0
     two = (tmp_path / "two" / "report.md").read_text()
-    assert "seeds expected per cell: 2 (seeds 0, 1))" in two and "Mean ± sd over seeds" in two
+    assert "seeds expected per cell: 2 (seeds 0, 1))" in two and "the others mean ± sd over seeds" in two
     assert " ± " in two.split("## Summary per cell")[1].split("## ICL and IWL")[0]
 
 
