@@ -17,8 +17,10 @@ ICL, IWL, ETA), then as many of the others (``COMPACT_MORE``: shrink, the rest o
 text lines above and below it are wrapped to the width::
 
     cell: num_classes/weight_decay/seed
-    +---------+----------+------------+------------+---------+-------+-------+---------+
-    | model   | status   | cell       | shrink     | step    |   ICL |   IWL | ETA     |
+    +---------+----------+------------+----------+-------+-------+---------+
+    | model   | status   | cell       | step     |   ICL |   IWL | ETA     |
+    |---------+----------+------------+----------+-------+-------+---------|
+    | t002    | RUNNING  | 1600/0/0   | 4500/10k | 0.783 | 0.262 | 0:01:06 |
     ...
 
 ``Trial name`` is the model's trial id; ``pack`` (packed sweeps only) the Tune trial that
@@ -93,7 +95,7 @@ class ModelRow:
     metrics; everything else (status, location, error file) is the Tune trial's."""
 
     def __init__(self, trial: Any, model_id: str, cell: dict[str, str], result: dict[str, Any], exp_dir: Path,
-                 steps: tuple[int, int] = (0, 0)) -> None:
+                 steps: tuple[int, int]) -> None:
         self._trial = trial
         self.local_experiment_path = str(exp_dir)  # Ray's "Result logdir" line: the experiment
         self.trial_id = model_id
