@@ -81,6 +81,16 @@ def submitted_job(proc: subprocess.CompletedProcess) -> str:
     return m.group(1)
 
 
+def gpu_spec(where: Path, gpu: float, pack: int) -> Path:
+    """The smoke sweep (4 models) with each trial reserving ``gpu`` GPUs, ``pack`` models a trial."""
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec.update(name=f"smoke-gpu{gpu:g}-pack{pack}", pack=pack)
+    spec["resources"]["gpu"] = gpu
+    path = where / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
 def storage(slurm, name: str) -> Path:
     d = slurm.root / "storage" / name
     d.mkdir(parents=True, exist_ok=True)
@@ -183,12 +193,14 @@ def test_harness_runs_a_job_on_both_nodes(slurm):
     "case",
     ["missing spec", "unknown shipped spec", "missing storage", "storage not a directory",
      "unwritable storage", "more GPUs than a node has", "more nodes than the partition",
-     "more CPUs than a node has", "unknown partition", "spec error", "bad time limit"],
+     "more CPUs than a node has", "unknown partition", "spec error", "bad time limit",
+     "more GPUs than the sweep can use", "GPUs for a sweep that uses none", "no GPU for a sweep that needs one"],
 )
 def test_submit_refuses_bad_input_before_submitting(slurm, case, tmp_path):
     good = str(storage(slurm, "bad-input"))
     afile = tmp_path / "file.txt"
     afile.write_text("x")
+    half = str(gpu_spec(tmp_path, gpu=0.5, pack=2))  # 2 trials x 0.5 GPU: 1 GPU at once
     args = {
         "missing spec": [str(tmp_path / "nope.yaml"), "--storage", good],
         "unknown shipped spec": ["no-such-spec", "--storage", good],
@@ -201,6 +213,9 @@ def test_submit_refuses_bad_input_before_submitting(slurm, case, tmp_path):
         "unknown partition": ["smoke", "--storage", good, "--partition", "gpu-nope"],
         "spec error": ["smoke", "--storage", good, "--set", "train.no_such_key=1"],
         "bad time limit": ["smoke", "--storage", good, "--time", "soon"],
+        "more GPUs than the sweep can use": [half, "--storage", good, "--gpus-per-node", "2"],
+        "GPUs for a sweep that uses none": ["smoke", "--storage", good, "--gpus-per-node", "1"],
+        "no GPU for a sweep that needs one": [half, "--storage", good, "--gpus-per-node", "0"],
     }[case]
     before = slurm.run(["squeue", "-h", "-o", "%i"]).stdout.split()
     proc = submit(slurm, *args)
@@ -213,8 +228,8 @@ def test_submit_refuses_bad_input_before_submitting(slurm, case, tmp_path):
 
 def test_submit_fills_the_sbatch_options(slurm):
     store = storage(slurm, "dry")
-    one = submit(slurm, "smoke", "--storage", str(store), "--gpus-per-node", "2", "--time", "1:00:00",
-                 "--set", "train.steps=50", "--dry-run")
+    one = submit(slurm, "smoke", "--storage", str(store), "--gpus-per-node", "2", "--allow-idle-gpus",
+                 "--time", "1:00:00", "--set", "train.steps=50", "--dry-run")
     assert one.returncode == 0, one.stderr
     cmd = one.stdout
     for piece in ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", "--gres=gpu:2",
@@ -229,6 +244,33 @@ def test_submit_fills_the_sbatch_options(slurm):
                   "ICL_SLURM_GRACE=200", "sweep_ray_cluster.sbatch"]:
         assert piece in two.stdout, (piece, two.stdout)
     assert "--gres" not in two.stdout
+
+
+def test_submit_asks_for_the_gpus_the_sweep_can_use_at_once(slurm, tmp_path):
+    """The GPUs the dry run says the sweep can use at once (trials at a time x resources.gpu):
+    the default, and the most a job may ask for without --allow-idle-gpus."""
+    store = str(storage(slurm, "gpus"))
+    half = str(gpu_spec(tmp_path, gpu=0.5, pack=2))  # the study's shape: 2 trials x 0.5 GPU = 1 GPU
+
+    def sbatch_line(*args: str) -> str:
+        proc = submit(slurm, *args, "--storage", store, "--dry-run")
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert "--gres=gpu:1 " in sbatch_line(half)
+    assert "--gres" not in sbatch_line("smoke")  # resources.gpu 0
+    unpacked = str(gpu_spec(tmp_path, gpu=0.5, pack=1))  # 4 trials x 0.5 GPU = 2 GPUs, one per node on 2 nodes
+    line = sbatch_line(unpacked, "--nodes", "2")
+    assert "--nodes=2" in line and "--gres=gpu:1 " in line
+    assert "--gres=gpu:2 " in sbatch_line(half, "--gpus-per-node", "2", "--allow-idle-gpus")
+
+    refused = submit(slurm, half, "--storage", store, "--gpus-per-node", "2", "--dry-run")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert ("--gpus-per-node 2 on 1 node(s) = 2 GPU(s), but the sweep can use at most 1 at once (2 trials at a "
+            "time x 0.5 GPU" in refused.stderr), refused.stderr
+    assert "so 1 would sit idle: ask for 1 in all (--gpus-per-node 1), or pass --allow-idle-gpus" in refused.stderr
+    on_two = submit(slurm, half, "--storage", store, "--nodes", "2", "--dry-run")  # the default can't spread 1 GPU
+    assert on_two.returncode == 2 and "(--nodes 1 --gpus-per-node 1)" in on_two.stderr, on_two.stderr
 
 
 @pytest.mark.parametrize("script", ["sweep_one_node.sbatch", "sweep_ray_cluster.sbatch"])
@@ -249,7 +291,7 @@ def test_job_fails_clearly_when_storage_is_missing_on_the_node(slurm, script):
 def test_one_node_sweep_completes_with_allocated_cpus_and_gpus(slurm):
     store = storage(slurm, "one")
     job = submitted_job(submit(slurm, "smoke", "--storage", str(store), "--name", "one",
-                               "--cpus-per-node", "2", "--gpus-per-node", "1"))
+                               "--cpus-per-node", "2", "--gpus-per-node", "1", "--allow-idle-gpus"))
     info = slurm.wait_job(job, timeout=JOB_TIMEOUT)
     log = job_log(store, job)
     assert_job_ok(slurm, job, store, info)
@@ -292,7 +334,8 @@ def test_ray_cluster_on_two_nodes_survives_a_requeue(slurm):
     store = storage(slurm, "cluster")
     exp = store / "cluster"
     job = submitted_job(submit(slurm, "smoke", "--storage", str(store), "--name", "cluster",
-                               "--nodes", "2", "--cpus-per-node", "1", "--gpus-per-node", "1"))
+                               "--nodes", "2", "--cpus-per-node", "1", "--gpus-per-node", "1",
+                               "--allow-idle-gpus"))
     wait_for_checkpoint(slurm, job, exp)
     log = job_log(store, job)
     # Both nodes joined with exactly their allocation (1 CPU + 1 GPU each), each node's

@@ -90,3 +90,22 @@ def test_estimate_of_the_smoke_sweep_measured_here(tmp_path: Path, capsys: pytes
 def test_estimate_needs_the_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     line = cli_error(capsys, ["smoke", "--estimate", "--storage", str(tmp_path)])
     assert "--estimate and --rate-from go with --dry-run" in line
+
+
+RATES = Path(__file__).resolve().parents[2] / "benchmarks" / "rates"
+
+
+@pytest.mark.parametrize("name, rate_file", [("study", "paper_pack15_cpu.json"),
+                                             ("study_strong", "paper_pack15_cpu.json"),
+                                             ("demo", "demo_pack1_cpu.json")])
+def test_the_shipped_rate_files_fit_the_shipped_specs(name: str, rate_file: str) -> None:
+    """benchmarks/rates/ measured the model, batch, precision and pack of the spec it is for:
+    --rate-from takes it (a preset or spec changed since would be refused)."""
+    spec = load_spec(name)
+    trials = expand(spec)
+    k = len(make_packs(spec, trials)[0].trial_ids)
+    bench = json.loads((RATES / rate_file).read_text())
+    m = from_benchmark(RATES / rate_file, build_config(trials[0].config), k, measured())
+    assert m.step_s == pytest.approx(k / bench["trainer_steps_per_s"])
+    assert bench["device"] == "cpu" and m.device == "cpu"
+    assert bench["machine"]["load_average"] and bench["versions"]["torch"]  # where it was measured, said
