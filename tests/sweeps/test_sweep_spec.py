@@ -72,7 +72,21 @@ def test_study_strong_is_the_study_with_decays_from_e_minus_a_quarter_to_e_minus
     assert max(decay_exponent(build_config(t.config)) for t in expand(study)) <= 0.3
 
 
-@pytest.mark.parametrize("name", ["study", "study_strong", "demo"])
+def test_pilot_is_the_study_design_on_the_demo_preset() -> None:
+    """The pilot: the study's grid shape (2 class counts x 5 decays x 3 seeds = 30 models in two
+    packs of 15) on `demo`, its decays spanning study_strong's shrink factors on the demo's own
+    schedule, with the wd-0 control in both class counts."""
+    study, pilot = load_spec("study"), load_spec("pilot")
+    assert pilot.base == "demo" and pilot.pack == study.pack == 15
+    assert pilot.grid["seed"] == study.grid["seed"] and pilot.grid["data.num_classes"] == study.grid["data.num_classes"]
+    trials = expand(pilot)
+    assert len(trials) == 30
+    exponents = sorted({decay_exponent(build_config(t.config)) for t in trials})
+    assert len(exponents) == 5 and exponents[0] == 0.0
+    assert 0.2 <= exponents[1] <= 0.3 and exponents[-1] >= 4.5
+
+
+@pytest.mark.parametrize("name", ["study", "study_strong", "demo", "pilot"])
 def test_spec_files_say_what_each_cells_decay_amounts_to(name: str) -> None:
     """Each ``wd -> e^-x (x f)`` the spec file writes is the cell's computed total shrink
     factor, and every weight decay of its grid is written."""
