@@ -213,7 +213,12 @@ class Segment:
         for i, m in enumerate(members):
             m.state = m.restored.state if m.restored else RunState()
             if m.restored:
-                self.trainer.load_state(i, m.restored.model, m.restored.optimizer, start)
+                try:
+                    self.trainer.load_state(i, m.restored.model, m.restored.optimizer, start)
+                except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:  # weights of another model
+                    why = " ".join(str(e).split())[:300]
+                    raise UserError(f"checkpoint {m.restored.path} does not fit the model of this config ({why}); "
+                                    "move it out of checkpoints/ to resume from the previous one") from None
             m.run.record(m.state)  # the logs as of the checkpoint (drops rows a crash left after it)
         first = members[0].state
         self.bar = Progress(self.train_cfg.steps, enabled=sys.stderr.isatty() if progress is None else progress)
