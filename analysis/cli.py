@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from analysis.load import METRICS_CSV, RESULTS_CSV, load_results
 from analysis.report import default_out
@@ -13,7 +15,7 @@ from analysis.summary import ONSET_THRESHOLD
 from analysis.verdict import COLLAPSE_FRACTION, RATIO
 from icl.errors import ArgumentParser, UserError, cli_entry
 from icl.inputs import user_path
-from icl.io import check_writable, remove_stale_temporaries
+from icl.io import check_writable, refuse_inputs, remove_stale_temporaries
 
 DESCRIPTION = """\
 (`icl-analyze heads RUN...` runs head attribution at every checkpoint; see its --help.)
@@ -45,6 +47,18 @@ Runs keep only train.keep_checkpoints checkpoints: raise it, or analyse each che
 written (the sweep spec option `heads: true`)."""
 
 
+def _device(name: str) -> Any:
+    """``--device``, checked to exist here (``cuda`` on a machine without one is refused)."""
+    from icl.machine import resolve_device
+
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", name):
+        raise UserError(f"--device must be cpu, auto, cuda or cuda:N, got {name!r}")
+    try:
+        return resolve_device(name)
+    except UserError as e:
+        raise UserError(str(e).replace(f"train.device={name}", f"--device {name}").replace("train.device=", "--device ")) from None
+
+
 def heads_main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="icl-analyze heads", description=HEADS_DESCRIPTION)
     parser.add_argument("paths", nargs="+", metavar="PATH", help="run dir, or a dir holding run dirs (a sweep)")
@@ -54,6 +68,9 @@ def heads_main(argv: list[str]) -> int:
     parser.add_argument("--no-plots", action="store_true", help="write the CSV files only")
     parser.add_argument("--dpi", type=int, default=110, help="resolution of the PNG plots (default 110)")
     args = parser.parse_args(argv)
+    if not 10 <= args.dpi <= 600:
+        raise UserError(f"--dpi must be between 10 and 600, got {args.dpi}")
+    device = _device(args.device)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +82,7 @@ def heads_main(argv: list[str]) -> int:
         raise UserError(f"no run directory (config.yaml + checkpoints/) at or below {', '.join(args.paths)}")
     for run in runs:  # runs of one sweep share their data (icl.circuits.over_training.data_for)
         t0 = time.perf_counter()
-        done = update_run(run, ablations=args.ablation, device=args.device)
+        done = update_run(run, ablations=args.ablation, device=device)
         plots = [] if args.no_plots else write_run_plots(run, dpi=args.dpi)
         line = f"{run}: {len(done)} checkpoint(s) analysed"
         if done:
@@ -109,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 10 <= args.dpi <= 600:
         raise UserError(f"--dpi must be between 10 and 600, got {args.dpi}")
 
-    out = user_path(args.out, "--out") if args.out else default_out(args.paths)
+    out = user_path(args.out, "--out") if args.out is not None else default_out(args.paths)  # '' is refused
     _check_out(out, args.paths)
+    refuse_inputs(out, "--out", {f"input {p}": p for p in args.paths if Path(p).is_file()})
     df = load_results(args.paths)
     check_writable(out, "--out", folder=True)  # before the plots: they are the slow part
     remove_stale_temporaries(out)  # left by a report killed while it was written

@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 
 from analysis.fmt import cell_label, markdown_table
 from analysis.load import CIWL, FLIP_CTX, FLIP_IWL, ICL, IWL, METRICS_CSV, SEED_KEY
+from icl.errors import UserError
 
 HEADS_CSV, CIRCUIT_CSV, COMPOSITION_CSV = "heads.csv", "circuit.csv", "composition.csv"
 PLOTS_DIR = "circuits"
@@ -67,10 +68,19 @@ def find_runs(paths: Iterable[str | os.PathLike[str]], max_depth: int = 4) -> li
 
 
 def _read(path: Path) -> pd.DataFrame | None:
+    """A table of the run (None if absent or empty); UserError naming it if it is not a CSV
+    table with a numeric ``step`` column (a damaged file, or one written by something else)."""
     try:
-        return pd.read_csv(path) if path.is_file() else None
+        df = pd.read_csv(path) if path.is_file() else None
     except pd.errors.EmptyDataError:
         return None
+    except (UnicodeDecodeError, pd.errors.ParserError, ValueError, OSError) as e:
+        raise UserError(f"{path} is not a readable CSV table ({type(e).__name__}); move it away "
+                        f"(`icl-analyze heads {path.parent}` rewrites the heads tables)") from None
+    if df is not None and ("step" not in df.columns or not pd.api.types.is_numeric_dtype(df["step"])):
+        raise UserError(f"{path} has no numeric step column; move it away "
+                        f"(`icl-analyze heads {path.parent}` rewrites the heads tables)")
+    return df
 
 
 def read_run(run: Path) -> dict[str, pd.DataFrame | None]:

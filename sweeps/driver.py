@@ -90,7 +90,11 @@ def run_sweep(
     with signals.install():
         try:
             return _run_sweep(spec, trials, opts, analysis=analysis, out=out)
-        except KeyboardInterrupt:
+        except BaseException as e:
+            # a signal stopped it; or Ray failed because Ctrl-C reached its processes too (a
+            # terminal signals the whole process group) while it started
+            if not isinstance(e, KeyboardInterrupt) and (isinstance(e, SystemExit) or signals.pending() is None):
+                raise
             print("icl-sweep: interrupted: run the same command again to resume", file=sys.stderr, flush=True)
             return 130
 
@@ -137,9 +141,14 @@ def _run_sweep(spec: SweepSpec, trials: Sequence[TrialSpec], opts: RayOptions, *
         raise
     # ResultGrid looks for Tune's per-trial result.json, which TUNE_ENV turns off
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    # Tune's failure to save its state (a full disk) as one line, not a traceback: the run
-    # directories are the record, and the summary says what stopped
-    logging.getLogger("ray.tune.execution.experiment_state").addFilter(one_line_errors)
+    # Tune's failure to save or sync its state (a full disk: every few seconds) as one line,
+    # once, not a traceback each time: the run directories are the record, and the summary
+    # says what stopped
+    quiet = OneLineOnce()
+    for name in QUIETED_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
+    # Tune's advice after a stop (``Tuner.restore``) is not how a sweep resumes: the summary says how
+    logging.getLogger("ray.tune.tune").addFilter(lambda r: "Tuner.restore" not in r.getMessage())
     try:
         check_resources(spec)
         if opts.address:
@@ -258,13 +267,34 @@ def _outcome(grid: Any, exp_dir: Path, trials: Sequence[TrialSpec], wall_s: floa
     return Outcome(status, errors, wall_s)
 
 
-def one_line_errors(record: logging.LogRecord) -> bool:
-    """A logging filter: an exception attached to a record becomes its last line, appended."""
-    if record.exc_info and record.exc_info[1] is not None:
-        e = record.exc_info[1]
-        record.msg = f"{record.getMessage()} {type(e).__name__}: {res.error_line(str(e))}"
-        record.args, record.exc_info, record.exc_text = None, None, None
-    return True
+# Ray's loggers that report the storage failing (syncing Tune's state, deleting a copy), and the
+# results callback's: a whole traceback, or the same line, again at every sync period.
+QUIETED_LOGGERS = ("ray.tune.execution.experiment_state", "ray.train._internal.syncer", "ray.train._internal.storage",
+                   "sweeps.callback")
+
+
+class OneLineOnce(logging.Filter):
+    """A logging filter: a record with an exception, or with a traceback in its text, becomes
+    its first line and the exception's last line; the same line again is dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            e = record.exc_info[1]
+            text = f"{text.strip()} {type(e).__name__}: {res.error_line(str(e))}"
+        elif "Traceback (most recent call last)" in text:
+            lines = [line for line in text.splitlines() if line.strip()]
+            text = f"{lines[0].strip()} {lines[-1].strip()}"
+        text = " ".join(text.split())
+        record.msg, record.args, record.exc_info, record.exc_text = text, None, None, None
+        if text in self.seen:
+            return False
+        self.seen.add(text)
+        return True
 
 
 def _tune_errors(grid: Any) -> dict[str, str]:

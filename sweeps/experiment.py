@@ -93,8 +93,17 @@ def experiment_state(spec: SweepSpec) -> str:
 
 
 def finished_trials(exp_dir: Path, trials: Sequence[TrialSpec]) -> list[str]:
-    """Trials whose run reached its last step (from the trainer's own metrics.csv)."""
-    return [t.trial_id for t in trials if res.run_dir(exp_dir, t).finished(int(t.config["train.steps"]))]
+    """Trials whose run reached its last step (from the trainer's own metrics.csv). A run
+    directory whose ``config.yaml`` is not its trial's (edited after the trial finished, or
+    copied from elsewhere) is refused, finished or not: its results would be another run's."""
+    done = []
+    for t in trials:
+        run = res.run_dir(exp_dir, t)
+        advice = f"it is not model {t.trial_id}'s: put its config.yaml back, or move it away to train the model again"
+        run.check_config(build_config(t.config), advice)
+        if run.finished(int(t.config["train.steps"])):
+            done.append(t.trial_id)
+    return done
 
 
 def with_runtime_paths(trials: Sequence[TrialSpec], spec: SweepSpec) -> list[TrialSpec]:

@@ -15,11 +15,12 @@ directory, and whoever can write there (or sent you the directory) can name any 
 A process is ended only if all of these hold:
 
 - the recorded session directory is a Ray session directory (``session_<date>_<time>_<pid>``,
-  by name), a real directory owned by this user and not writable by others, and not the
-  session of this driver's own Ray;
-- it holds the owner mark the recording driver wrote into it (``icl-sweep-owner.json``: this
-  experiment's resolved path and the random nonce that is also in the record), so a record
-  cannot point at another experiment's Ray, or at a Ray that icl-sweep did not start;
+  by name), a real directory owned by this user, and not the session of this driver's own Ray;
+- it holds the owner mark the recording driver wrote into it (``icl-sweep-owner.json``, a file
+  owned by this user: Ray makes session directories writable by everyone, but nobody else
+  can make a file that is ours), naming this experiment's resolved path and the random nonce
+  that is also in the record, so a record cannot point at another experiment's Ray, or at a
+  Ray that icl-sweep did not start;
 - the process belongs to this user, is not this process or pid 1, runs a Ray program by its
   command line (``ray::...``, ``raylet``, ``gcs_server``, a script of the ``ray`` package), and
   names that session directory in its command line or holds a file in it open.
@@ -76,8 +77,8 @@ def _not_ours(session: Any, exp_dir: Path, nonce: Any, own_session: str | None) 
         st = os.lstat(session)
     except OSError:
         return "that directory is gone"
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & stat.S_IWOTH:
-        return "that directory is not a private directory of this user"
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        return "that directory is not a directory of this user"
     mark = Path(session) / OWNER
     try:
         mst = os.lstat(mark)

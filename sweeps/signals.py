@@ -138,7 +138,8 @@ def stopping() -> Iterator[None]:
 @contextlib.contextmanager
 def keep_handlers() -> Iterator[None]:
     """Inside (``ray.init``): Ray may not replace the driver's SIGTERM handler with its own,
-    which raises ``SystemExit`` wherever the main thread is."""
+    which raises ``SystemExit`` wherever the main thread is; afterwards the driver's handlers
+    are installed again at the C level."""
     import ray._private.utils as ray_utils
 
     original = ray_utils.set_sigterm_handler
@@ -148,6 +149,8 @@ def keep_handlers() -> Iterator[None]:
         yield
     finally:
         ray_utils.set_sigterm_handler = original
+        # again, even if Python believes they are in place: Ray's C++ core installs its own
+        # crash handler for SIGTERM (abseil's, which prints and aborts) behind Python's back
         for s, h in saved.items():
-            if signal.getsignal(s) is not h and h is not None:
+            if h is not None:
                 signal.signal(s, h)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from icl.config import load_config
+from icl.config import cache_dir, data_root, load_config
 from icl.errors import ArgumentParser, cli_entry
+from icl.inputs import user_path
+from icl.io import refuse_inputs
 from icl.train.loop import train
 
 
@@ -17,7 +17,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--config", required=True, help="preset name (tiny, demo, paper) or YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.weight_decay=1e-3 (repeatable)")
-    p.add_argument("--out", type=Path, required=True, help="run directory (created; resumed if it exists)")
+    p.add_argument("--out", required=True, help="run directory (created; resumed if it exists)")
     progress = p.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None,
                           help="always show the progress line (default: only on a terminal)")
@@ -29,11 +29,13 @@ def parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    row = train(cfg, args.out, progress=args.progress)
+    out = user_path(args.out, "--out")
+    refuse_inputs(out, "--out", {"the data root": data_root(cfg), "the image cache": cache_dir(cfg)})
+    row = train(cfg, out, progress=args.progress)
     if row:
         print(
             f"step {int(row['step'])}: ICL {row['icl_acc']:.3f} (holdout, chance 0.5), "
-            f"IWL {row['iwl_acc']:.3f}, train acc {row['train_acc']:.3f}; metrics in {args.out / 'metrics.csv'}"
+            f"IWL {row['iwl_acc']:.3f}, train acc {row['train_acc']:.3f}; metrics in {out / 'metrics.csv'}"
         )
     return 0
 

@@ -133,6 +133,9 @@ def train_packed(
     check_packable(cfgs)
     t = cfgs[0].train
     device = resolve_device(t.device)
+    if t.precision == "bf16" and device.type != "cuda":  # never a run that says bf16 and trained in fp32
+        raise UserError(f"train.precision=bf16 needs a GPU (bf16 autocast runs on CUDA only) but this run would "
+                        f"train on {device.type} (train.device={t.device}); set train.precision=fp32 to train here")
     check_fits(cfgs[0], device, models=len(cfgs))  # before anything is written or allocated
     if t.threads:
         torch.set_num_threads(t.threads)

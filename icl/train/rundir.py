@@ -95,16 +95,7 @@ class RunDir:
             raise UserError(f"--out {out} is a file, not a directory")
         config_path = out / CONFIG
         if config_path.exists():
-            try:
-                saved = build_config(read_yaml(config_path))
-            except UserError as e:
-                raise UserError(f"{out} holds an unreadable run config ({e}); choose another --out") from None
-            diff = config_differences(saved, cfg)
-            if diff:
-                raise UserError(
-                    f"{out} holds a run with a different config ({'; '.join(diff[:4])}); "
-                    "resume it with the same config or choose another --out"
-                )
+            self.check_config(cfg)
         elif out.is_dir() and any(p.name != CHECKPOINTS for p in out.iterdir()):
             raise UserError(f"--out {out} is not empty and holds no run (no {CONFIG}); choose a new directory")
         try:
@@ -116,6 +107,21 @@ class RunDir:
         if self.checkpoints_dir.is_dir():
             for p in self.checkpoints_dir.glob(f"{ckpt.TEMP_PREFIX}*"):  # never valid: a crash's leftovers
                 shutil.rmtree(p, ignore_errors=True)
+
+    def check_config(self, cfg: Config, advice: str = "resume it with the same config or choose another --out") -> None:
+        """UserError (ending in ``advice``) if the run's ``config.yaml`` is unreadable or
+        describes another run than ``cfg`` (edited by hand, or another experiment's); nothing
+        if there is none yet."""
+        out, config_path = self.path, self.path / CONFIG
+        if not config_path.exists():
+            return
+        try:
+            saved = build_config(read_yaml(config_path))
+        except UserError as e:
+            raise UserError(f"{out} holds an unreadable run config ({e}); {advice}") from None
+        diff = config_differences(saved, cfg)
+        if diff:
+            raise UserError(f"{out} holds a run with a different config ({'; '.join(diff[:4])}); {advice}")
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -233,7 +239,10 @@ class RunDir:
         header, rows = self.metrics_table()
         if not rows or "step" not in header:
             return None
-        return int(float(rows[-1][header.index("step")]))
+        try:
+            return int(float(rows[-1][header.index("step")]))
+        except (ValueError, OverflowError):  # a damaged table: the checkpoint's copy restores it
+            return None
 
     def finished(self, steps: int) -> bool:
         """Has the run logged its evaluation of step ``steps`` (its last)?"""
