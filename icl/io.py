@@ -256,7 +256,7 @@ def refuse_inputs(path: Path | str, what: str, inputs: dict[str, Path | str | No
                 same = os.path.samefile(target, source)
             except OSError:  # one of them does not exist: not the same file
                 pass
-        if same or (source.is_dir() and source in target.parents):
+        if same or (not source.is_file() and source in target.parents):  # a folder (or one to be made)
             where = "is" if same else "is inside"
             raise UserError(f"{what} {path} {where} {name} {given}, which this command reads; "
                             "write the output elsewhere")

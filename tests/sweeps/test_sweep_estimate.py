@@ -90,3 +90,32 @@ def test_estimate_of_the_smoke_sweep_measured_here(tmp_path: Path, capsys: pytes
 def test_estimate_needs_the_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     line = cli_error(capsys, ["smoke", "--estimate", "--storage", str(tmp_path)])
     assert "--estimate and --rate-from go with --dry-run" in line
+
+
+@pytest.mark.parametrize("rate, words", [
+    (0, "must be a positive number, got 0.0"),
+    ("NaN", "must be a positive number, got nan"),
+    (-5, "must be a positive number, got -5.0"),
+    ("fast", "not a benchmarks/throughput.py --json file"),
+    (None, "not a benchmarks/throughput.py --json file"),
+])
+def test_a_benchmark_json_with_a_rate_no_benchmark_gives_is_one_error_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture, rate, words) -> None:
+    cfg = build_config(load_spec("smoke").base_config)
+    bench = {"trainer_steps_per_s": rate, "device": "cpu", "pack": 1, "batch_size": cfg.train.batch_size,
+             "model": {"embedder": cfg.model.embedder, "layers": cfg.model.layers, "d_model": cfg.model.d_model,
+                       "image_size": cfg.data.image_size}}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench).replace('"NaN"', "NaN"))
+    line = cli_error(capsys, ["smoke", "--dry-run", "--rate-from", str(path), "--storage", str(tmp_path)])
+    assert words in line and str(path) in line
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"trainer_steps_per_s": 5, "device": "cpu", "pack": 1, '
+                                     '"batch_size": 16, "model": "tiny"}', "\xff"], ids=["list", "model", "bytes"])
+def test_a_rate_from_file_of_another_shape_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                            content: str) -> None:
+    path = tmp_path / "bench.json"
+    path.write_bytes(content.encode("latin-1"))
+    assert "--rate-from" in cli_error(capsys, ["smoke", "--dry-run", "--rate-from", str(path), "--storage",
+                                               str(tmp_path)])

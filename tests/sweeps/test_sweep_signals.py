@@ -32,8 +32,8 @@ def ray_starting(ray_tmp: str) -> bool:
 
 @pytest.mark.parametrize("when, signum", [
     ("while Ray starts", signal.SIGTERM),
-    ("while Ray starts", signal.SIGINT),
-    ("while trials train", signal.SIGTERM),
+    pytest.param("while Ray starts", signal.SIGINT, marks=pytest.mark.slow),
+    pytest.param("while trials train", signal.SIGTERM, marks=pytest.mark.slow),
 ], ids=["SIGTERM-at-start", "Ctrl-C-at-start", "SIGTERM-while-training"])
 def test_a_signal_at_any_moment_stops_cleanly_and_resumably(embedded_env: dict, tmp_path: Path, when: str,
                                                              signum: int) -> None:
