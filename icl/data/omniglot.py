@@ -230,7 +230,7 @@ def _read_npz(root: Path) -> np.ndarray:
         path = root / name
         check_npz_format(npz_layout(path))
         try:
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:
                 images = z["images"]
         except Exception as e:  # zipfile/zlib: a damaged file whose header was intact
             raise UserError(f"cannot read {path} ({type(e).__name__}: {e}): replace it with a good copy") from None

@@ -253,6 +253,9 @@ def test_what_used_to_pass_the_dry_run_is_one_error_line(tmp_path: Path, capsys:
         path = write_spec(tmp_path, {**SMOKE, **change})
         assert words in cli_error(capsys, [str(path), "--dry-run", "--storage", str(tmp_path / "s")])
     assert not (tmp_path / "s").exists()
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # a symbolic-link loop as the storage
+    path = write_spec(tmp_path, SMOKE)
+    assert "cannot be resolved" in cli_error(capsys, [str(path), "--storage", str(tmp_path / "loop")])
 
 
 def test_a_run_config_edited_after_its_trial_finished_is_noticed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -24,6 +24,7 @@ import pytest
 from sweep_helpers import cli_error, read_results, run_cli, short_tmpdir, without_timing
 
 from sweeps import leftovers
+from sweeps import results as res
 from sweeps.leftovers import RECORD, record, stop_leftovers
 from sweeps.ray_session import check_token_private
 from sweeps.spec import expand, load_spec
@@ -72,8 +73,7 @@ def test_a_crafted_tune_state_never_runs_and_deleted_runs_come_back(
     assert not (t0 / "error.pkl").exists() and not (t2 / "error.pkl").exists()
     assert not (exp / "experiment_state-2026-01-01_00-00-00.json").exists()
     pd.testing.assert_frame_equal(without_timing(read_results(exp)), without_timing(reference))
-    assert [a["resumed_from_step"] for a in json.loads("[" + ",".join(
-        (t3 / "attempts.jsonl").read_text().split()) + "]")] == [0]  # retrained from scratch
+    assert [a["resumed_from_step"] for a in res.attempts(t3)] == [0]  # trained again from scratch
 
 
 # --------------------------------------------------------------------------- kill only what is ours
