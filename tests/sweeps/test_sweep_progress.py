@@ -134,3 +134,20 @@ def test_a_report_from_a_previous_driver_is_not_counted_down(tmp_path: Path) -> 
     trials = [tune_trial("t000", "RUNNING", report({"t000": (9000, 0.8, 0.3)}, 50.0, old))]
     rows, _ = reporter.rows(trials, time.time())
     assert rows[0].last_result["eta"] == "0:00:20"  # 1000 model-steps at 50/s, not 0
+
+
+def test_models_finished_before_this_driver_are_rows_too(tmp_path: Path) -> None:
+    """A resumed sweep runs only the packs with unfinished models on Tune; the finished ones
+    are still rows of the table (and count in the sweep's line), read from their runs."""
+    run = tmp_path / "t000_cell" / "run"
+    (run / "checkpoints" / "step_000010000").mkdir(parents=True)
+    (run / "metrics.csv").write_text("step,icl_acc,iwl_acc,train_acc\n5000,0.6,0.5,0.7\n10000,0.55,1.0,1.0\n")
+    packs = {t.trial_id: (t.trial_id,) for t in TRIALS}
+    reporter = SweepReporter(TRIALS, packs, tmp_path, slots=2, period_s=0, finished=["t000"])
+    now = time.time() + 60
+    trials = [tune_trial(t, "PENDING") for t in ("t001", "t002", "t003")]
+    rows, line = reporter.rows(trials, now)
+    body = table_rows(reporter._progress_str(rows, False, line))
+    assert body["t000"][:2] == ["TERMINATED", ""]
+    assert body["t000"][5:9] == ["10000/10000", "0.55", "1", "1"]
+    assert "Sweep: 1/4 models finished, 10,000/40,000 model-steps (25%)" in line
