@@ -220,7 +220,8 @@ def test_the_embedded_ray_listens_on_loopback_only_and_refuses_another_address(d
         with pytest.raises(ConnectionRefusedError):  # a second address cannot reach it
             socket.create_connection((ip, port), timeout=5).close()
         join = subprocess.run([sys.executable, "-c", "from sweeps.cli import main; main()", "smoke", "--address",
-                               f"{ip}:{port}", "--storage", str(tmp / "s")], env=env, cwd=PROJECT_ROOT,
+                               f"{ip}:{port}", "--storage", str(tmp / "s")], cwd=PROJECT_ROOT,
+                              env=dict(env, RAY_AUTH_MODE="disabled"),  # whatever ~/.ray holds: the port is shut
                               capture_output=True, text=True, timeout=60)
         assert join.returncode == 2 and join.stderr.startswith(f"error: cannot reach a Ray cluster at {ip}:{port}")
     finally:
