@@ -141,14 +141,7 @@ def _run_sweep(spec: SweepSpec, trials: Sequence[TrialSpec], opts: RayOptions, *
         raise
     # ResultGrid looks for Tune's per-trial result.json, which TUNE_ENV turns off
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    # Tune's failure to save or sync its state (a full disk: every few seconds) as one line,
-    # once, not a traceback each time: the run directories are the record, and the summary
-    # says what stopped
-    quiet = OneLineOnce()
-    for name in QUIETED_LOGGERS:
-        logging.getLogger(name).addFilter(quiet)
-    # Tune's advice after a stop (``Tuner.restore``) is not how a sweep resumes: the summary says how
-    logging.getLogger("ray.tune.tune").addFilter(lambda r: "Tuner.restore" not in r.getMessage())
+    quiet_ray_logs()
     try:
         check_resources(spec)
         if opts.address:
@@ -271,6 +264,27 @@ def _outcome(grid: Any, exp_dir: Path, trials: Sequence[TrialSpec], wall_s: floa
 # results callback's: a whole traceback, or the same line, again at every sync period.
 QUIETED_LOGGERS = ("ray.tune.execution.experiment_state", "ray.train._internal.syncer", "ray.train._internal.storage",
                    "sweeps.callback")
+
+
+def quiet_ray_logs() -> OneLineOnce:
+    """Tune's failure to save or sync its state (a full disk: every few seconds) as one line,
+    once, not a traceback each time: the run directories are the record, and the summary says
+    what stopped. Tune's advice after a stop (``Tuner.restore``) is dropped: it is not how a
+    sweep resumes (the summary says how)."""
+    quiet = OneLineOnce()
+    for name in QUIETED_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, OneLineOnce)]:  # one per driver
+            logger.removeFilter(old)
+        logger.addFilter(quiet)
+    tune_logger = logging.getLogger("ray.tune.tune")
+    if _no_restore_advice not in tune_logger.filters:
+        tune_logger.addFilter(_no_restore_advice)
+    return quiet
+
+
+def _no_restore_advice(record: logging.LogRecord) -> bool:
+    return "Tuner.restore" not in record.getMessage()
 
 
 class OneLineOnce(logging.Filter):

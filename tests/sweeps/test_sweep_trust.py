@@ -250,3 +250,38 @@ def test_a_token_file_others_can_read_is_refused(tmp_path: Path, monkeypatch, ca
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
     line = cli_error(capsys, ["smoke", "--storage", str(tmp_path / "s"), "--address", "127.0.0.1:1"])
     assert "can be read by other users" in line and not (tmp_path / "s" / "smoke").exists()
+
+
+# --------------------------------------------------------------------------- a full disk, quietly
+
+
+def test_ray_storage_tracebacks_become_one_line_once(capsys) -> None:
+    """What Ray logs at every sync period when the storage is full (a whole traceback each
+    time, 39 of them in a 7-minute sweep) reaches the terminal as one line, once."""
+    import logging
+    import traceback
+
+    from sweeps.driver import QUIETED_LOGGERS, quiet_ray_logs
+
+    quiet_ray_logs()
+    handler = logging.StreamHandler()
+    syncer = logging.getLogger("ray.train._internal.syncer")
+    syncer.addHandler(handler)
+    try:
+        for _ in range(3):
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError:
+                syncer.warning(f"Last sync command failed with the following error:\n{traceback.format_exc()}")
+        state = logging.getLogger("ray.tune.execution.experiment_state")
+        state.addHandler(handler)
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            state.error("Saving experiment state to storage failed with exception: ", exc_info=True)
+        state.removeHandler(handler)
+    finally:
+        syncer.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2, err
+    assert err.count("No space left on device") == 2 and "ray.train._internal.syncer" in QUIETED_LOGGERS
