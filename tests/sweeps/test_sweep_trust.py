@@ -255,33 +255,35 @@ def test_a_token_file_others_can_read_is_refused(tmp_path: Path, monkeypatch, ca
 # --------------------------------------------------------------------------- a full disk, quietly
 
 
-def test_ray_storage_tracebacks_become_one_line_once(capsys) -> None:
+def test_ray_storage_tracebacks_become_one_line_once() -> None:
     """What Ray logs at every sync period when the storage is full (a whole traceback each
     time, 39 of them in a 7-minute sweep) reaches the terminal as one line, once."""
+    import io
     import logging
     import traceback
 
-    from sweeps.driver import QUIETED_LOGGERS, quiet_ray_logs
+    from sweeps.driver import quiet_ray_logs
 
     quiet_ray_logs()
-    handler = logging.StreamHandler()
-    syncer = logging.getLogger("ray.train._internal.syncer")
-    syncer.addHandler(handler)
+    terminal = io.StringIO()
+    handler = logging.StreamHandler(terminal)
+    loggers = [logging.getLogger(n) for n in ("ray.train._internal.syncer", "ray.tune.execution.experiment_state")]
+    saved = [(log.propagate, log.handlers[:]) for log in loggers]
+    for log in loggers:
+        log.propagate, log.handlers = False, [handler]  # only what this test sees
     try:
         for _ in range(3):
             try:
                 raise OSError(28, "No space left on device")
             except OSError:
-                syncer.warning(f"Last sync command failed with the following error:\n{traceback.format_exc()}")
-        state = logging.getLogger("ray.tune.execution.experiment_state")
-        state.addHandler(handler)
+                loggers[0].warning(f"Last sync command failed with the following error:\n{traceback.format_exc()}")
         try:
             raise OSError(28, "No space left on device")
         except OSError:
-            state.error("Saving experiment state to storage failed with exception: ", exc_info=True)
-        state.removeHandler(handler)
+            loggers[1].error("Saving experiment state to storage failed with exception: ", exc_info=True)
     finally:
-        syncer.removeHandler(handler)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 2, err
-    assert err.count("No space left on device") == 2 and "ray.train._internal.syncer" in QUIETED_LOGGERS
+        for log, (propagate, handlers) in zip(loggers, saved):
+            log.propagate, log.handlers = propagate, handlers
+    text = terminal.getvalue()
+    assert "Traceback" not in text and len(text.strip().splitlines()) == 2, text
+    assert text.count("No space left on device") == 2
