@@ -17,7 +17,8 @@ from icl.data import load_data
 from icl.model import build_model
 from icl.train import TIMING_COLUMNS, PackTrainingDiverged, RunDir, train, train_packed
 from icl.train.evaluate import evaluate
-from icl.train.optim import decay_groups, lr_at, make_optimizer, set_lr
+from icl.schedule import lr_at
+from icl.train.optim import decay_groups, make_optimizer, set_lr
 from icl.train.adamw import PackedAdamW
 from icl.train.pack import PackedModels, PackedTrainer, check_packable, data_for, initial_model
 
