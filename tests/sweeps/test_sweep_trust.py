@@ -76,6 +76,45 @@ def test_a_crafted_tune_state_never_runs_and_deleted_runs_come_back(
     assert [a["resumed_from_step"] for a in res.attempts(t3)] == [0]  # trained again from scratch
 
 
+def test_a_crafted_checkpoint_never_runs_in_a_ray_worker(ray_head, driver_env: dict, tmp_path: Path) -> None:
+    """A sweep resumes a model whose newest checkpoint is a crafted pickle (manifest re-hashed):
+    the trial's worker refuses it as damaged, resumes from the previous checkpoint, and the
+    payload never runs."""
+    import hashlib
+    import io
+
+    import torch
+    import yaml
+
+    spec = tmp_path / "one.yaml"
+    spec.write_text(yaml.safe_dump({"name": "one", "base": "tiny", "grid": {"seed": [0]}, "max_failures": 0,
+                                    "overrides": {"train.steps": 150, "train.eval_every": 50,
+                                                  "train.checkpoint_every": 50, "train.threads": 1}}))
+    args = [str(spec), "--storage", str(tmp_path), "--address", ray_head.address, "--no-analysis"]
+    first = run_cli(args, dict(driver_env, ICL_SWEEP_FAULTS="t000@100"))  # stops after its step-100 checkpoint
+    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
+    (trial,) = expand(load_spec(str(spec)))
+    run = res.run_dir(tmp_path / "one", trial)
+    newest = run.checkpoints()[-1]
+    assert newest.name == "step_000000100"
+    marker = tmp_path / "PWNED"
+    state = torch.load(newest / "state.pt", weights_only=True)
+    state["wall_s"] = Payload(marker)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    (newest / "state.pt").write_bytes(buf.getvalue())
+    manifest = json.loads((newest / "manifest.json").read_text())
+    manifest["files"]["state.pt"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    for copy in (tmp_path / "one" / trial.dirname).glob("checkpoint_*"):
+        shutil.rmtree(copy)  # Ray's copies are no way around it either
+    again = run_cli(args, driver_env)
+    assert not marker.exists()
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "is corrupt" in again.stdout + again.stderr and "it asks for posix.system" in again.stdout + again.stderr
+    assert [int(r[0]) for r in run.metrics_table()[1]] == [50, 100, 150]  # step 100 trained again from 50
+
+
 # --------------------------------------------------------------------------- kill only what is ours
 
 
