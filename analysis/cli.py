@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from analysis.summary import ONSET_THRESHOLD
 from analysis.verdict import COLLAPSE_FRACTION, RATIO
 from icl.errors import ArgumentParser, UserError, cli_entry
 from icl.inputs import user_path
+from icl.io import refuse_inputs
 from icl.layout import CHECKPOINTS, CONFIG, METRICS, REPORT, RESULTS, RunLayout
 from icl.metrics import STEP, X_LABELS
 
@@ -51,6 +54,18 @@ Runs keep only train.keep_checkpoints checkpoints: raise it, or analyse each che
 written (the sweep spec option `heads: true`)."""
 
 
+def _device(name: str) -> Any:
+    """``--device``, checked to exist here (``cuda`` on a machine without one is refused)."""
+    from icl.machine import resolve_device
+
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", name):
+        raise UserError(f"--device must be cpu, auto, cuda or cuda:N, got {name!r}")
+    try:
+        return resolve_device(name)
+    except UserError as e:
+        raise UserError(str(e).replace(f"train.device={name}", f"--device {name}").replace("train.device=", "--device ")) from None
+
+
 def heads_main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="icl-analyze heads", description=HEADS_DESCRIPTION)
     parser.add_argument("paths", nargs="+", metavar="PATH", help="run dir, or a dir holding run dirs (a sweep)")
@@ -60,6 +75,9 @@ def heads_main(argv: list[str]) -> int:
     parser.add_argument("--no-plots", action="store_true", help="write the CSV files only")
     parser.add_argument("--dpi", type=int, default=110, help="resolution of the PNG plots (default 110)")
     args = parser.parse_args(argv)
+    if not 10 <= args.dpi <= 600:
+        raise UserError(f"--dpi must be between 10 and 600, got {args.dpi}")
+    device = _device(args.device)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,7 +89,7 @@ def heads_main(argv: list[str]) -> int:
         raise UserError(f"no run directory ({CONFIG} + {CHECKPOINTS}/) at or below {', '.join(args.paths)}")
     for run in runs:  # runs of one sweep share their data (icl.circuits.over_training.data_for)
         t0 = time.perf_counter()
-        done = update_run(run, ablations=args.ablation, device=args.device)
+        done = update_run(run, ablations=args.ablation, device=device)
         plots = [] if args.no_plots else write_run_plots(run, dpi=args.dpi)
         line = f"{run}: {len(done)} checkpoint(s) analysed"
         if done:
@@ -120,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     from analysis.report import analyze, default_out, summary_lines
 
-    out = user_path(args.out, "--out") if args.out else default_out(args.paths)
+    out = user_path(args.out, "--out") if args.out is not None else default_out(args.paths)  # '' is refused
     _check_out(out, args.paths)
+    refuse_inputs(out, "--out", {f"input {p}": p for p in args.paths if Path(p).is_file()})
     rep = analyze(args.paths, out, threshold=args.threshold, ratio=args.ratio,
                   collapse_fraction=args.collapse_fraction, x=args.x, logx=args.logx, dpi=args.dpi)
     print("\n".join(summary_lines(rep)))

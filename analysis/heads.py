@@ -37,6 +37,7 @@ from matplotlib.figure import Figure
 from analysis.fmt import cell_label, markdown_table
 from analysis.load import SEED_KEY
 from icl.circuits.attribution import GROUP_SIZES, ICL_HEAD, MIN_DROP, TOP_RANK, Z_NAMED, head_name, significant
+from icl.errors import UserError
 from icl.layout import ExperimentDir, RunLayout
 from icl.metrics import CHANCE, CIWL, FLIP_CTX, HEAD_MAP_METRICS, ICL, IWL, TITLES
 
@@ -66,10 +67,19 @@ def find_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 
 def _read(path: Path) -> pd.DataFrame | None:
+    """A table of the run (None if absent or empty); UserError naming it if it is not a CSV
+    table with a numeric ``step`` column (a damaged file, or one written by something else)."""
     try:
-        return pd.read_csv(path) if path.is_file() else None
+        df = pd.read_csv(path) if path.is_file() else None
     except pd.errors.EmptyDataError:
         return None
+    except (UnicodeDecodeError, pd.errors.ParserError, ValueError, OSError) as e:
+        raise UserError(f"{path} is not a readable CSV table ({type(e).__name__}); move it away "
+                        f"(`icl-analyze heads {path.parent}` rewrites the heads tables)") from None
+    if df is not None and ("step" not in df.columns or not pd.api.types.is_numeric_dtype(df["step"])):
+        raise UserError(f"{path} has no numeric step column; move it away "
+                        f"(`icl-analyze heads {path.parent}` rewrites the heads tables)")
+    return df
 
 
 def read_run(run: Path) -> dict[str, pd.DataFrame | None]:

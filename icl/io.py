@@ -14,6 +14,8 @@
   :func:`remove_stale_temporaries` clears a whole folder when a run starts. A temporary a
   live process is writing (on this machine or, with NFS locks, another) is never touched.
 - :func:`check_writable`: before work starts, whether a file or folder can be written there.
+- :func:`refuse_inputs`: before work starts, that an output is not one of the command's inputs
+  (the dataset, its checksums, the config, a checkpoint) and does not land inside them.
 - :func:`writing_to`: the same error for writes that are not atomic (appends, lock files).
 """
 
@@ -252,4 +254,26 @@ def check_writable(path: Path | str, what: str, *, folder: bool = False) -> Path
     return path
 
 
-__all__ = ["atomic_write", "all_or_nothing", "staged", "remove_stale_temporaries", "check_writable", "writing_to"]
+def refuse_inputs(path: Path | str, what: str, inputs: dict[str, Path | str | None]) -> None:
+    """Before work starts: :class:`UserError` if writing ``path`` would overwrite an input of
+    the same command: ``path`` is one (the same file, also through a link), or lies inside an
+    input folder (``inputs``: description -> path; None is skipped)."""
+    target = Path(os.path.realpath(path))
+    for name, given in inputs.items():
+        if given is None:
+            continue
+        source = Path(os.path.realpath(given))
+        same = target == source
+        if not same:
+            try:
+                same = os.path.samefile(target, source)
+            except OSError:  # one of them does not exist: not the same file
+                pass
+        if same or (not source.is_file() and source in target.parents):  # a folder (or one to be made)
+            where = "is" if same else "is inside"
+            raise UserError(f"{what} {path} {where} {name} {given}, which this command reads; "
+                            "write the output elsewhere")
+
+
+__all__ = ["atomic_write", "all_or_nothing", "staged", "remove_stale_temporaries", "check_writable", "writing_to",
+           "refuse_inputs"]

@@ -27,7 +27,8 @@ An experiment directory (:class:`ExperimentDir`), ``STORAGE/NAME``::
     <pack dirname>/    Tune's trial directory of a pack: Ray's checkpoint copies (checkpoint_*),
                        the staging of the next one, Tune's error.txt; for a pack of one model it
                        is that model's directory
-    tuner.pkl, experiment_state-*.json, ...   Ray Tune's own state (Tuner.restore)
+    tuner.pkl, experiment_state-*.json, ...   Ray Tune's own state of the last run (written,
+                       never read: sweeps.experiment.clear_tune_state)
     .icl-sweep.lock, .icl-sweep-ray.json      the running driver's lock, its embedded Ray's record
 
 What is written is read back through the same names: the analysis takes an experiment's run

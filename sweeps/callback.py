@@ -15,14 +15,14 @@ from typing import Any, Sequence
 from ray import tune
 
 from sweeps import results as res
+from sweeps import signals
 from sweeps.spec import TrialSpec
 
 REFRESH_PERIOD_S = 2.0
 
 # Trial id (a grid point, a member of a pack) -> (status, one-line error), as last
-# seen by any ResultsCallback of this process. The driver reads it after ``Tuner.fit()``: on
-# a resume Tune uses the callback it unpickles from tuner.pkl, not the driver's own
-# instance, and a restored trial's last result says nothing about whether it finished.
+# seen by any ResultsCallback of this process. The driver reads it after ``Tuner.fit()``
+# (Tune may hold a copy of the callback rather than the driver's own instance).
 LAST_STATUS: dict[str, tuple[str, str]] = {}
 
 
@@ -31,8 +31,7 @@ class ResultsCallback(tune.Callback):
     at every trial's end), so a half-finished sweep can already be analysed.
 
     It keeps no state but the trial table and the packs (Tune's trials): the experiment
-    directory comes from the trials' own paths, so the copy Tune unpickles from
-    ``tuner.pkl`` on a resume (even of a moved experiment) writes to the right place.
+    directory comes from the trials' own paths.
     """
 
     def __init__(self, trials: Sequence[TrialSpec], packs: res.Packs, period_s: float = REFRESH_PERIOD_S) -> None:
@@ -60,6 +59,9 @@ class ResultsCallback(tune.Callback):
             res.write_trials(exp_dir, self.trials, status, self.packs)
         except OSError as e:  # a full disk must not kill the sweep; the final write retries
             logging.getLogger(__name__).warning("could not refresh the results tables: %s", e)
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        signals.poll()  # a stop signal that came before Tune could take it
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
         self.refresh(trials)

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import pickle
-import signal
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -25,21 +25,25 @@ from icl.layout import CHECKPOINTS, CONFIG, METRICS, ExperimentDir
 from sweeps import results as res
 from sweeps.experiment import (
     check_storage_writable,
+    clear_tune_state,
     experiment_state,
     finished_trials,
     lock_experiment,
     prune_ray_checkpoints,
     with_runtime_paths,
 )
+from sweeps import signals
 from sweeps.faults import FAULTS_ENV, parse_faults
 from sweeps.leftovers import forget, record, session_dir, stop_leftovers
 from sweeps.progress import concurrency
-from sweeps.ray_session import RayOptions, check_resources, check_storage_shared, start_ray
+from sweeps.ray_session import RayOptions, check_resources, check_storage_shared, loopback_only, start_ray
 from sweeps.spec import PackSpec, SweepSpec, TrialSpec, format_value, lr_sums, make_packs, saved_yaml, shrink_of
 from sweeps.trainable import TrialNames, make_trainable
 
 # What Tune raises when it cannot save or read back its own state (error files truncated on a
-# full disk): the sweep then reports from the run directories, which are the record.
+# full disk): the sweep then reports from the run directories, which are the record. (The
+# only pickles Tune reads back are the error files this driver wrote in this run: the state
+# of an earlier run is removed before Tune starts, see sweeps.experiment.clear_tune_state.)
 UNREADABLE_STATE = (OSError, EOFError, pickle.UnpicklingError)
 
 # Ray Tune settings for the driver (an explicit value in the environment wins):
@@ -79,7 +83,24 @@ class Outcome:
 def run_sweep(
     spec: SweepSpec, trials: Sequence[TrialSpec], opts: RayOptions, *, analysis: bool = True, out: Any = None
 ) -> int:
-    """Everything that can be wrong is checked before Ray starts a trial; then fit or resume."""
+    """Everything that can be wrong is checked before Ray starts a trial; then the packs with
+    unfinished models run on Tune. SIGINT, SIGTERM and SIGUSR1 stop it at any moment, Ray's
+    start included, resumably and without a traceback (``sweeps.signals``)."""
+    with signals.install():
+        try:
+            return _run_sweep(spec, trials, opts, analysis=analysis, out=out)
+        except BaseException as e:
+            # a signal stopped it; or Ray failed because Ctrl-C reached its processes too (a
+            # terminal signals the whole process group) while it started
+            if not isinstance(e, KeyboardInterrupt) and (isinstance(e, SystemExit) or signals.pending() is None):
+                raise
+            print("icl-sweep: interrupted: run the same command again to resume", file=sys.stderr, flush=True)
+            return 130
+
+
+def _run_sweep(spec: SweepSpec, trials: Sequence[TrialSpec], opts: RayOptions, *, analysis: bool, out: Any) -> int:
+    if not opts.address:
+        loopback_only()  # before Ray is imported: it reads the setting then
     import ray
     from ray import tune
 
@@ -102,18 +123,26 @@ def run_sweep(
 
     held = contextlib.ExitStack()
     recorded = False
+    token_dir = None
 
     def stop_ray() -> None:
-        ray.shutdown()
-        if recorded:
-            forget(exp_dir)
+        with signals.stopping():
+            ray.shutdown()
+            if recorded:
+                forget(exp_dir)
+            if token_dir is not None:
+                shutil.rmtree(token_dir, ignore_errors=True)
 
-    start_ray(opts)
+    try:
+        token_dir = start_ray(opts)
+    except BaseException:
+        with signals.stopping():
+            if ray.is_initialized():
+                ray.shutdown()
+        raise
     # ResultGrid looks for Tune's per-trial result.json, which TUNE_ENV turns off
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    # Tune's failure to save its state (a full disk) as one line, not a traceback: the run
-    # directories are the record, and the summary says what stopped
-    logging.getLogger("ray.tune.execution.experiment_state").addFilter(one_line_errors)
+    quiet_ray_logs()
     try:
         check_resources(spec)
         if opts.address:
@@ -124,14 +153,18 @@ def run_sweep(
         state = experiment_state(spec)  # again, under the lock
         if not ExperimentDir(exp_dir).spec.exists():
             atomic_write(ExperimentDir(exp_dir).spec, saved_yaml(spec))
-        stopped = stop_leftovers(exp_dir)  # what a killed driver's embedded Ray left running
+        session = None if opts.address else session_dir()  # what a SIGKILL would leave
+        stopped = stop_leftovers(exp_dir, own_session=session)  # what a killed driver's embedded Ray left running
         if stopped:
             print(f"icl-sweep: {stopped}", file=out, flush=True)
-        session = None if opts.address else session_dir()  # what a SIGKILL would leave
         if session:
             record(exp_dir, session)
             recorded = True
         done = finished_trials(exp_dir, trials)
+        # Tune runs only the packs with an unfinished model: the run directories say what is
+        # done (a deleted one is trained again); Tune's state of an earlier run is never read
+        to_run = [p for p in packs if not set(p.trial_ids) <= set(done)]
+        reinstalled = clear_tune_state(exp_dir, packs, trials, [p.pack_id for p in to_run])
         where = "cluster " + opts.address if opts.address else "embedded Ray"
         print(
             f"icl-sweep: {'resuming' if state == 'resume' else 'starting'} {exp_dir} on {where}: "
@@ -140,58 +173,45 @@ def run_sweep(
             file=out,
             flush=True,
         )
+        if reinstalled:
+            print(f"icl-sweep: restored the run directories of {', '.join(reinstalled)} from Ray's checkpoint copies",
+                  file=out, flush=True)
 
         have = ray.cluster_resources()
         slots = concurrency(spec.resources, have.get("CPU", 0.0), have.get("GPU", 0.0), spec.max_concurrent)
-        reporter = SweepReporter(trials, members, exp_dir, min(slots, len(packs)))
+        finished_packs = [p.pack_id for p in packs if p not in to_run]
+        reporter = SweepReporter(trials, members, exp_dir, min(slots, max(len(to_run), 1)), finished=finished_packs)
         trainable = tune.with_resources(
             make_trainable(exp_dir, trials, packs, faults, heads=spec.heads), spec.resources.as_ray()
         )
-        # the same param space on a restore too: Tune's tuner.pkl does not keep it, and it is
-        # what Tune falls back to if its experiment state was never written. Tune's trials are
-        # the packs.
-        param_space = {"trial": tune.grid_search([p.pack_id for p in packs])}
-        if tune.Tuner.can_restore(str(exp_dir)):
-            tuner = tune.Tuner.restore(
-                str(exp_dir), trainable=trainable, param_space=param_space, resume_unfinished=True, resume_errored=True
-            )
-            # the run config comes from tuner.pkl; this driver's reporter knows this spec's table,
-            # and its trackers are live (the pickled ones hold none)
-            run_config = tuner._local_tuner.get_run_config()
-            run_config.progress_reporter = reporter
-            run_config.callbacks = [c for c in run_config.callbacks or [] if not isinstance(c, TrackerCallback)]
-            run_config.callbacks.append(TrackerCallback(trackers))
-        else:
-            dirnames = {p.pack_id: p.dirname for p in packs}
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space,
-                tune_config=tune.TuneConfig(
-                    max_concurrent_trials=spec.max_concurrent,
-                    # the next trial reuses a finished trial's worker process: no new Python,
-                    # no second `import torch` (seconds per trial on a small machine)
-                    reuse_actors=True,
-                    trial_name_creator=TrialNames(dirnames, dirs=False),
-                    trial_dirname_creator=TrialNames(dirnames, dirs=True),
-                ),
-                run_config=tune.RunConfig(
-                    name=spec.name,
-                    storage_path=str(exp_dir.parent),
-                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.checkpoint_keep),
-                    callbacks=[ResultsCallback(trials, members), TrackerCallback(trackers)],
-                    progress_reporter=reporter,
-                    verbose=1,
-                ),
-            )
-        previous = signal.signal(signal.SIGTERM, _sigterm_to_tune)
+        dirnames = {p.pack_id: p.dirname for p in packs}
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([p.pack_id for p in to_run])},  # Tune's trials are the packs
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=spec.max_concurrent,
+                # the next trial reuses a finished trial's worker process: no new Python,
+                # no second `import torch` (seconds per trial on a small machine)
+                reuse_actors=True,
+                trial_name_creator=TrialNames(dirnames, dirs=False),
+                trial_dirname_creator=TrialNames(dirnames, dirs=True),
+            ),
+            run_config=tune.RunConfig(
+                name=spec.name,
+                storage_path=str(exp_dir.parent),
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.checkpoint_keep),
+                callbacks=[ResultsCallback(trials, members), TrackerCallback(trackers)],
+                progress_reporter=reporter,
+                verbose=1,
+            ),
+        ) if to_run else None
         try:
-            grid = tuner.fit()
+            with signals.tune_phase():  # a signal noted so far stops here; during the run: Tune's graceful stop
+                grid = tuner.fit() if tuner is not None else []
         except UNREADABLE_STATE as e:  # Tune could not write or read back its own state: the disk
             print(f"icl-sweep: Ray Tune stopped: {type(e).__name__}: {res.error_line(str(e))}", file=out)
             grid = []
-        finally:
-            signal.signal(signal.SIGTERM, previous)
         outcome = _outcome(grid, exp_dir, trials, time.monotonic() - t0, members)
         trackers.close(outcome.status)  # what is left sent; finished models' runs closed
         try:
@@ -220,11 +240,6 @@ def run_sweep(
         return code
 
 
-def _sigterm_to_tune(signum: int, frame: Any) -> None:
-    """SLURM preemption sends SIGTERM: stop like Ctrl-C (Tune saves its state), resume later."""
-    signal.raise_signal(signal.SIGUSR1 if hasattr(signal, "SIGUSR1") else signal.SIGINT)
-
-
 def _outcome(grid: Any, exp_dir: Path, trials: Sequence[TrialSpec], wall_s: float, packs: res.Packs) -> Outcome:
     """Per model: ERROR (Tune gave up on its trial), TERMINATED (its run reached its last step,
     read from the run directory) or UNFINISHED (interrupted: Tune marks the trials it stops
@@ -248,13 +263,55 @@ def _outcome(grid: Any, exp_dir: Path, trials: Sequence[TrialSpec], wall_s: floa
     return Outcome(status, errors, wall_s)
 
 
-def one_line_errors(record: logging.LogRecord) -> bool:
-    """A logging filter: an exception attached to a record becomes its last line, appended."""
-    if record.exc_info and record.exc_info[1] is not None:
-        e = record.exc_info[1]
-        record.msg = f"{record.getMessage()} {type(e).__name__}: {res.error_line(str(e))}"
-        record.args, record.exc_info, record.exc_text = None, None, None
-    return True
+# Ray's loggers that report the storage failing (syncing Tune's state, deleting a copy), and the
+# results callback's: a whole traceback, or the same line, again at every sync period.
+QUIETED_LOGGERS = ("ray.tune.execution.experiment_state", "ray.train._internal.syncer", "ray.train._internal.storage",
+                   "sweeps.callback")
+
+
+def quiet_ray_logs() -> OneLineOnce:
+    """Tune's failure to save or sync its state (a full disk: every few seconds) as one line,
+    once, not a traceback each time: the run directories are the record, and the summary says
+    what stopped. Tune's advice after a stop (``Tuner.restore``) is dropped: it is not how a
+    sweep resumes (the summary says how)."""
+    quiet = OneLineOnce()
+    for name in QUIETED_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, OneLineOnce)]:  # one per driver
+            logger.removeFilter(old)
+        logger.addFilter(quiet)
+    tune_logger = logging.getLogger("ray.tune.tune")
+    if _no_restore_advice not in tune_logger.filters:
+        tune_logger.addFilter(_no_restore_advice)
+    return quiet
+
+
+def _no_restore_advice(record: logging.LogRecord) -> bool:
+    return "Tuner.restore" not in record.getMessage()
+
+
+class OneLineOnce(logging.Filter):
+    """A logging filter: a record with an exception, or with a traceback in its text, becomes
+    its first line and the exception's last line; the same line again is dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            e = record.exc_info[1]
+            text = f"{text.strip()} {type(e).__name__}: {res.error_line(str(e))}"
+        elif "Traceback (most recent call last)" in text:
+            lines = [line for line in text.splitlines() if line.strip()]
+            text = f"{lines[0].strip()} {lines[-1].strip()}"
+        text = " ".join(text.split())
+        record.msg, record.args, record.exc_info, record.exc_text = text, None, None, None
+        if text in self.seen:
+            return False
+        self.seen.add(text)
+        return True
 
 
 def _tune_errors(grid: Any) -> dict[str, str]:
@@ -305,10 +362,11 @@ def _summarize(spec: SweepSpec, trials: Sequence[TrialSpec], packs: Sequence[Pac
     print(f"  trials:     {exp.trials}", file=out)
     print(f"  spec:       {exp.spec}", file=out)
     print(f"  runs:       {exp.run_dir('<model>')}/  ({CONFIG}, {METRICS}, {CHECKPOINTS})", file=out)
-    if outcome.unfinished:
+    if outcome.unfinished or signals.pending() is not None:
         print("  interrupted: run the same command again to resume", file=out, flush=True)
         return 130
-    report = run_analysis(exp_dir, out) if analysis else f"skipped (--no-analysis); later: icl-analyze {exp_dir}"
+    with signals.immediate():  # a report stopped half-way is never seen (written atomically)
+        report = run_analysis(exp_dir, out) if analysis else f"skipped (--no-analysis); later: icl-analyze {exp_dir}"
     print(f"  analysis:   {report}", file=out, flush=True)
     return 1 if outcome.failed else 0
 

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 from icl.config import Config, build_config, replace
 from icl.errors import UserError
+from icl.inputs import read_text
 from icl.metrics import STEP
 from icl.train.progress import format_duration
 from sweeps.progress import concurrency, finish_time
@@ -167,16 +168,32 @@ def measure(pack: PackSpec, cfgs: Sequence[Config], train: bool = True) -> Measu
     return Measured(source, device.type, step_s, m, on_cpu, eval_s, checkpoint_s, checkpoint_bytes, per_eval)
 
 
+def read_benchmark(path: Path) -> tuple[float, str, int, dict[str, Any], int, dict[str, Any]]:
+    """A ``benchmarks/throughput.py --json`` file's rate (model-steps/s: finite, > 0), device,
+    pack size, model, batch size and the whole document; UserError saying what is wrong."""
+    try:
+        bench = json.loads(read_text(path, "--rate-from file"))
+        rate, device, bench_k = float(bench["trainer_steps_per_s"]), str(bench["device"]), int(bench["pack"])
+        model, batch = bench["model"], int(bench["batch_size"])
+        if not isinstance(model, dict):
+            raise TypeError("model is not a mapping")
+    except UserError as e:
+        raise UserError(f"--rate-from: {e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
+        raise UserError(f"--rate-from {path}: not a benchmarks/throughput.py --json file ({type(e).__name__}: {e})") from None
+    if not math.isfinite(rate) or rate <= 0:
+        raise UserError(f"--rate-from {path}: trainer_steps_per_s must be a positive number, got {rate}; "
+                        "measure it again with benchmarks/throughput.py --json")
+    if bench_k < 1 or batch < 1:
+        raise UserError(f"--rate-from {path}: pack and batch_size must be at least 1, got {bench_k} and {batch}")
+    return rate, device, bench_k, model, batch, bench
+
+
 def from_benchmark(path: Path, cfg: Config, k: int, measured: Measured) -> Measured:
     """The training rate of a ``benchmarks/throughput.py --json`` file, checked against the
     pack it stands for; evaluation and checkpoint time are unknown (the benchmark times
     training steps only); disk stays as measured here."""
-    try:
-        bench = json.loads(Path(path).read_text())
-        rate, device, bench_k = float(bench["trainer_steps_per_s"]), str(bench["device"]), int(bench["pack"])
-        model, batch = bench["model"], int(bench["batch_size"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"--rate-from {path}: not a benchmarks/throughput.py --json file ({e})") from None
+    rate, device, bench_k, model, batch, bench = read_benchmark(path)
     want = {"embedder": cfg.model.embedder, "layers": cfg.model.layers, "d_model": cfg.model.d_model,
             "image_size": cfg.data.image_size}
     wrong = [f"{key} {model.get(key)!r} there, {value!r} here" for key, value in want.items() if model.get(key) != value]
@@ -289,6 +306,8 @@ def estimate(spec: SweepSpec, trials: Sequence[TrialSpec], packs: Sequence[PackS
     first = set(packs[0].trial_ids)
     runtime = [t for t in with_runtime_paths(trials, spec) if t.trial_id in first]
     cfgs = [build_config(t.config) for t in runtime]
+    if rate_from is not None:
+        read_benchmark(rate_from)  # a bad file is refused before the (slow) measurement
     measured = measure(packs[0], cfgs, train=rate_from is None)
     if rate_from is not None:
         measured = from_benchmark(rate_from, cfgs[0], len(cfgs), measured)

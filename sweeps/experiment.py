@@ -18,8 +18,16 @@ from icl.config import build_config, cache_dir, data_roots, read_yaml
 from icl.errors import UserError
 from icl.io import remove_stale_temporaries, writing_to
 from icl.layout import LOCK, RAY_CHECKPOINT, SPEC, STAGING_PREFIX, ExperimentDir, storage_probe
+from icl.train.checkpoint import step_of as ckpt_step
 from sweeps import results as res
-from sweeps.spec import SweepSpec, TrialSpec, differences, identity, parse_spec
+from sweeps.spec import PackSpec, SweepSpec, TrialSpec, differences, identity, parse_spec
+
+# Ray Tune's own state in an experiment directory: pickles (tuner.pkl, error.pkl, searcher
+# state) and JSON documents holding pickles (experiment_state-*.json). A pickle runs whatever
+# code it names when loaded, so the sweep never loads one (no Tuner.restore): every run of the
+# command builds a new Tune run from the run directories, and removes these first.
+TUNE_STATE_GLOBS = ("*.pkl", "experiment_state-*.json", "basic-variant-state-*.json")
+TUNE_TRIAL_STATE = ("error.pkl",)
 
 
 def check_storage_writable(storage: Path) -> None:
@@ -65,8 +73,17 @@ def experiment_state(spec: SweepSpec) -> str:
 
 
 def finished_trials(exp_dir: Path, trials: Sequence[TrialSpec]) -> list[str]:
-    """Trials whose run reached its last step (from the trainer's own metrics.csv)."""
-    return [t.trial_id for t in trials if res.run_dir(exp_dir, t).finished(int(t.config["train.steps"]))]
+    """Trials whose run reached its last step (from the trainer's own metrics.csv). A run
+    directory whose ``config.yaml`` is not its trial's (edited after the trial finished, or
+    copied from elsewhere) is refused, finished or not: its results would be another run's."""
+    done = []
+    for t in trials:
+        run = res.run_dir(exp_dir, t)
+        advice = f"it is not model {t.trial_id}'s: put its config.yaml back, or move it away to train the model again"
+        run.check_config(build_config(t.config), advice)
+        if run.finished(int(t.config["train.steps"])):
+            done.append(t.trial_id)
+    return done
 
 
 def with_runtime_paths(trials: Sequence[TrialSpec], spec: SweepSpec) -> list[TrialSpec]:
@@ -129,6 +146,37 @@ def lock_experiment(exp_dir: Path) -> Any:
     remove_stale_temporaries(exp_dir)
     return f
 
+
+
+def clear_tune_state(exp_dir: Path, packs: Sequence[PackSpec], trials: Sequence[TrialSpec],
+                     to_run: Sequence[str]) -> list[str]:
+    """Before a new Tune run in ``exp_dir``: remove the state an earlier Tune run left (never
+    read; see ``TUNE_STATE_GLOBS``), after taking what is useful from it without unpickling:
+    each model of the packs ``to_run`` (ids) whose run directory lost its newer checkpoints (a
+    moved or deleted run directory) gets the newest of Tune's copies (``checkpoint_*/<trial
+    id>/``, plain checkpoint directories, verified when the trainer loads them). Returns the
+    trial ids whose run was restored that way. Call while holding the experiment's lock."""
+    by_id = {t.trial_id: t for t in trials}
+    restored = []
+    for pack in packs:
+        tune_dir = Path(exp_dir) / pack.dirname
+        for name in TUNE_TRIAL_STATE:
+            (tune_dir / name).unlink(missing_ok=True)
+        if pack.pack_id not in to_run:
+            continue  # finished: Tune's latest copies stay, as the sweep leaves them
+        copies = sorted(p for p in tune_dir.glob("checkpoint_*") if p.is_dir() and not p.is_symlink())
+        for member in pack.trial_ids:
+            found = [(step, c / member) for c in copies if (c / member).is_dir()
+                     and not (c / member).is_symlink() and (step := ckpt_step(c / member)) is not None]
+            if found and res.run_dir(exp_dir, by_id[member]).install(max(found)[1]) is not None:
+                restored.append(member)
+        for old in copies:
+            shutil.rmtree(old, ignore_errors=True)
+    for pattern in TUNE_STATE_GLOBS:
+        for old in Path(exp_dir).glob(pattern):
+            if old.is_file() or old.is_symlink():
+                old.unlink(missing_ok=True)
+    return restored
 
 
 def prune_ray_checkpoints(grid: Any) -> None:

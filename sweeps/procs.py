@@ -7,15 +7,24 @@ exactly by a unique path it was started with or holds open (a Ray session direct
 daemons name it in their arguments, every Ray process keeps its logs there open), or by a
 unique value in its environment (for processes that do not retitle themselves), and
 nothing else is touched.
+
+:func:`ray_processes_of` is what the sweep driver kills by (``sweeps.leftovers``): only
+processes of this user that run a Ray program and name or hold open a file of one session
+directory. The broader :func:`pids_mentioning` and :func:`pids_with_env` are for the test
+suite's cleanup of the folders and environment values it made itself.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
 PROC = Path("/proc")
+# A Ray program, by the first words of its command line: a retitled worker or agent
+# (ray::IDLE, ray::DashboardAgent), Ray's daemons, or a script of the ray package.
+RAY_PROGRAM = re.compile(r"^ray::|/ray/core/src/ray/(raylet/raylet|gcs/gcs_server)$|/ray/[\w/]+\.py$")
 
 
 def _pids() -> list[int]:
@@ -61,6 +70,43 @@ def pids_mentioning(text: str) -> list[int]:
         for fd in fds:
             try:
                 if text in os.readlink(fd):
+                    found.append(pid)
+                    break
+            except OSError:
+                continue
+    return found
+
+
+def _is_ray_program(argv: list[str]) -> bool:
+    return any(RAY_PROGRAM.search(arg) for arg in argv[:4])
+
+
+def ray_processes_of(session: str) -> list[int]:
+    """Processes of this user (never this one, pid 1 or a process another user owns) that run a
+    Ray program and name ``session`` (a directory) in their arguments or hold a file below it
+    open: the processes of that Ray session on this host."""
+    root = os.path.realpath(session).rstrip("/")
+    inside = root + "/"
+    found = []
+    for pid in _pids():
+        if pid in (0, 1, os.getpid()):
+            continue
+        proc = PROC / str(pid)
+        try:
+            if os.stat(proc).st_uid != os.getuid():
+                continue
+            argv = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
+            if not argv or not _is_ray_program(argv):
+                continue
+            if any(inside in a or a.endswith(root) for a in argv):
+                found.append(pid)
+                continue
+            fds = list((proc / "fd").iterdir())
+        except OSError:  # gone, or another user's
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd).startswith(inside):
                     found.append(pid)
                     break
             except OSError:

@@ -7,7 +7,10 @@ import contextlib
 import logging
 import os
 import re
+import secrets
+import shutil
 import socket
+import stat
 import sys
 import tempfile
 import uuid
@@ -40,22 +43,73 @@ def machine_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _token_available() -> bool:
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+
+
+def _token_file() -> Path | None:
+    """The token file Ray would read (``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``);
+    None when the token comes from ``RAY_AUTH_TOKEN`` or there is none."""
+    if os.environ.get(TOKEN_ENV):
+        return None
+    path = os.environ.get(TOKEN_PATH_ENV)
     if path:
-        return Path(path).expanduser().is_file()
-    return (Path.home() / ".ray" / "auth_token").is_file()
+        return Path(path).expanduser()
+    default = Path.home() / ".ray" / "auth_token"
+    return default if default.is_file() else None
+
+
+def _token_available() -> bool:
+    if os.environ.get(TOKEN_ENV):
+        return True
+    path = _token_file()
+    return path is not None and path.is_file()
+
+
+def check_token_private(path: Path) -> None:
+    """A token file anyone else can read (Ray 2.60 writes ``~/.ray/auth_token`` with the
+    umask's mode, 0644) gives them the cluster: refuse it, saying how to fix it. The folder
+    holding it must not be writable by others either (they could swap the file)."""
+    try:
+        st = os.stat(path)
+        folder = os.stat(path.parent)
+    except OSError as e:
+        raise UserError(f"cannot read the Ray token file {path} ({e.strerror}); set {TOKEN_PATH_ENV} to a "
+                        "readable file or unset it") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"the Ray token file {path} is not a regular file; set {TOKEN_PATH_ENV} to the token file")
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise UserError(f"the Ray token file {path} can be read by other users (mode {stat.S_IMODE(st.st_mode):04o}, "
+                        f"owner uid {st.st_uid}); make it yours and private: chmod 600 {path}")
+    if folder.st_mode & 0o022 and not folder.st_mode & stat.S_ISVTX:
+        raise UserError(f"the folder of the Ray token file {path} is writable by other users "
+                        f"(mode {stat.S_IMODE(folder.st_mode):04o}); keep the token in a private folder (chmod 700)")
+
+
+def private_token() -> Path:
+    """A fresh random token for an embedded Ray, in a file only this user can read (0600, in a
+    new 0700 folder), named by ``RAY_AUTH_TOKEN_PATH`` for this process and the Ray it starts.
+    Returns the folder (the driver removes it with its Ray). Never ``~/.ray``: Ray 2.60 would
+    write its default token there readable by everyone, and it would outlive the sweep."""
+    folder = Path(tempfile.mkdtemp(prefix="icl-sweep-auth-"))  # mode 0700, ours
+    path = folder / "token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.environ[TOKEN_PATH_ENV] = str(path)
+    if "ray._raylet" in sys.modules:  # Ray caches the token it read first
+        from ray._raylet import AuthenticationTokenLoader
+
+        AuthenticationTokenLoader.instance().reset_cache()
+    return folder
 
 
 def configure_auth(address: str | None) -> str:
     """Set ``RAY_AUTH_MODE`` deliberately (an explicit value in the environment wins).
 
-    Embedded Ray: ``token`` (Ray 2.59+'s own default for local clusters; Ray generates
-    ``~/.ray/auth_token`` once). Joining a cluster: ``token`` when a token is available
-    (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``; what ``ray start``
-    itself does), else ``disabled``: ``ray.init(address=...)`` never guesses.
+    Embedded Ray: ``token`` (Ray 2.59+'s own default for local clusters). Joining a cluster:
+    ``token`` when a token is available (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+    ``~/.ray/auth_token``; what ``ray start`` itself does), else ``disabled``:
+    ``ray.init(address=...)`` never guesses. A token file others can read is refused.
     """
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is None:
@@ -67,7 +121,21 @@ def configure_auth(address: str | None) -> str:
             from ray._raylet import Config
 
             Config.initialize("")
+    if mode == "token" and (path := _token_file()) is not None and (address or os.environ.get(TOKEN_PATH_ENV)):
+        check_token_private(path)
     return mode
+
+
+def loopback_only() -> None:
+    """Make an embedded Ray listen on 127.0.0.1 alone. Ray 2.60 has no bind-address option:
+    its GCS, raylet, object manager, agents and workers listen on every interface unless the
+    node's own address is the loopback one, which Ray picks only when "cluster mode" is off
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when Ray is imported, so set before that;
+    on a driver that already imported Ray the constant is set too). Never for ``--address``."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -113,9 +181,11 @@ def _captured_stderr() -> Iterator[list[str]]:
             captured.append(tmp.read())
 
 
-def start_ray(opts: RayOptions) -> None:
-    """Join the cluster at ``opts.address``, or start an embedded Ray sized to this machine."""
-    import ray
+def start_ray(opts: RayOptions) -> Path | None:
+    """Join the cluster at ``opts.address``, or start an embedded Ray sized to this machine,
+    listening on 127.0.0.1 only, with token authentication. Returns a folder to remove after
+    ``ray.shutdown()`` (the embedded Ray's private token), or None."""
+    from sweeps.signals import keep_handlers
 
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
     if opts.address:
@@ -123,10 +193,12 @@ def start_ray(opts: RayOptions) -> None:
             raise UserError("--num-cpus/--num-gpus size an embedded Ray; a cluster (--address) has its own sizes")
         mode = configure_auth(opts.address)
         check_reachable(opts.address)
+        import ray
+
         # A reachable cluster that refuses us (wrong token) would be retried 20 times, one
         # C++ warning line a second; try a few times and keep the noise for the error.
         os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(JOIN_ATTEMPTS))
-        with _captured_stderr() as noise:
+        with _captured_stderr() as noise, keep_handlers():
             try:
                 ray.init(address=opts.address, **quiet)
                 failure = None
@@ -134,7 +206,7 @@ def start_ray(opts: RayOptions) -> None:
                 failure = e
         if failure is None:
             sys.stderr.write("".join(noise))
-            return
+            return None
         text = "".join(noise) + str(failure)
         if "Unauthenticated" in text or "AuthToken" in text or "authentication" in text.lower():
             hint = (
@@ -148,14 +220,28 @@ def start_ray(opts: RayOptions) -> None:
         raise UserError(f"--num-cpus must be >= 1, got {opts.num_cpus}")
     if opts.num_gpus is not None and opts.num_gpus < 0:
         raise UserError(f"--num-gpus must be >= 0, got {opts.num_gpus}")
-    configure_auth(None)
-    ray.init(
-        address="local",  # never RAY_ADDRESS: an embedded Ray was asked for
-        num_cpus=opts.num_cpus if opts.num_cpus is not None else machine_cpus(),
-        num_gpus=opts.num_gpus,  # None: Ray detects the GPUs it can see (CUDA_VISIBLE_DEVICES)
-        include_dashboard=False,
-        **quiet,
-    )
+    loopback_only()
+    mode = configure_auth(None)
+    # the user's token if given (RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH: checked private above);
+    # else one for this Ray alone (never ~/.ray/auth_token)
+    given = os.environ.get(TOKEN_ENV) or os.environ.get(TOKEN_PATH_ENV)
+    token_dir = private_token() if mode == "token" and not given else None
+    import ray
+
+    try:
+        with keep_handlers():
+            ray.init(
+                address="local",  # never RAY_ADDRESS: an embedded Ray was asked for
+                num_cpus=opts.num_cpus if opts.num_cpus is not None else machine_cpus(),
+                num_gpus=opts.num_gpus,  # None: Ray detects the GPUs it can see (CUDA_VISIBLE_DEVICES)
+                include_dashboard=False,
+                **quiet,
+            )
+    except BaseException:
+        if token_dir is not None:
+            shutil.rmtree(token_dir, ignore_errors=True)
+        raise
+    return token_dir
 
 
 def check_resources(spec: SweepSpec) -> None:

@@ -49,11 +49,13 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
 from ray._private.thirdparty.tabulate.tabulate import tabulate
 from ray.tune import CLIReporter
 from ray.tune.progress_reporter import _get_trial_location, _time_passed_str, _trial_progress_str
+from ray.tune.experiment.trial import _Location
 
 from icl.layout import ExperimentDir
 from icl.metrics import ICL, IWL, LIVE, STEP
@@ -186,6 +188,34 @@ def compact_table(rows: Sequence[ModelRow], keys: Sequence[str], packed: bool, w
     return text
 
 
+class FinishedPack:
+    """A pack finished before this driver started, as Ray's table code reads a trial."""
+
+    def __init__(self, pack_id: str) -> None:
+        self.config = {"trial": pack_id}
+        self.trial_id = pack_id
+        self.status = "TERMINATED"
+        self.last_result: dict[str, Any] = {}
+        self.error_file = None
+        self.local_path = None
+        self.temporary_state = SimpleNamespace(location=_Location())
+
+    def __str__(self) -> str:
+        return self.trial_id
+
+
+def _last_row(run: Path) -> dict[str, float]:
+    """A finished run's last evaluation (step and accuracies), from its metrics.csv."""
+    header, rows = RunDir(run).metrics_table()
+    out = {}
+    for c, v in zip(header, rows[-1] if rows else ()):
+        try:
+            out[c] = float(v)
+        except ValueError:
+            continue
+    return out
+
+
 class SweepReporter(CLIReporter):
     """Ray Tune's command-line reporter over the sweep's models (see the module docstring).
 
@@ -197,7 +227,8 @@ class SweepReporter(CLIReporter):
     """
 
     def __init__(self, trials: Sequence[TrialSpec], packs: Mapping[str, Sequence[str]], exp_dir: Path,
-                 slots: int, period_s: float | None = None, width: int | None = None) -> None:
+                 slots: int, period_s: float | None = None, width: int | None = None,
+                 finished: Sequence[str] = ()) -> None:
         keys = list(trials[0].grid)
         short = short_names(keys)
         params = {"pack": "pack"} if any(len(m) > 1 for m in packs.values()) else {}
@@ -222,6 +253,9 @@ class SweepReporter(CLIReporter):
         self.dirnames = {t.trial_id: t.dirname for t in trials}
         self.exp_dir = Path(exp_dir)
         self.slots = slots
+        # packs whose models all finished before this driver started: not Tune trials of this
+        # run (sweeps.driver), shown as finished rows all the same
+        self.finished = [FinishedPack(p) for p in finished]
         self._started: dict[str, int] | None = None  # each model's step when this driver started
         self._seen: tuple = ()
         self._since = time.time()  # older results come from a previous driver's run (a resume)
@@ -296,9 +330,12 @@ class SweepReporter(CLIReporter):
         """One :class:`ModelRow` per model of ``trials`` (Tune's), and the sweep's line."""
         rows: list[ModelRow] = []
         sweep = SweepTally()
-        for trial in trials:
+        for trial in [*trials, *self.finished]:
             members = self.packs.get(trial.config.get("trial"), ())
             result = trial.last_result or {}
+            if isinstance(trial, FinishedPack) and not result:
+                exp = ExperimentDir(self.exp_dir)
+                trial.last_result = result = {PER_MODEL: {m: _last_row(exp.run_dir(self.dirnames[m])) for m in members}}
             per = result.get(PER_MODEL, {})
             at = {m: max(int(per[m][STEP]) if m in per else 0, self.started()[m]) for m in members}
             left = sum(self.steps[m] - at[m] for m in members)

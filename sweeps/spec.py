@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from icl.config import (
+    Config,
     build_config,
     config_source,
     flatten,
@@ -79,7 +80,15 @@ RESOURCE_KEYS = ("cpu", "gpu")
 TRACKERS = ("mlflow", "wandb")  # what log_to / --log-to may name (sweeps.trackers)
 CHECKPOINT_KEYS = ("num_to_keep",)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAX_NAME = 100  # an experiment's directory name (trial directories add ~60 characters to it)
+# Config keys added after icl-sweep first wrote `resolved:` into saved specs: an older saved
+# spec lacks them, and gets their defaults (what its runs trained with). Every other key must
+# be in `resolved` (extend this set when a config key is added).
+ADDED_AFTER_RESOLVED = frozenset({"data.custom", "optim.decay_modules", "optim.l2", "train.compile",
+                                  "train.cuda_graph", "train.pack_forward"})
 MAX_COUNT = 1_000_000  # every count and resource of a spec is finite and at most this
+# A trial runs on one node: no node has more (the largest GPU servers have 16 GPUs, 8 x 96 cores).
+MAX_TRIAL_CPUS, MAX_TRIAL_GPUS = 1024, 64
 
 
 @dataclass(frozen=True)
@@ -197,10 +206,11 @@ def parse_spec(
         raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(SPEC_KEYS)}")
 
     spec_name = name if name is not None else raw.get("name", source.stem if source else None)
-    if not isinstance(spec_name, str) or not _NAME_RE.match(spec_name):
+    if not isinstance(spec_name, str) or not _NAME_RE.match(spec_name) or len(spec_name) > MAX_NAME:
+        shown = spec_name if not isinstance(spec_name, str) or len(spec_name) <= 60 else spec_name[:40] + "..."
         raise UserError(
-            f"{where}: name {spec_name!r} must be a plain directory name (letters, digits, . _ -); "
-            "set `name:` in the spec or pass --name"
+            f"{where}: name {shown!r} must be a plain directory name (letters, digits, . _ -) of at most "
+            f"{MAX_NAME} characters; set `name:` in the spec or pass --name"
         )
 
     description = raw.get("description") or ""
@@ -312,7 +322,13 @@ def _base(raw: dict[str, Any], source: Path | None, where: str) -> tuple[str | N
     if base is not None and not isinstance(base, str):
         raise UserError(f"{where}: base must be a preset name ({', '.join(presets())}) or a config file path")
     if raw.get("resolved") is not None:
-        return base, _mapping(raw["resolved"], f"{where}: resolved")
+        resolved = _mapping(raw["resolved"], f"{where}: resolved")
+        missing = sorted(set(flatten(Config().to_dict())) - set(flatten(resolved)) - ADDED_AFTER_RESOLVED)
+        if missing:  # not written by icl-sweep: `resolved: {}` would silently mean the paper defaults
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise UserError(f"{where}: resolved lacks {len(missing)} config key(s) ({shown}); icl-sweep writes the "
+                            "whole config there: remove `resolved:` to build the config from `base:`")
+        return base, resolved
     if base is None:
         raise UserError(f"{where}: missing `base:` (a preset: {', '.join(presets())}; or a config .yaml path)")
     if base.endswith((".yaml", ".yml")) or "/" in base:
@@ -357,15 +373,23 @@ def _resources(raw: Any, where: str) -> Resources:
     if not _is_number(gpu) or gpu < 0:
         raise UserError(f"{where}: resources.gpu must be a number >= 0 (GPUs per trial, at most {MAX_COUNT}), "
                         f"got {gpu!r}")
+    if cpu > MAX_TRIAL_CPUS or gpu > MAX_TRIAL_GPUS:
+        raise UserError(f"{where}: resources {{cpu: {cpu}, gpu: {gpu}}} is what one trial reserves on one node; no "
+                        f"node has more than {MAX_TRIAL_CPUS} CPUs or {MAX_TRIAL_GPUS} GPUs: lower it")
     if gpu > 1 and not float(gpu).is_integer():
         raise UserError(f"{where}: resources.gpu above 1 must be a whole number (Ray's rule), got {gpu!r}")
     return Resources(cpu=float(cpu), gpu=float(gpu))
 
 
 def _check_device(spec: SweepSpec, where: str) -> None:
-    """A trial pinned to CUDA without a GPU reservation would fail inside Ray: say so now."""
+    """A trial pinned to CUDA, or in bf16 (a GPU's), without a GPU reservation would fail
+    inside Ray: say so now."""
     if spec.resources.gpu > 0:
         return
+    precisions = spec.grid.get("train.precision") or [merged_flat(spec).get("train.precision", "fp32")]
+    if "bf16" in precisions:
+        raise UserError(f"{where}: train.precision=bf16 needs a GPU (bf16 autocast runs on CUDA only) but "
+                        "resources.gpu is 0; set resources.gpu, or train.precision=fp32 to train on CPUs")
     devices = spec.grid.get("train.device") or [merged_flat(spec).get("train.device", "auto")]
     for device in devices:
         if isinstance(device, str) and device.startswith("cuda"):

@@ -43,6 +43,7 @@ from icl.circuits.composition import composition_rows, k_composition
 from icl.config import Config, build_config, read_yaml
 from icl.data import StudyData, load_data
 from icl.errors import UserError
+from icl.inputs import read_text
 from icl.io import atomic_write
 from icl.layout import RunLayout
 from icl.model import SequenceModel, build_model
@@ -60,10 +61,19 @@ class Analysed:
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
+    """A table this module wrote (``[]`` if there is none); :class:`UserError` if it is not
+    one (not UTF-8 CSV, no integer ``step`` in every row), saying how to redo it."""
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        rows = list(csv.DictReader(io.StringIO(read_text(path, "table"), newline="")))
+        for r in rows:
+            int(r["step"])
+    except (UserError, csv.Error, KeyError, ValueError, TypeError) as e:
+        why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        raise UserError(f"{path} is not a table icl-analyze heads wrote ({why}); move it away and run "
+                        f"`icl-analyze heads {path.parent}` again to redo the analysis") from None
+    return rows
 
 
 def write_rows(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:

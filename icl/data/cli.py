@@ -18,7 +18,7 @@ from icl.data.evalsets import EVAL_SETS
 from icl.data.omniglot import cache_paths, download, find_source, source_kind
 from icl.errors import ArgumentParser, UserError, cli_entry
 from icl.inputs import user_path
-from icl.io import all_or_nothing, atomic_write, check_writable
+from icl.io import all_or_nothing, atomic_write, check_writable, refuse_inputs
 
 
 def _add_config_args(p: ArgumentParser, required: bool = False) -> None:
@@ -39,8 +39,8 @@ def parser() -> ArgumentParser:
                    help=f"train: training batch at step --step; {'/'.join(EVAL_SETS)}: the fixed evaluation sets")
     s.add_argument("-n", type=int, required=True, help="number of sequences")
     s.add_argument("--step", type=int, default=0, help="training step whose batch to draw (train split)")
-    s.add_argument("--out", type=Path, required=True, help="output .npz")
-    s.add_argument("--png", type=Path, default=None, help="also draw the first sequences to this PNG")
+    s.add_argument("--out", required=True, help="output .npz")
+    s.add_argument("--png", default=None, help="also draw the first sequences to this PNG")
     return p
 
 
@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         return info(cfg)
     if args.command == "prepare":
         return prepare(cfg)
-    return sample(cfg, args.split, args.n, args.step, args.out, args.png)
+    config_file = Path(args.config) if Path(args.config).suffix in (".yaml", ".yml") else None
+    return sample(cfg, args.split, args.n, args.step, args.out, args.png, config_file)
 
 
 def info(cfg: Config) -> int:
@@ -87,9 +88,11 @@ def prepare(cfg: Config) -> int:
     return 0
 
 
-def sample(cfg: Config, split: str, n: int, step: int, out: Path, png: Path | None) -> int:
+def sample(cfg: Config, split: str, n: int, step: int, out: str | Path, png: str | Path | None,
+           config_file: Path | None = None) -> int:
     """Write the sequences (and their picture) together, or nothing: both outputs are checked
-    before the data is loaded, and written as one :func:`all_or_nothing` group."""
+    before the data is loaded (never onto the dataset, its checksums, its cache or the config),
+    and written as one :func:`all_or_nothing` group."""
     if not 1 <= n <= MAX_ROWS:
         raise UserError(f"-n must be in [1, {MAX_ROWS}] sequences, got {n}")
     if not 0 <= step < U32:
@@ -97,9 +100,15 @@ def sample(cfg: Config, split: str, n: int, step: int, out: Path, png: Path | No
     if split != "train" and n > cfg.eval.n_sequences:
         raise UserError(f"-n {n} exceeds the {cfg.eval.n_sequences} sequences of the fixed evaluation "
                         f"set; raise eval.n_sequences")
-    out = check_writable(user_path(out, "--out"), "--out")
+    names = ("the data root", "a shared data root", "a shared data root beside the checkout")  # data_roots' order
+    inputs = {**dict(zip(names, data_roots(cfg))), "the image cache": cache_dir(cfg), "the config": config_file}
+    out = user_path(out, "--out")
+    refuse_inputs(out, "--out", inputs)
+    out = check_writable(out, "--out")
     if png is not None:
-        png = check_writable(user_path(png, "--png"), "--png")
+        png = user_path(png, "--png")
+        refuse_inputs(png, "--png", inputs)
+        png = check_writable(png, "--png")
         if png == out:
             raise UserError(f"--png and --out are the same file {out}; give two names")
     data = load_data(cfg)

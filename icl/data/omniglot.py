@@ -29,11 +29,15 @@ recomputed, and a cache that does not match is reported and rebuilt, never used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
+import shutil
 import socket
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,7 +274,7 @@ def _read_npz(root: Path) -> np.ndarray:
         path = root / name
         check_npz_format(npz_layout(path))
         try:
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:
                 images = z["images"]
         except Exception as e:  # zipfile/zlib: a damaged file whose header was intact
             raise UserError(f"cannot read {path} ({type(e).__name__}: {e}): replace it with a good copy") from None
@@ -385,16 +389,39 @@ def load_images(root: Path, cache: Path, image_size: int, custom: bool = False) 
 
 
 def download(root: Path) -> Source:
-    """Fetch Omniglot (background + evaluation) with torchvision into ``root``."""
+    """Fetch Omniglot (background + evaluation) with torchvision into ``root``, all or nothing:
+    into a hidden folder beside, moved into place once both halves are there, so a failed
+    download (offline, a full disk) leaves the data root as it was (not even created)."""
     try:
         import torchvision
     except ImportError as e:  # pragma: no cover - torchvision is a dependency
         raise UserError(f"torchvision cannot be imported ({e}); install the project's dependencies") from None
-    root.mkdir(parents=True, exist_ok=True)
-    for background in (True, False):
-        try:
-            torchvision.datasets.Omniglot(str(root), background=background, download=True)
-        except Exception as e:
-            raise UserError(f"downloading Omniglot into {root} failed ({type(e).__name__}: {e}); "
-                            + how_to_provide(root)) from None
+    if (root / TV_DIR).exists():  # find_source found no complete dataset in it
+        raise UserError(f"{root / TV_DIR} exists but is not a complete Omniglot download; move it away and run "
+                        "`icl-data prepare` again")
+    made = [p for p in (root, *root.parents) if not p.exists()]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".omniglot-download-", dir=root))
+    except OSError as e:
+        raise UserError(f"cannot write to the data root {root} ({e.strerror}); choose a writable data.root "
+                        "or ICL_DATA_DIR") from None
+    try:
+        for background in (True, False):
+            torchvision.datasets.Omniglot(str(staging), background=background, download=True)
+        final = root / TV_DIR
+        if final.exists():
+            raise UserError(f"{final} exists but is not a complete Omniglot download; move it away and run "
+                            "`icl-data prepare` again")
+        os.replace(staging / TV_DIR, final)
+    except Exception as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in made:  # the folders this call made, innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"downloading Omniglot into {root} failed ({type(e).__name__}: {e}); "
+                        + how_to_provide(root)) from None
+    shutil.rmtree(staging, ignore_errors=True)
     return find_source(root)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from icl.config import load_config
+from icl.config import cache_dir, data_root, load_config
 from icl.errors import ArgumentParser, cli_entry
+from icl.inputs import user_path
+from icl.io import refuse_inputs
 from icl.layout import RunLayout
 from icl.metrics import CHANCE, ICL, IWL, STEP, TRAIN_ACC
 from icl.train.loop import train
@@ -19,7 +19,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--config", required=True, help="preset name (tiny, demo, paper) or YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.weight_decay=1e-3 (repeatable)")
-    p.add_argument("--out", type=Path, required=True, help="run directory (created; resumed if it exists)")
+    p.add_argument("--out", required=True, help="run directory (created; resumed if it exists)")
     progress = p.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None,
                           help="always show the progress line (default: only on a terminal)")
@@ -31,11 +31,13 @@ def parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    row = train(cfg, args.out, progress=args.progress)
+    out = user_path(args.out, "--out")
+    refuse_inputs(out, "--out", {"the data root": data_root(cfg), "the image cache": cache_dir(cfg)})
+    row = train(cfg, out, progress=args.progress)
     if row:
         print(
             f"step {int(row[STEP])}: ICL {row[ICL]:.3f} (holdout, chance {CHANCE}), "
-            f"IWL {row[IWL]:.3f}, train acc {row[TRAIN_ACC]:.3f}; metrics in {RunLayout(args.out).metrics}"
+            f"IWL {row[IWL]:.3f}, train acc {row[TRAIN_ACC]:.3f}; metrics in {RunLayout(out).metrics}"
         )
     return 0
 

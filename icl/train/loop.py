@@ -135,6 +135,9 @@ def train_packed(
     check_packable(cfgs)
     t = cfgs[0].train
     device = resolve_device(t.device)
+    if t.precision == "bf16" and device.type != "cuda":  # never a run that says bf16 and trained in fp32
+        raise UserError(f"train.precision=bf16 needs a GPU (bf16 autocast runs on CUDA only) but this run would "
+                        f"train on {device.type} (train.device={t.device}); set train.precision=fp32 to train here")
     check_fits(cfgs[0], device, models=len(cfgs))  # before anything is written or allocated
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -215,7 +218,12 @@ class Segment:
         for i, m in enumerate(members):
             m.state = m.restored.state if m.restored else RunState()
             if m.restored:
-                self.trainer.load_state(i, m.restored.model, m.restored.optimizer, start)
+                try:
+                    self.trainer.load_state(i, m.restored.model, m.restored.optimizer, start)
+                except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:  # weights of another model
+                    why = " ".join(str(e).split())[:300]
+                    raise UserError(f"checkpoint {m.restored.path} does not fit the model of this config ({why}); "
+                                    "move it out of checkpoints/ to resume from the previous one") from None
             m.run.record(m.state)  # the logs as of the checkpoint (drops rows a crash left after it)
         first = members[0].state
         self.bar = Progress(self.train_cfg.steps, enabled=sys.stderr.isatty() if progress is None else progress)

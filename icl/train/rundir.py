@@ -76,16 +76,7 @@ class RunDir(RunLayout):
             raise UserError(f"--out {out} is a file, not a directory")
         config_path = self.config
         if config_path.exists():
-            try:
-                saved = build_config(read_yaml(config_path))
-            except UserError as e:
-                raise UserError(f"{out} holds an unreadable run config ({e}); choose another --out") from None
-            diff = config_differences(saved, cfg)
-            if diff:
-                raise UserError(
-                    f"{out} holds a run with a different config ({'; '.join(diff[:4])}); "
-                    "resume it with the same config or choose another --out"
-                )
+            self.check_config(cfg)
         elif out.is_dir() and any(p.name != CHECKPOINTS for p in out.iterdir()):
             raise UserError(f"--out {out} is not empty and holds no run (no {CONFIG}); choose a new directory")
         try:
@@ -98,6 +89,21 @@ class RunDir(RunLayout):
         if self.checkpoints_dir.is_dir():
             for p in self.checkpoints_dir.glob(f"{ckpt.TEMP_PREFIX}*"):  # never valid: a crash's leftovers
                 shutil.rmtree(p, ignore_errors=True)
+
+    def check_config(self, cfg: Config, advice: str = "resume it with the same config or choose another --out") -> None:
+        """UserError (ending in ``advice``) if the run's ``config.yaml`` is unreadable or
+        describes another run than ``cfg`` (edited by hand, or another experiment's); nothing
+        if there is none yet."""
+        out, config_path = self.path, self.path / CONFIG
+        if not config_path.exists():
+            return
+        try:
+            saved = build_config(read_yaml(config_path))
+        except UserError as e:
+            raise UserError(f"{out} holds an unreadable run config ({e}); {advice}") from None
+        diff = config_differences(saved, cfg)
+        if diff:
+            raise UserError(f"{out} holds a run with a different config ({'; '.join(diff[:4])}); {advice}")
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -118,12 +124,14 @@ class RunDir(RunLayout):
         problems = []
         for path in reversed(found):
             try:
-                loaded = ckpt.load(path)
-            except Exception as e:  # verify's ValueError, or torch failing on bytes that pass
+                loaded = ckpt.load(path, required=(METRICS, ATTENTION))
+                state = _run_state(loaded)
+            except ValueError as e:  # damaged, or not a checkpoint of this trainer: never unpickled
                 problems.append(f"{path.name}: {e}")
                 print(f"warning: checkpoint {path} is corrupt ({e}); trying the previous one", file=sys.stderr)
                 continue
-            return self._restored(loaded, cfg)
+            self._check_science(loaded, cfg)
+            return Restored(loaded.path, state, loaded.state["model"], loaded.state["optimizer"])
         if found:
             raise UserError(
                 f"no intact checkpoint in {self.checkpoints_dir} ({'; '.join(problems)}); move the run "
@@ -131,7 +139,8 @@ class RunDir(RunLayout):
             )
         return None
 
-    def _restored(self, loaded: ckpt.Loaded, cfg: Config) -> Restored:
+    @staticmethod
+    def _check_science(loaded: ckpt.Loaded, cfg: Config) -> None:
         saved = loaded.state.get("science")
         if saved is not None:
             # a key the checkpoint predates counts as its default (what the run trained with)
@@ -139,16 +148,6 @@ class RunDir(RunLayout):
             diff = [k for k in now if saved.get(k, defaults.get(k)) != now[k]]
             if diff:
                 raise UserError(f"checkpoint {loaded.path} was made with a different config ({', '.join(diff[:4])})")
-        rows = list(csv.DictReader(io.StringIO(loaded.files[METRICS].decode())))
-        with np.load(io.BytesIO(loaded.files[ATTENTION])) as z:
-            heads = list(z["heads"])
-        state = RunState(
-            step=loaded.step,
-            wall_s=float(loaded.state["wall_s"]),
-            rows=[{k: _number(v) for k, v in r.items()} for r in rows],
-            heads=heads,
-        )
-        return Restored(loaded.path, state, loaded.state["model"], loaded.state["optimizer"])
 
     def checkpoint(self, cfg: Config, state: RunState, files: dict[str, bytes],
                    model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> Path:
@@ -213,7 +212,10 @@ class RunDir(RunLayout):
         header, rows = self.metrics_table()
         if not rows or STEP not in header:
             return None
-        return int(float(rows[-1][header.index(STEP)]))
+        try:
+            return int(float(rows[-1][header.index(STEP)]))
+        except (ValueError, OverflowError):  # a damaged table: the checkpoint's copy restores it
+            return None
 
     def finished(self, steps: int) -> bool:
         """Has the run logged its evaluation of step ``steps`` (its last)?"""
@@ -239,6 +241,32 @@ def attention_npz(state: RunState) -> bytes:
     heads = np.stack(state.heads).astype(np.float32) if state.heads else np.zeros((0, 0, 0, len(ATTN_STATS)), np.float32)
     np.savez_compressed(buf, step=steps, heads=heads, stats=np.array(ATTN_STATS))
     return buf.getvalue()
+
+
+def _run_state(loaded: ckpt.Loaded) -> RunState:
+    """The logs a checkpoint holds, checked: one metrics row per evaluation up to its step,
+    numbers only, and per-head scores ``[E, L, H, 5]`` for the same evaluations; ValueError
+    (a damaged checkpoint) otherwise."""
+    try:
+        text = loaded.files[METRICS].decode("utf-8")
+        rows = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(io.StringIO(text))]
+        steps = [int(r["step"]) for r in rows]
+        ordered = all(None not in r for r in rows) and steps == sorted(set(steps))
+    except (UnicodeDecodeError, ValueError, TypeError, AttributeError, KeyError, OverflowError, csv.Error) as e:
+        raise ValueError(f"its {METRICS} is not a table of numbers with a step column ({type(e).__name__})") from None
+    if not ordered or (rows and steps[-1] != loaded.step):
+        raise ValueError(f"its {METRICS} does not end at step {loaded.step} with one row per evaluation")
+    try:
+        with np.load(io.BytesIO(loaded.files[ATTENTION]), allow_pickle=False) as z:
+            heads = np.asarray(z["heads"])
+    except Exception as e:  # noqa: BLE001 - numpy's errors on bytes that are not an npz
+        raise ValueError(f"its {ATTENTION} is unreadable ({type(e).__name__})") from None
+    if heads.ndim != 4 or heads.shape[0] != len(rows) or heads.shape[3] != len(ATTN_STATS) \
+            or not np.issubdtype(heads.dtype, np.floating):
+        raise ValueError(f"its {ATTENTION} holds heads of shape {heads.shape}, not one [layers, heads, "
+                         f"{len(ATTN_STATS)}] array per row of {METRICS}")
+    wall = loaded.state.get("wall_s", 0.0)
+    return RunState(step=loaded.step, wall_s=float(wall), rows=rows, heads=list(heads))
 
 
 def _number(text: str) -> float | int:

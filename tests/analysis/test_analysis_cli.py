@@ -185,6 +185,11 @@ def _bad(tmp_path: Path, kind: str, df: pd.DataFrame) -> list[str]:
         df[df["trial_id"] == df["trial_id"].iloc[0]].drop(columns=[CLASSES, WD, SEED]).to_csv(
             exp / "metrics.csv", index=False)
         (exp / "config.yaml").write_text("seed: 0\ndata:\n  num_classes: .inf\n")
+    elif kind in ("out_empty", "out_loop", "out_is_the_input_csv"):
+        df.to_csv(exp / "results.csv", index=False)
+        (tmp_path / "loop").symlink_to(tmp_path / "loop")
+        out = {"out_empty": "", "out_loop": str(tmp_path / "loop"), "out_is_the_input_csv": str(exp / "results.csv")}
+        return [str(exp / "results.csv"), "--out", out[kind]]
     elif kind.startswith("out_"):
         df.to_csv(exp / "results.csv", index=False)
         (tmp_path / "file").write_text("")
@@ -225,6 +230,9 @@ BAD = [
     ("out_is_a_file", "exists and is not a folder"),
     ("out_under_a_file", "is a file, not a folder"),
     ("out_in_proc", "cannot write --out /proc/icl-report"),
+    ("out_empty", "--out '' is not a usable path"),  # not the default PATH/report: an empty name is a mistake
+    ("out_loop", "cannot be resolved"),
+    ("out_is_the_input_csv", "which this command reads"),
 ]
 
 

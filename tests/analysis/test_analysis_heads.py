@@ -205,3 +205,45 @@ def test_heads_command_without_runs_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["heads", str(tmp_path)])
     assert e.value.code == 2 and "no run directory" in capsys.readouterr().err
+
+
+def _one_error_line(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--dpi", "0"], "--dpi must be between 10 and 600"),
+    (["--device", "tpu"], "--device must be cpu, auto, cuda or cuda:N"),
+    (["--device", "cuda:99"], "--device cuda:99"),
+])
+def test_heads_flags_are_checked_before_work(run, capsys, flags, words):
+    assert words in _one_error_line(capsys, ["heads", str(run), *flags])
+
+
+def test_heads_on_cuda_without_a_gpu_is_one_error_line(run, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert "no CUDA device is available" in _one_error_line(capsys, ["heads", str(run), "--device", "cuda"])
+
+
+@pytest.mark.parametrize("garbage", [b"step,layer\nabc,1\n", b"\xff\xfe\x00 not text", b"layer,head\n1,2\n"],
+                         ids=["text step", "not UTF-8", "no step column"])
+def test_garbage_heads_tables_are_one_error_line(run, tmp_path, capsys, garbage):
+    """A heads.csv someone else wrote: both the heads command and the report say which file
+    and how to redo it; nothing else of the run is touched."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "heads.csv").write_bytes(garbage)
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert "heads.csv" in _one_error_line(capsys, ["heads", str(copy), "--no-plots"])
+    assert "heads.csv" in _one_error_line(capsys, [str(copy), "--out", str(tmp_path / "report")])
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before

@@ -361,3 +361,76 @@ def test_a_fresh_checkout_finds_shared_data_beside_it_and_offline_says_how_to_pr
     done = icl_data("info", "--config", "tiny")
     assert_user_error(done.returncode, done.stderr, f"no Omniglot data under {proj / 'data'}", "icl-data prepare")
     assert not (proj / "data").exists()
+
+
+# --------------------------------------------------------------------------- inputs are never outputs
+
+
+@pytest.fixture
+def own_data_root(tmp_path, omniglot_subset):
+    """A data root of our own (the small npz pair, a SHA256SUMS, a config file beside): what
+    a hostile --out/--png aims at. Never the shared dataset: a broken guard would damage it."""
+    import hashlib
+
+    root = tmp_path / "data"
+    shutil.copytree(omniglot_subset(30, 2), root)
+    (root / "SHA256SUMS").write_text("".join(f"{hashlib.sha256((root / n).read_bytes()).hexdigest()}  {n}\n"
+                                             for n in NPZ_FILES))
+    config = tmp_path / "my.yaml"
+    config.write_text(f"data:\n  root: {root}\n  cache_dir: {tmp_path / 'cache'}\n  custom: true\n  n_holdout: 5\n"
+                      "  image_size: 14\n")
+    return root, config
+
+
+@pytest.mark.parametrize("flag, target", [
+    ("--out", "data/images_background.npz"),
+    ("--png", "data/SHA256SUMS"),
+    ("--out", "data/new.npz"),  # inside the dataset's folder
+    ("--png", "my.yaml"),  # the config this command reads
+    ("--out", "cache/x.npz"),  # inside the image cache
+])
+def test_sample_never_writes_onto_its_inputs(capsys, tmp_path, own_data_root, flag, target):
+    root, config = own_data_root
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    opts = {"--out": str(tmp_path / "s.npz"), "--png": str(tmp_path / "s.png"), flag: str(tmp_path / target)}
+    code, _, err = run(capsys, "sample", "--config", str(config), "--split", "iwl", "-n", "2",
+                       *[x for kv in opts.items() for x in kv])
+    assert_user_error(code, err, flag, "which this command reads")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_sample_never_writes_through_a_link_onto_the_dataset(capsys, tmp_path, own_data_root):
+    root, config = own_data_root
+    link = tmp_path / "innocent.npz"
+    link.symlink_to(root / NPZ_FILES[0])
+    before = (root / NPZ_FILES[0]).read_bytes()
+    code, _, err = run(capsys, "sample", "--config", str(config), "--split", "iwl", "-n", "2", "--out", str(link))
+    assert_user_error(code, err, "--out", "which this command reads")
+    assert (root / NPZ_FILES[0]).read_bytes() == before
+
+
+@pytest.mark.parametrize("value, words", [("", ["--out", "not a usable path"]), ("loop", ["--out", "cannot be resolved"])])
+def test_sample_refuses_an_empty_or_looping_out(capsys, tmp_path, value, words):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    out = str(loop) if value == "loop" else value
+    code, _, err = run(capsys, "sample", "--config", "tiny", "--split", "iwl", "-n", "2", "--out", out)
+    assert_user_error(code, err, *words)
+
+
+def test_a_failed_offline_prepare_leaves_the_data_root_as_it_was(capsys, tmp_path, monkeypatch):
+    """No internet (every download goes to a proxy on a closed local port): prepare fails with
+    one line and leaves no half-made omniglot-py, and no data root it created."""
+    for var in ("https_proxy", "http_proxy", "HTTPS_PROXY", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    for root in (existing, tmp_path / "new" / "root"):
+        monkeypatch.setenv("ICL_DATA_DIR", str(root))
+        code, _, err = run(capsys, "prepare", "--config", "tiny")
+        assert_user_error(code, err, "downloading Omniglot into", "failed")
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]
+    assert not (tmp_path / "new").exists()

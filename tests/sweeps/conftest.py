@@ -35,6 +35,7 @@ from sweeps.procs import kill_pids, pids_mentioning, with_descendants
 def ray_token(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ray-auth") / "token"
     path.write_text(secrets.token_hex(32))
+    path.chmod(0o600)  # icl-sweep refuses a token file others can read
     return path
 
 

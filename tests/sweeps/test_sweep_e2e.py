@@ -272,6 +272,7 @@ def test_unreachable_address_exits_2_quickly(driver_env: dict, tmp_path: Path) -
 def test_wrong_token_is_a_clear_error(ray_head, driver_env: dict, tmp_path: Path) -> None:
     bad = tmp_path / "token"
     bad.write_text("0" * 64)
+    bad.chmod(0o600)
     proc = run_cli(
         ["smoke", "--storage", str(tmp_path), "--address", ray_head.address], dict(driver_env, RAY_AUTH_TOKEN_PATH=str(bad)), timeout=120
     )

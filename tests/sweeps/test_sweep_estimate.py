@@ -109,3 +109,32 @@ def test_the_shipped_rate_files_fit_the_shipped_specs(name: str, rate_file: str)
     assert m.step_s == pytest.approx(k / bench["trainer_steps_per_s"])
     assert bench["device"] == "cpu" and m.device == "cpu"
     assert bench["machine"]["load_average"] and bench["versions"]["torch"]  # where it was measured, said
+
+
+@pytest.mark.parametrize("rate, words", [
+    (0, "must be a positive number, got 0.0"),
+    ("NaN", "must be a positive number, got nan"),
+    (-5, "must be a positive number, got -5.0"),
+    ("fast", "not a benchmarks/throughput.py --json file"),
+    (None, "not a benchmarks/throughput.py --json file"),
+])
+def test_a_benchmark_json_with_a_rate_no_benchmark_gives_is_one_error_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture, rate, words) -> None:
+    cfg = build_config(load_spec("smoke").base_config)
+    bench = {"trainer_steps_per_s": rate, "device": "cpu", "pack": 1, "batch_size": cfg.train.batch_size,
+             "model": {"embedder": cfg.model.embedder, "layers": cfg.model.layers, "d_model": cfg.model.d_model,
+                       "image_size": cfg.data.image_size}}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench).replace('"NaN"', "NaN"))
+    line = cli_error(capsys, ["smoke", "--dry-run", "--rate-from", str(path), "--storage", str(tmp_path)])
+    assert words in line and str(path) in line
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"trainer_steps_per_s": 5, "device": "cpu", "pack": 1, '
+                                     '"batch_size": 16, "model": "tiny"}', "\xff"], ids=["list", "model", "bytes"])
+def test_a_rate_from_file_of_another_shape_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                            content: str) -> None:
+    path = tmp_path / "bench.json"
+    path.write_bytes(content.encode("latin-1"))
+    assert "--rate-from" in cli_error(capsys, ["smoke", "--dry-run", "--rate-from", str(path), "--storage",
+                                               str(tmp_path)])

@@ -165,3 +165,20 @@ def test_peer_evaluators_show_both_definitions_side_by_side(tmp_path: Path) -> N
     assert cols[cols.index("train acc") + 1:cols.index("model-steps/s")] == [
         "CIWL", "CIWL in ctx", "flip ctx", "flip ctx in ctx", "flip IWL"]
     assert table_rows(text)["t000"][-7:-2] == ["0.46", "0.78", "0.03", "0.08", "0.66"]
+
+
+def test_models_finished_before_this_driver_are_rows_too(tmp_path: Path) -> None:
+    """A resumed sweep runs only the packs with unfinished models on Tune; the finished ones
+    are still rows of the table (and count in the sweep's line), read from their runs."""
+    run = tmp_path / "t000_cell" / "run"
+    (run / "checkpoints" / "step_000010000").mkdir(parents=True)
+    (run / "metrics.csv").write_text("step,icl_acc,iwl_acc,train_acc\n5000,0.6,0.5,0.7\n10000,0.55,1.0,1.0\n")
+    packs = {t.trial_id: (t.trial_id,) for t in TRIALS}
+    reporter = SweepReporter(TRIALS, packs, tmp_path, slots=2, period_s=0, finished=["t000"])
+    now = time.time() + 60
+    trials = [tune_trial(t, "PENDING") for t in ("t001", "t002", "t003")]
+    rows, line = reporter.rows(trials, now)
+    body = table_rows(reporter._progress_str(rows, False, line))
+    assert body["t000"][:2] == ["TERMINATED", ""]
+    assert body["t000"][5:9] == ["10000/10000", "0.55", "1", "1"]
+    assert "Sweep: 1/4 models finished, 10,000/40,000 model-steps (25%)" in line

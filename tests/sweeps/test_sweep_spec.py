@@ -183,6 +183,13 @@ def test_relative_base_path_is_relative_to_the_spec(tmp_path: Path) -> None:
         ({"base": None}, "missing `base:`"),
         ({"overrides": {"train.device": "cuda"}}, "needs a GPU but resources.gpu is 0"),
         ({"storage": "s3://bucket/x"}, "is a URI"),
+        # what used to pass silently
+        ({"resolved": {}}, "resolved lacks 35 config key(s)"),  # would have been the paper defaults
+        ({"resolved": {"train": {"steps": 5}}}, "resolved lacks 34 config key(s)"),
+        ({"resources": {"gpu": 1000}}, "no node has more than 1024 CPUs or 64 GPUs"),
+        ({"resources": {"cpu": 100000}}, "no node has more than 1024 CPUs or 64 GPUs"),
+        ({"name": "n" * 300}, "of at most 100 characters"),
+        ({"overrides": {"train.precision": "bf16"}}, "train.precision=bf16 needs a GPU (bf16 autocast runs on CUDA"),
     ],
 )
 def test_spec_errors(change: dict, message: str) -> None:
@@ -307,3 +314,37 @@ def test_heads_option_is_parsed_saved_and_not_part_of_the_identity(tmp_path: Pat
     assert saved["heads"] is True and parse_spec(saved).heads is True
     with pytest.raises(UserError, match="heads must be true or false"):
         parse_spec({**SMOKE, "heads": "yes"})
+
+
+def test_what_used_to_pass_the_dry_run_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for change, words in (({"resources": {"cpu": 1, "gpu": 1000}}, "64 GPUs"), ({"name": "x" * 300}, "at most 100"),
+                          ({"resolved": {}}, "resolved lacks")):
+        path = write_spec(tmp_path, {**SMOKE, **change})
+        assert words in cli_error(capsys, [str(path), "--dry-run", "--storage", str(tmp_path / "s")])
+    assert not (tmp_path / "s").exists()
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # a symbolic-link loop as the storage
+    path = write_spec(tmp_path, SMOKE)
+    assert "cannot be resolved" in cli_error(capsys, [str(path), "--storage", str(tmp_path / "loop")])
+
+
+def test_a_run_config_edited_after_its_trial_finished_is_noticed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A finished model's run directory whose config.yaml no longer is its trial's (edited by
+    hand, or copied from another experiment): the sweep refuses to count it as finished."""
+    from icl.config import build_config
+    from icl.train.rundir import RunDir
+    from sweeps import results as res
+    from sweeps.spec import saved_yaml
+
+    spec = parse_spec(SMOKE, storage=str(tmp_path))
+    spec.exp_dir.mkdir(parents=True)
+    (spec.exp_dir / "spec.yaml").write_text(saved_yaml(spec))
+    first = expand(spec)[0]
+    run = res.run_dir(spec.exp_dir, first).path
+    run.mkdir(parents=True)
+    edited = build_config(first.config, {"optim.lr": 0.5})
+    (run / "config.yaml").write_text(edited.to_yaml())
+    (run / "metrics.csv").write_text("step,icl_acc\n100,0.9\n")  # "finished"
+    assert RunDir(run).finished(100)
+    line = cli_error(capsys, [str(write_spec(tmp_path, SMOKE)), "--dry-run",
+                              "--storage", str(tmp_path)])
+    assert "holds a run with a different config (optim.lr" in line and "it is not model t000's" in line

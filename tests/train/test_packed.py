@@ -55,7 +55,7 @@ def science(path):
 
 
 def final_state(path):
-    return torch.load(sorted((path / "checkpoints").iterdir())[-1] / "state.pt", weights_only=False)
+    return torch.load(sorted((path / "checkpoints").iterdir())[-1] / "state.pt", weights_only=True)
 
 
 def key_bias(name, t):

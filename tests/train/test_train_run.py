@@ -32,7 +32,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def final_state(path: Path) -> dict:
-    return torch.load(sorted((path / "checkpoints").iterdir())[-1] / "state.pt", weights_only=False)
+    return torch.load(sorted((path / "checkpoints").iterdir())[-1] / "state.pt", weights_only=True)
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
