@@ -84,8 +84,8 @@ MAX_NAME = 100  # an experiment's directory name (trial directories add ~60 char
 # Config keys added after icl-sweep first wrote `resolved:` into saved specs: an older saved
 # spec lacks them, and gets their defaults (what its runs trained with). Every other key must
 # be in `resolved` (extend this set when a config key is added).
-ADDED_AFTER_RESOLVED = frozenset({"data.custom", "optim.decay_modules", "optim.l2", "train.compile",
-                                  "train.cuda_graph", "train.pack_forward"})
+ADDED_AFTER_RESOLVED = frozenset({"data.custom", "optim.decay_modules", "optim.l2", "optim.l2_scope", "train.compile",
+                                  "train.cuda_graph", "train.pack_forward", "train.hparams"})
 MAX_COUNT = 1_000_000  # every count and resource of a spec is finite and at most this
 # A trial runs on one node: no node has more (the largest GPU servers have 16 GPUs, 8 x 96 cores).
 MAX_TRIAL_CPUS, MAX_TRIAL_GPUS = 1024, 64
