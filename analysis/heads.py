@@ -76,6 +76,8 @@ def _read(path: Path) -> pd.DataFrame | None:
     except (UnicodeDecodeError, pd.errors.ParserError, ValueError, OSError) as e:
         raise UserError(f"{path} is not a readable CSV table ({type(e).__name__}); move it away "
                         f"(`icl-analyze heads {path.parent}` rewrites the heads tables)") from None
+    if df is not None and df.empty and "step" in df.columns:  # a header alone: nothing analysed yet
+        return df
     if df is not None and ("step" not in df.columns or not pd.api.types.is_numeric_dtype(df["step"])):
         raise UserError(f"{path} has no numeric step column; move it away "
                         f"(`icl-analyze heads {path.parent}` rewrites the heads tables)")

@@ -234,6 +234,12 @@ def _judge_slice(
     elif table.empty:
         status = "undetermined"
         headline = "Undetermined: there is no few-class cell with weight decay > 0 with results to test."
+    elif no_icl(base):
+        status = "undetermined"
+        headline = (f"Undetermined (the baseline shows no ICL): the baseline's peak ICL "
+                    f"({cell_label({CLASS_KEY: many, WD_KEY: 0.0})}: {_peak_txt(base)}) cannot be told from chance "
+                    f"({CHANCE}), so reaching {ratio:.0%} of it says nothing; train longer, or check the baseline.")
+        details += [_detail(r, ratio, collapse_fraction) for _, r in table.iterrows()]
     else:
         status, headline = _outcome(table, base, many, ratio)
         details += [_detail(r, ratio, collapse_fraction) for _, r in table.iterrows()]
@@ -254,6 +260,13 @@ def _judge_slice(
         why = list(reasons.values()) + (["cells the criterion needs have no results (below)"] if missing else [])
         details.append(f"Provisional, may change with more results: {'; '.join(why)}.")
     return Verdict(status, provisional, prefix + headline, details, missing, table)
+
+
+def no_icl(cell: pd.Series) -> bool:
+    """A cell whose peak ICL cannot be told from chance: its 95% interval reaches down to 0.5
+    (without an interval, its mean lies below the onset threshold)."""
+    lo = cell["peak_icl_lo"]
+    return bool(lo <= CHANCE) if not is_missing(lo) else bool(cell["peak_icl_mean"] < ONSET_THRESHOLD)
 
 
 def _peak_txt(r: pd.Series, prefix: str = "") -> str:

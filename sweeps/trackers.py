@@ -39,7 +39,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 from icl.errors import UserError
 from icl.io import atomic_write
-from icl.layout import TRACKERS as STATE_FILE  # each model's tracker run and the last step sent
+from icl.layout import TRACKERS as STATE_FILE, ExperimentDir  # each model's tracker run and the last step sent
 from sweeps import results as res
 from sweeps.spec import TRACKERS, TrialSpec, format_value
 
@@ -122,7 +122,7 @@ class MlflowTracker:
                 return run_id
             except Exception:  # noqa: BLE001 - gone from this store: start the model's run again
                 pass
-        tags = {"icl.trial_id": model.trial_id, "icl.run_dir": str(self.exp_dir / model.dirname / res.RUN),
+        tags = {"icl.trial_id": model.trial_id, "icl.run_dir": str(ExperimentDir(self.exp_dir).run_dir(model)),
                 **{f"cell.{k}": v for k, v in cell_tags(model).items()}}
         run = self.client.create_run(self.experiment_id, run_name=model_name(model), tags=tags)
         params = [Param(k, _text(v)) for k, v in sorted(model.config.items())]
@@ -169,7 +169,7 @@ class WandbTracker:
     def open(self, model: TrialSpec, run_id: str | None) -> str:
         run_id = run_id or self.run_id(model)
         config = {**model.config, "cell": dict(model.grid), "trial_id": model.trial_id,
-                  "run_dir": str(self.exp_dir / model.dirname / res.RUN)}
+                  "run_dir": str(ExperimentDir(self.exp_dir).run_dir(model))}
         self.runs[run_id] = self.wandb.init(
             project=self.project, group=self.group, name=model_name(model), id=run_id, resume="allow",
             job_type="train", config=config, tags=[f"{k}={v}"[:64] for k, v in cell_tags(model).items()],

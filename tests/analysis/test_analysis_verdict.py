@@ -196,6 +196,17 @@ def test_planted_effect_with_one_seed_is_too_few_seeds_to_tell():
     assert "binomial error of the evaluation set only" in r["effect_how"]  # the one interval there is
 
 
+def test_a_baseline_at_chance_makes_the_verdict_undetermined():
+    """A baseline that shows no ICL (a run too short, say) makes "90% of its peak" a bar at
+    chance: a few-class cell at chance with a planted decay effect must not be called supported."""
+    df = planted_sweep({(1600, 0.0): (0.51, 0.50, 0.52), (100, 0.0): (0.50, 0.50, 0.50),
+                        (100, 1e-2): (0.55, 0.56, 0.55)})
+    v = verdict(summarize(df), trial_summary(df))
+    assert v.status == "undetermined" and v.headline.startswith("Undetermined (the baseline shows no ICL)")
+    v, _ = _judge({(100, 0.0): (0.50, 0.50, 0.50), (100, 1e-2): (0.86, 0.87, 0.88)})
+    assert v.status == "supported"  # the same few-class cells against a baseline that shows ICL
+
+
 def test_planted_cell_below_the_bar_says_so():
     v, _ = _judge({(100, 0.0): (0.58, 0.60, 0.62), (100, 1e-2): (0.70, 0.71, 0.72)})
     assert v.status == "not supported" and v.headline.startswith("Not supported (below 90%)")

@@ -86,7 +86,8 @@ def test_the_live_table_shows_each_model_by_cell(smoke_run: dict) -> None:
     header = next(line for line in final.splitlines() if line.startswith("| Trial name"))
     assert [c.strip() for c in header.strip("|").split("|")] == [
         "Trial name", "status", "loc", "num_classes", "weight_decay", "shrink", "seed", "step", "ICL", "IWL",
-        "train acc", "CIWL", "flip ctx", "flip IWL", "model-steps/s"]  # (no ETA column once every model is finished)
+        "train acc", "CIWL", "CIWL in ctx", "flip ctx", "flip ctx in ctx", "flip IWL",
+        "model-steps/s"]  # (no ETA column once every model is finished)
     for t in SMOKE_TRIALS:
         row = next(line for line in final.splitlines() if line.startswith(f"| {t.trial_id} "))
         cells = [c.strip() for c in row.strip("|").split("|")]

@@ -180,5 +180,5 @@ def test_models_finished_before_this_driver_are_rows_too(tmp_path: Path) -> None
     rows, line = reporter.rows(trials, now)
     body = table_rows(reporter._progress_str(rows, False, line))
     assert body["t000"][:2] == ["TERMINATED", ""]
-    assert body["t000"][5:9] == ["10000/10000", "0.55", "1", "1"]
+    assert body["t000"][6:10] == ["10000/10000", "0.55", "1", "1"]  # after the cell and shrink columns
     assert "Sweep: 1/4 models finished, 10,000/40,000 model-steps (25%)" in line

@@ -74,7 +74,7 @@ def test_a_crafted_tune_state_never_runs_and_deleted_runs_come_back(
     assert not (t0 / "error.pkl").exists() and not (t2 / "error.pkl").exists()
     assert not (exp / "experiment_state-2026-01-01_00-00-00.json").exists()
     pd.testing.assert_frame_equal(without_timing(read_results(exp)), without_timing(reference))
-    assert [a["resumed_from_step"] for a in res.attempts(t3)] == [0]  # trained again from scratch
+    assert [a["resumed_from_step"] for a in res.attempts(exp, t3.name)] == [0]  # trained again from scratch
 
 
 def test_a_crafted_checkpoint_never_runs_in_a_ray_worker(ray_head, driver_env: dict, tmp_path: Path) -> None:
