@@ -238,7 +238,9 @@ def plot_curves(
     if handles:
         fig.legend(handles=handles, title="weight decay", loc="outside right center", frameon=False)
     seeds = int(n_seeds.max()) if len(n_seeds) else 0
-    fig.suptitle(f"{title or 'Accuracy over training'}: {seed_spread(seeds, band=True)}", fontsize=13)
+    title = title or "Accuracy over training"
+    sep = "\n" if "\n" in title else ": "  # a title of several lines gets the seeds on a line of its own
+    fig.suptitle(f"{title}{sep}{seed_spread(seeds, band=True)}", fontsize=13)
     return fig
 
 
