@@ -17,17 +17,16 @@ from typing import Any, Sequence
 from icl.config import build_config, cache_dir, data_roots, read_yaml
 from icl.errors import UserError
 from icl.io import remove_stale_temporaries, writing_to
-from icl.layout import LOCK, RAY_CHECKPOINT, SPEC, STAGING_PREFIX, ExperimentDir, storage_probe
+from icl.layout import (LOCK, RAY_CHECKPOINT, SPEC, STAGING_PREFIX, TUNE_STATE_GLOBS, TUNE_TRIAL_STATE, ExperimentDir,
+                        storage_probe)
 from icl.train.checkpoint import step_of as ckpt_step
 from sweeps import results as res
 from sweeps.spec import PackSpec, SweepSpec, TrialSpec, differences, identity, parse_spec
 
-# Ray Tune's own state in an experiment directory: pickles (tuner.pkl, error.pkl, searcher
-# state) and JSON documents holding pickles (experiment_state-*.json). A pickle runs whatever
-# code it names when loaded, so the sweep never loads one (no Tuner.restore): every run of the
-# command builds a new Tune run from the run directories, and removes these first.
-TUNE_STATE_GLOBS = ("*.pkl", "experiment_state-*.json", "basic-variant-state-*.json")
-TUNE_TRIAL_STATE = ("error.pkl",)
+# Ray Tune's own state in an experiment directory (icl.layout.TUNE_STATE_GLOBS) holds pickles,
+# and a pickle runs whatever code it names when loaded, so the sweep never loads one (no
+# Tuner.restore): every run of the command builds a new Tune run from the run directories,
+# and removes these first.
 
 
 def check_storage_writable(storage: Path) -> None:

@@ -38,10 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from icl.io import atomic_write
-from icl.layout import ExperimentDir
+from icl.layout import RAY_OWNER_MARK as OWNER, ExperimentDir
 from sweeps.procs import kill_pids, ray_processes_of
 
-OWNER = "icl-sweep-owner.json"  # in the Ray session directory: the experiment whose driver started it
 SESSION_NAME = re.compile(r"^session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+$")
 
 
