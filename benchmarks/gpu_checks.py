@@ -51,7 +51,7 @@ from icl.config import Config, load_config  # noqa: E402
 from icl.data import StudyData, load_data  # noqa: E402
 from icl.layout import RunLayout  # noqa: E402
 from icl.train import PackTrainingDiverged, RunDir, train, train_packed  # noqa: E402
-from icl.train.pack import PackedTrainer  # noqa: E402
+from icl.train.step import PackedTrainer  # noqa: E402
 from icl.train.tensorboard import read_events, writer  # noqa: E402
 
 STEPS = 12  # per comparison, in two runs: the second replays the graph the first captured
@@ -185,7 +185,7 @@ def bf16_copies(cfgs: list[Config], data: StudyData) -> Result:
     ours = PackedTrainer.fresh(cfgs, data)  # bf16 copies of the weights, the CUDA graph
     casting = PackedTrainer.fresh(cfgs, data, mixed=False, cuda_graph=False)  # fp32 weights ...
     casting.mixed = True  # ... under autocast, which casts them at every use
-    assert ours.pack.shadow.dtype == torch.bfloat16 and casting.pack.n_cast == 0
+    assert ours.pack.low.shadow.dtype == torch.bfloat16 and casting.pack.n_cast == 0
     worst = 0.0
     for t in range(1, 6):
         a, b = ours.run(t, t)[0].double(), casting.run(t, t)[0].double()

@@ -102,7 +102,7 @@ def measure(pack: PackSpec, cfgs: Sequence[Config], train: bool = True) -> Measu
     from icl.data import load_data
     from icl.train.evaluate import evaluate
     from icl.train.loop import evaluation_row, resolve_device
-    from icl.train.pack import PackedTrainer
+    from icl.train.step import PackedTrainer
     from icl.train.rundir import RunDir, RunState
 
     cfg = cfgs[0]

@@ -468,7 +468,7 @@ def make_packs(spec: SweepSpec, trials: Sequence[TrialSpec]) -> list[PackSpec]:
     order, into packs of at most ``spec.pack`` models, numbered by their first member (so
     the grid's order, e.g. seed first, is kept). With ``pack: 1`` a pack is one grid point
     and takes its trial id and directory. UserError when configs cannot be packed."""
-    from icl.train.pack import PER_MODEL_KEYS, check_packable  # imports torch: not for spec checks alone
+    from icl.config import PER_MODEL_KEYS, check_packable
 
     groups: dict[tuple[Any, ...], list[TrialSpec]] = {}
     for t in trials:

@@ -49,7 +49,7 @@ def test_the_key_third_of_a_qkv_bias_is_reported_not_judged(checks):
 
 
 def test_columns_of_a_stack_are_split_the_same_way(checks):
-    from icl.train.pack import Slot
+    from icl.train.stack import Slot
 
     slots = [Slot("head.weight", torch.Size([2]), 0, 2), Slot("blocks.0.attn.qkv.bias", torch.Size([6]), 2, 8)]
     stack = torch.arange(16.0).reshape(2, 8)

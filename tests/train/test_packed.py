@@ -21,7 +21,9 @@ from icl.train.evaluate import evaluate
 from icl.schedule import lr_at
 from icl.train.optim import decay_groups, make_optimizer, set_lr
 from icl.train.adamw import PackedAdamW
-from icl.train.pack import PackedModels, PackedTrainer, check_packable, data_for, initial_model
+from icl.config import check_packable
+from icl.train.stack import PackedModels, initial_model
+from icl.train.step import PackedTrainer, data_for
 
 RUN = ["train.steps=40", "train.eval_every=20", "train.checkpoint_every=20", "train.threads=1"]
 GRID = [(0, 0.0), (1, 0.1), (2, 0.5)]  # (seed, weight decay) of the three packed models
@@ -136,17 +138,18 @@ def test_on_eval_reports_every_model_with_its_checkpoint(runs):
         assert ck == RunDir(root / f"packed{k}").checkpoint_dir(step) and ck.is_dir()
 
 
-def interrupted_pack(cfgs, tmp_path, model: int, step: int) -> list:
-    """Run directories of a pack stopped by an exception when ``model`` reports ``step``."""
+class Stop(Exception):
+    pass
 
-    class Stop(Exception):
-        pass
+
+def interrupted_pack(cfgs, tmp_path, model: int, step: int, dirs=None) -> list:
+    """Run directories of a pack stopped by an exception when ``model`` reports ``step``."""
 
     def stop(k, row, ck):
         if k == model and row["step"] == step:
             raise Stop
 
-    dirs = [tmp_path / f"p{k}" for k in range(len(cfgs))]
+    dirs = dirs or [tmp_path / f"p{k}" for k in range(len(cfgs))]
     with pytest.raises(Stop):
         train_packed(cfgs, dirs, on_eval=stop)
     return dirs
@@ -178,6 +181,63 @@ def test_models_checkpointed_at_different_steps_are_brought_level(runs, tmp_path
     for k in range(3):
         pd.testing.assert_frame_equal(science(dirs[k]), science(root / f"packed{k}"),
                                       check_exact=False, rtol=rtol(cfgs[k]), atol=1e-6)
+
+
+def test_models_trained_in_one_segment_go_on_to_the_next_in_memory(tmp_path, monkeypatch):
+    """Models 1 and 2 stand at step 0 and model 0 at 20: 1 and 2 train to 20, then the three on
+    to 40 in a second segment. Models 1 and 2 come to it in memory, each run's checkpoint is
+    read once (model 0's: the others had none), and every number, weights and AdamW state
+    included, is that of a resume that read them back from disk between the two segments."""
+    from icl.train import checkpoint as ckpt
+
+    cfgs = configs(extra=[VMAP])
+    carried = interrupted_pack(cfgs, tmp_path, model=0, step=20, dirs=[tmp_path / f"c{k}" for k in range(3)])
+    disk = interrupted_pack(cfgs, tmp_path, model=0, step=20, dirs=[tmp_path / f"d{k}" for k in range(3)])
+    interrupted_pack(cfgs, tmp_path, model=2, step=20, dirs=disk)  # 1 and 2 to step 20, then stopped
+    train_packed(cfgs, disk)  # the three from their checkpoints at 20
+    reads, load = [], ckpt.load
+    monkeypatch.setattr(ckpt, "load", lambda path, required=(): reads.append(path) or load(path, required))
+    calls = []
+    train_packed(cfgs, carried, on_eval=lambda k, row, ck: calls.append((k, int(row["step"]))))
+    assert calls == [(1, 20), (2, 20), (0, 40), (1, 40), (2, 40)]  # two segments
+    assert reads == [RunDir(carried[0]).checkpoint_dir(20)]
+    for c, d in zip(carried, disk):
+        pd.testing.assert_frame_equal(science(c), science(d), check_exact=True)
+        ours, theirs = final_state(c), final_state(d)
+        for part in ("model", "optimizer"):
+            torch.testing.assert_close(ours[part], theirs[part], rtol=0, atol=0)
+
+
+def test_the_optimiser_state_is_torch_adamws_written_without_a_torch_adamw(monkeypatch):
+    """PackedAdamW writes and reads a model's state in the format of ``torch.optim.AdamW``'s
+    ``state_dict`` itself (a checkpoint builds no torch optimiser), and torch's own AdamW of the
+    same model takes that state as its own: its ``state_dict`` gives it back unchanged."""
+    cfgs = configs(GRID[:2])  # weight decay 0 and 0.1
+    data = load_data(cfgs[0])
+    a, b = PackedTrainer.fresh(cfgs, data), PackedTrainer.fresh(cfgs, data)
+    a.run(1, 5)
+
+    def no_torch_adamw(*args, **kwargs):
+        raise AssertionError("a torch.optim.AdamW was built")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.AdamW, "__init__", no_torch_adamw)
+        states = [a.optimizer_state(k, 5) for k in range(2)]
+        for k in range(2):
+            b.load_state(k, a.pack.state_dict(k), states[k], 5)
+    for x, y in zip((b.pack.flat, b.optimizer.exp_avg, b.optimizer.exp_avg_sq, b.optimizer.compensation),
+                    (a.pack.flat, a.optimizer.exp_avg, a.optimizer.exp_avg_sq, a.optimizer.compensation)):
+        assert torch.equal(x, y)
+    for k, cfg in enumerate(cfgs):
+        model = initial_model(cfg)
+        model.load_state_dict(a.pack.state_dict(k))
+        opt = make_optimizer(model, cfg.optim)
+        opt.load_state_dict(states[k])
+        torch.testing.assert_close(opt.state_dict(), states[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="parameter groups"):
+        b.load_state(0, a.pack.state_dict(0), {**states[0], "param_groups": states[0]["param_groups"][:1]}, 5)
+    with pytest.raises(UserError, match="at step 5, not 6"):
+        b.load_state(0, a.pack.state_dict(0), states[0], 6)
 
 
 def test_frozen_embedder_packs_and_keeps_each_models_projection(tmp_path):
@@ -308,7 +368,7 @@ def test_decay_compensation_is_checkpointed_and_older_checkpoints_resume_from_ze
     import copy
     import io
 
-    from icl.train.pack import COMPENSATION
+    from icl.train.adamw import COMPENSATION
 
     cfgs = configs(GRID[:2])  # weight decay 0 and 0.1
     data = load_data(cfgs[0])

@@ -18,7 +18,7 @@ from icl.layout import EVENTS_GLOB, RunLayout
 from icl.metrics import ATTN_STATS, EVALUATION, STEP, TIMING, TRAIN, attn_column, is_metric
 from icl.train import TrainingDiverged, train
 from icl.train.cli import main as train_main
-from icl.train.pack import PackedTrainer
+from icl.train.step import PackedTrainer
 from icl.train.tensorboard import read_events, tag
 
 
