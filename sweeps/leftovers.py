@@ -45,14 +45,6 @@ SESSION_NAME = re.compile(r"^session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+$")
 
 
 
-def session_dir() -> str | None:
-    """The session directory of the Ray this process started (None: not known)."""
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)  # no public API names it
-    return node.get_session_dir_path() if node is not None else None
-
-
 def record(exp_dir: Path, session: str) -> None:
     """Note this driver's embedded Ray in the experiment and mark the Ray session as this
     experiment's (call while holding the experiment's lock)."""

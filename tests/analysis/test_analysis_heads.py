@@ -21,7 +21,8 @@ from analysis.heads import (find_runs, formation, named_heads, plot_composition,
 from icl.config import load_config  # noqa: E402
 from icl.train import train  # noqa: E402
 from sweeps.results import write_results, write_trials  # noqa: E402
-from sweeps.spec import TrialSpec  # noqa: E402
+from icl.config import Config  # noqa: E402
+from sweeps.spec import ModelSpec  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -33,7 +34,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweepish")
     run = root / "t000_seed=0" / "run"
     train(cfg, run, progress=False)
-    trial = TrialSpec("t000", "t000_seed=0", {"seed": 0}, {})
+    trial = ModelSpec("t000", "t000_seed=0", {"seed": 0}, Config())
     write_trials(root, [trial], {"t000": ("TERMINATED", "")}, {"t000": ("t000",)})  # as the sweep does
     return run
 
@@ -42,7 +43,7 @@ def test_runs_are_found_where_the_sweep_recorded_them(run, tmp_path):
     """An experiment's runs come from its trials.csv; a run directory is itself; a folder of
     runs or experiments holds theirs; anything else holds none."""
     assert find_runs([run.parent.parent]) == [run] == find_runs([run])
-    trial = TrialSpec("t000", "t000_elsewhere", {"seed": 0}, {})
+    trial = ModelSpec("t000", "t000_elsewhere", {"seed": 0}, Config())
     (tmp_path / "exp").mkdir()
     write_trials(tmp_path / "exp", [trial], {}, {"t000": ("t000",)})
     (tmp_path / "exp" / "t000_seed=0").symlink_to(run.parent, target_is_directory=True)
@@ -182,7 +183,7 @@ def test_an_experiments_report_reads_its_runs_where_trials_csv_says(run, tmp_pat
     the results lack come from the runs' configs (no spec here to say them)."""
     main(["heads", str(run), "--no-plots"])
     root = run.parent.parent
-    write_results(root, [TrialSpec("t000", "t000_seed=0", {"seed": 0}, {})])
+    write_results(root, [ModelSpec("t000", "t000_seed=0", {"seed": 0}, Config())])
     df = load_results(root)
     assert (df["data.num_classes"] == 64).all()  # the tiny preset, from the run's config.yaml
     assert any("taken from its trials' config.yaml" in n for n in df.attrs["notes"])

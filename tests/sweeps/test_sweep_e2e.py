@@ -1,9 +1,9 @@
 """End to end on real Ray: the smoke sweep, resume after Ctrl-C and SIGKILL, retries of a
 failing trial, errors found before any trial starts. Real trainer, real data, no mocks.
 
-Failing trials come from the documented testing hook ``ICL_SWEEP_FAULTS`` (read by the
-driver, carried to the trials in the trainable): ``t001@200`` makes trial t001 raise right
-after it reported step 200, once; ``x*`` makes it raise on every attempt.
+Failing trials come from the tests' fault wrapper (``sweeps.faults``, installed by
+``tests/sweeps/faulty_sweep.py``, carried to the trials in the trainable): ``t001@200`` makes
+model t001's trial raise right after it reported step 200, once; ``x*`` on every attempt.
 """
 
 from __future__ import annotations
@@ -203,8 +203,8 @@ def test_resume_after_ctrl_c_and_sigkill(
 
 
 def test_failing_trials_are_retried_and_reported(ray_head, driver_env: dict, reference: pd.DataFrame, tmp_path: Path) -> None:
-    env = dict(driver_env, ICL_SWEEP_FAULTS="t001@100,t003@100x*")
-    proc = run_cli(["smoke", "--storage", str(tmp_path), "--address", ray_head.address, "--no-analysis"], env)
+    proc = run_cli(["smoke", "--storage", str(tmp_path), "--address", ray_head.address, "--no-analysis"], driver_env,
+                   faults="t001@100,t003@100x*")
     out = proc.stdout
     assert proc.returncode == 1, out[-3000:] + proc.stderr[-3000:]
     assert "3/4 models finished, 1 failed" in out

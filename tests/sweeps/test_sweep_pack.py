@@ -22,7 +22,6 @@ import pytest
 import yaml
 from sweep_helpers import cli_error, read_results, run_cli, start_cli, wait_for, without_timing
 
-from icl.config import build_config
 from icl.train import train
 from icl.train.checkpoint import step_of
 from sweeps import results as res
@@ -161,7 +160,7 @@ def packed(ray_head, driver_env: dict, tmp_path_factory: pytest.TempPathFactory)
     tmp = tmp_path_factory.mktemp("packed")
     spec = write_spec(tmp / "packed.yaml", smoke_doc(pack=3))
     args = [str(spec), "--storage", str(tmp), "--address", ray_head.address, "--no-analysis"]
-    proc = run_cli(args, dict(driver_env, ICL_SWEEP_FAULTS="t001@20"))
+    proc = run_cli(args, driver_env, faults="t001@20")
     return {"proc": proc, "exp": tmp / "smoke", "args": args, "spec": spec}
 
 
@@ -223,7 +222,7 @@ def test_a_diverged_model_fails_alone(ray_head, driver_env: dict, tmp_path: Path
     assert table.loc["t000", "status"] == "TERMINATED" and table.loc["t001", "status"] == "ERROR"
     assert "non-finite" in table.loc["t001", "error"]
     t000, t001 = expand(load_spec(str(spec)))
-    train(build_config(t000.config), tmp_path / "alone")
+    train(t000.config, tmp_path / "alone")
     got = without_timing(pd.read_csv(res.run_dir(exp, t000).path / "metrics.csv"))
     pd.testing.assert_frame_equal(got, without_timing(pd.read_csv(tmp_path / "alone" / "metrics.csv")),
                                   check_exact=False, rtol=1e-4, atol=1e-6)

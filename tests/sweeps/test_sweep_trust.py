@@ -92,7 +92,7 @@ def test_a_crafted_checkpoint_never_runs_in_a_ray_worker(ray_head, driver_env: d
                                     "overrides": {"train.steps": 150, "train.eval_every": 50,
                                                   "train.checkpoint_every": 50, "train.threads": 1}}))
     args = [str(spec), "--storage", str(tmp_path), "--address", ray_head.address, "--no-analysis"]
-    first = run_cli(args, dict(driver_env, ICL_SWEEP_FAULTS="t000@100"))  # stops after its step-100 checkpoint
+    first = run_cli(args, driver_env, faults="t000@100")  # stops after its step-100 checkpoint
     assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
     (trial,) = expand(load_spec(str(spec)))
     run = res.run_dir(tmp_path / "one", trial)
@@ -199,7 +199,7 @@ EMBEDDED = textwrap.dedent("""
     import ray
     from sweeps.ray_session import RayOptions, start_ray
     from sweeps.procs import ray_processes_of
-    from sweeps.leftovers import session_dir
+    from sweeps.ray_adapter import session_dir
 
     token_dir = start_ray(RayOptions(num_cpus=1))
     ray.get(ray.remote(lambda: 1).remote())  # a worker process too
@@ -239,6 +239,7 @@ def loopback(addr: str) -> bool:
     return ip in ("00000000000000000000000001000000",) or ip.startswith("0000000000000000FFFF0000") and ip.endswith("7F")
 
 
+@pytest.mark.slow  # starts its own Ray
 def test_the_embedded_ray_listens_on_loopback_only_and_refuses_another_address(driver_env: dict) -> None:
     ip = non_loopback_ipv4()
     if ip is None:
@@ -302,7 +303,7 @@ def test_ray_storage_tracebacks_become_one_line_once() -> None:
     import logging
     import traceback
 
-    from sweeps.driver import quiet_ray_logs
+    from sweeps.ray_adapter import quiet_ray_logs
 
     quiet_ray_logs()
     terminal = io.StringIO()
