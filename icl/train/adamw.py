@@ -66,10 +66,10 @@ class PackedAdamW:
     sqrt(1 - beta2^t)``, the K decay rates ``lr_t * wd_k``), a buffer that stays where it is,
     so a captured CUDA graph can read row ``i`` through a device index (:meth:`step_at`).
 
-    Eager (:meth:`step`), the update runs over column chunks of ~1 MB per buffer (on the CPU
-    all seven element-wise passes then stay in cache: about 3x faster than whole-buffer
-    passes, and faster than torch's per-parameter loop) with the shared scalars as Python
-    numbers; on CUDA it is one chunk. :meth:`step_at` and ``compiled`` (``torch.compile``) run
+    Eager (:meth:`step`), the update runs over column chunks of ``CHUNK_ELEMENTS`` columns x K
+    per buffer (on the CPU all seven element-wise passes over a chunk then stay in cache, where
+    whole-buffer passes would each go to memory) with the shared scalars as Python numbers; on
+    CUDA it is one chunk. :meth:`step_at` and ``compiled`` (``torch.compile``) run
     one function of device tensors only (:func:`adam_update`).
     """
 

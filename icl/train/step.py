@@ -46,10 +46,10 @@ class PackedTrainer:
 
     On CUDA (``train.cuda_graph``, the default) one whole step is captured once as a CUDA graph
     (:meth:`static_step`: sampling, rendering, forward, loss, backward, AdamW, the sums) and
-    replayed for every update: one launch per step instead of ~1,000 kernels. Everything the
-    step reads lives in fixed device buffers: the weights and optimiser moments, the step
-    counter ``t_dev`` (the batch index), the row counter ``i_dev`` into AdamW's scalar table
-    (the learning-rate schedule), the sums. Evaluation and checkpoints stay eager, between
+    replayed for every update: one launch per step instead of one per kernel (benchmarks/README.md
+    counts a step's kernels). Everything the step reads lives in fixed device buffers: the
+    weights and optimiser moments, the step counter ``t_dev`` (the batch index), the row counter
+    ``i_dev`` into AdamW's scalar table (the learning-rate schedule), the sums. Evaluation and checkpoints stay eager, between
     runs, reading and writing the same buffers. Elsewhere (the CPU, or ``cuda_graph: false``)
     :meth:`step` runs eagerly with the step's scalars as host numbers.
     """
@@ -120,7 +120,7 @@ class PackedTrainer:
         one forward and one backward for the pack (the gradient of the losses' sum with respect
         to model k's parameters is its own loss's); model by model, each model's forward and
         backward in turn, so that only one model's activations are alive at a time (the CPU's
-        caches: a pack of 3 ResNets holding all their activations ran at 0.88x per model)."""
+        caches; benchmarks/README.md has the rates)."""
         self.pack.refresh()
         if self.pack.batched:
             losses, correct = self._losses(images, labels)

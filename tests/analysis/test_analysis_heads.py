@@ -92,6 +92,7 @@ def test_report_has_a_circuits_section(run, tmp_path):
     assert "L0 " in groups and "L1 " in groups and " ± " in groups
 
 
+@pytest.mark.slow  # trains a run in fp64
 def test_fp64_runs_are_analysed(tmp_path, capsys):
     """A run trained in float64: its checkpoints hold float64 weights, the pixels must follow."""
     cfg = load_config("tiny", ["train.precision=fp64", "train.steps=20", "train.eval_every=20",
@@ -234,7 +235,8 @@ def test_heads_on_cuda_without_a_gpu_is_one_error_line(run, capsys):
     assert "no CUDA device is available" in _one_error_line(capsys, ["heads", str(run), "--device", "cuda"])
 
 
-@pytest.mark.parametrize("garbage", [b"step,layer\nabc,1\n", b"\xff\xfe\x00 not text", b"layer,head\n1,2\n"],
+@pytest.mark.parametrize("garbage", [pytest.param(b"step,layer\nabc,1\n", marks=pytest.mark.slow), b"\xff\xfe\x00 not text",
+                                     pytest.param(b"layer,head\n1,2\n", marks=pytest.mark.slow)],
                          ids=["text step", "not UTF-8", "no step column"])
 def test_garbage_heads_tables_are_one_error_line(run, tmp_path, capsys, garbage):
     """A heads.csv someone else wrote: both the heads command and the report say which file

@@ -48,6 +48,7 @@ def cuda_test_files() -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py") if "mark.cuda" in p.read_text())
 
 
+@pytest.mark.slow  # trains, runs the benchmark and the CUDA-marked tests in subprocesses
 def test_training_the_benchmark_and_the_cuda_tests_need_neither_ray_nor_tensorboardx(gpu_machine_env, tmp_path):
     env = gpu_machine_env
     for name in BLOCKED:

@@ -261,6 +261,7 @@ def test_impossible_resources_are_refused(ray_head, driver_env: dict, tmp_path: 
     assert not (tmp_path / "s" / "smoke").exists()  # nothing started, nothing written
 
 
+@pytest.mark.slow  # the sweep's CLI in a subprocess
 def test_unreachable_address_exits_2_quickly(driver_env: dict, tmp_path: Path) -> None:
     t0 = time.monotonic()
     proc = run_cli(["smoke", "--storage", str(tmp_path), "--address", "127.0.0.1:1"], driver_env, timeout=60)

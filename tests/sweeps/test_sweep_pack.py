@@ -91,6 +91,7 @@ def test_bad_pack_values_exit_2(pack, tmp_path: Path, capsys: pytest.CaptureFixt
     assert "pack must be an integer >= 1" in line
 
 
+@pytest.mark.slow  # builds the study's 30 paper-sized models
 def test_the_study_runs_each_class_count_as_one_pack_of_15(capsys: pytest.CaptureFixture) -> None:
     spec = load_spec("study")
     packs = make_packs(spec, expand(spec))

@@ -58,6 +58,7 @@ def packed_run():
     return cfgs, flat.double() / torch.tensor(START, dtype=torch.float64)
 
 
+@pytest.mark.slow  # the paper's whole schedule, update by update
 @pytest.mark.parametrize("k", range(len(WEIGHT_DECAYS)))
 def test_a_weight_without_gradient_ends_at_exp_minus_wd_times_the_sum_of_lr(packed_run, k):
     cfgs, factors = packed_run
