@@ -27,6 +27,7 @@ from icl.train.checkpoint import step_of
 from sweeps import results as res
 from sweeps.procs import kill_pids, pids_mentioning, with_descendants
 from sweeps.cli import main
+from sweeps.experiment import Experiment
 from sweeps.spec import expand, load_spec, make_packs, parse_spec, saved_yaml, shrink_of
 
 GRID = {"data.num_classes": [16], "optim.weight_decay": [0.0, 0.01], "seed": [0, 1]}
@@ -144,13 +145,15 @@ def test_changing_pack_of_an_existing_experiment_is_refused(tmp_path: Path, caps
 
 
 @pytest.fixture(scope="module")
-def unpacked(ray_head, driver_env: dict, tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
-    """The same grid as one trial per grid point (pack: 1): what the packed sweeps must equal."""
-    tmp = tmp_path_factory.mktemp("unpacked")
-    spec = write_spec(tmp / "unpacked.yaml", smoke_doc())
-    proc = run_cli([str(spec), "--storage", str(tmp), "--address", ray_head.address, "--no-analysis"], driver_env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return read_results(tmp / "smoke")
+def unpacked(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    """The same grid one model at a time, as ``pack: 1`` trains it (each model alone, with
+    ``icl.train.train`` into its run directory; a sweep of single models on Ray is the smoke
+    tests' business), and its results table: what the packed sweeps must equal."""
+    exp = Experiment.build(parse_spec(smoke_doc(), storage=str(tmp_path_factory.mktemp("unpacked"))))
+    for model in exp.models:
+        train(model.config, exp.dir.run_dir(model), progress=False)
+    res.write_results(exp.path, exp.models)
+    return read_results(exp.path)
 
 
 @pytest.fixture(scope="module")
