@@ -14,6 +14,7 @@ is tests/train/test_packed.py's business.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,6 @@ from sweep_helpers import cli_error, read_results, run_cli, start_cli, wait_for,
 from icl.train import train
 from icl.train.checkpoint import step_of
 from sweeps import results as res
-from sweeps.procs import kill_pids, pids_mentioning, with_descendants
 from sweeps.cli import main
 from sweeps.experiment import Experiment
 from sweeps.spec import expand, load_spec, make_packs, parse_spec, saved_yaml, shrink_of
@@ -233,15 +233,16 @@ def test_a_diverged_model_fails_alone(ray_head, driver_env: dict, tmp_path: Path
     assert "TrainingDiverged: training loss became non-finite" in (exp / t001.dirname / "diverged.txt").read_text()
 
 
-def test_a_packed_resnet_sweep_resumes_after_sigkill(embedded_env: dict, unpacked: pd.DataFrame, tmp_path: Path) -> None:
-    """``pack: 3`` on an embedded Ray, its driver SIGKILLed once a model has a checkpoint
+def test_a_packed_resnet_sweep_resumes_after_sigkill(ray_head, driver_env: dict, unpacked: pd.DataFrame,
+                                                     tmp_path: Path) -> None:
+    """``pack: 3`` on the shared cluster, its driver SIGKILLed once a model has a checkpoint
     (mid-sweep), then the same command to the end: the results equal the uninterrupted
-    sweep's."""
+    sweep's. (What a SIGKILL leaves of an embedded Ray is test_sweep_e2e.py's business.)"""
     spec = write_spec(tmp_path / "packed.yaml", smoke_doc(pack=3))
-    args = [str(spec), "--storage", str(tmp_path), "--no-analysis", "--num-cpus", "2"]
+    args = [str(spec), "--storage", str(tmp_path), "--address", ray_head.address, "--no-analysis"]
     exp = tmp_path / "smoke"
     trials = expand(load_spec(str(spec)))
-    driver = start_cli(args, embedded_env, tmp_path / "run1.log")
+    driver = start_cli(args, driver_env, tmp_path / "run1.log")
 
     def checkpointed() -> bool:
         steps = [res.run_dir(exp, t).latest_step() for t in trials]
@@ -250,9 +251,19 @@ def test_a_packed_resnet_sweep_resumes_after_sigkill(embedded_env: dict, unpacke
     assert wait_for(checkpointed, 240), (tmp_path / "run1.log").read_text()[-3000:]
     driver.kill()
     driver.wait(timeout=30)
-    kill_pids(with_descendants(pids_mentioning(embedded_env["RAY_TMPDIR"])))  # its orphaned Ray
+    # Ray ends a dead driver's trials with it: their processes go before the same command runs again
+    workers = {a["pid"] for t in trials for a in res.attempts(exp, t)}
+    assert wait_for(lambda: not any(alive(pid) for pid in workers), 60), workers
     assert not all(res.run_dir(exp, t).finished(STEPS) for t in trials)
-    proc = run_cli(args, embedded_env)
+    proc = run_cli(args, driver_env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming" in proc.stdout and "4/4 models finished, 0 failed" in proc.stdout
     assert_close_results(read_results(exp), unpacked)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
