@@ -53,9 +53,9 @@ class PackReporter:
     evaluating), or at the end. The metrics are the step, the number of models in the row
     and each metric's mean over them (the per-model rows are in the run directories and
     results.csv), and for the live table (``sweeps.progress``) every member's latest step
-    and accuracies and the trial's rate in model-steps/s; the checkpoint is a directory with one sub-directory per member, a copy of
-    its run's checkpoint of that step (those that have one), so a restored trial can install
-    each member's checkpoint into its run directory.
+    and accuracies and the trial's rate in model-steps/s; the checkpoint is a directory with
+    one sub-directory per member, a copy of its run's checkpoint of that step (those that have
+    one), so a restored trial can install each member's checkpoint into its run directory.
     """
 
     def __init__(self, pack: PackSpec, runs: Sequence[RunDir], starts: Sequence[int]) -> None:

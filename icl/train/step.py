@@ -49,8 +49,8 @@ class PackedTrainer:
     replayed for every update: one launch per step instead of one per kernel (benchmarks/README.md
     counts a step's kernels). Everything the step reads lives in fixed device buffers: the
     weights and optimiser moments, the step counter ``t_dev`` (the batch index), the row counter
-    ``i_dev`` into AdamW's scalar table (the learning-rate schedule), the sums. Evaluation and checkpoints stay eager, between
-    runs, reading and writing the same buffers. Elsewhere (the CPU, or ``cuda_graph: false``)
+    ``i_dev`` into AdamW's scalar table (the learning-rate schedule), the sums. Evaluation and
+    checkpoints stay eager, between runs, reading and writing the same buffers. Elsewhere (the CPU, or ``cuda_graph: false``)
     :meth:`step` runs eagerly with the step's scalars as host numbers.
     """
 
@@ -60,7 +60,8 @@ class PackedTrainer:
         self.cfg = cfg = cfgs[0]
         device = next(models[0].parameters()).device
         self.mixed = mixed_precision(cfg, device) if mixed is None else mixed
-        self.pack = PackedModels(models, cfg, batched=batched_forward(cfg, device, len(models)), low_precision=self.mixed)
+        self.pack = PackedModels(models, cfg, batched=batched_forward(cfg, device, len(models)),
+                                 low_precision=self.mixed)
         self.optimizer = PackedAdamW.over(self.pack, cfgs)
         self.device = device
         self.seeds = [c.seed for c in self.cfgs]
