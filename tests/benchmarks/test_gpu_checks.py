@@ -73,6 +73,7 @@ def test_a_broken_check_fails_and_the_others_still_run(checks, monkeypatch, tmp_
     assert capsys.readouterr().out.splitlines()[2] == "third [c]: skipped: no CUDA"
 
 
+@pytest.mark.slow  # every check that can run on the CPU, trained
 def test_on_the_cpu_what_needs_cuda_says_so_and_the_rest_is_judged(checks):
     device = torch.device("cpu")
     extra, k = checks.CASES["linear fp32 K=3, decay on attn and head"]

@@ -239,6 +239,7 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(capsys, tmp_path, omniglot_subs
 # --------------------------------------------------------------------------- the console script
 
 
+@pytest.mark.slow  # the installed console script, in a subprocess
 def test_console_script(tmp_path):
     """The installed ``icl-data`` as a real process: bad input -> exit 2, one error line."""
     out = tmp_path / "x.npz"

@@ -134,6 +134,7 @@ def test_unreachable_address_fails_fast() -> None:
         check_reachable("nohost")
 
 
+@pytest.mark.slow  # a report with every plot
 def test_the_sweep_writes_its_report_through_the_analysis_library(tmp_path: Path) -> None:
     """run_analysis calls analysis.report.analyze into the experiment's report folder and
     prints what icl-analyze prints; bad results are one line saying how to retry."""

@@ -139,6 +139,7 @@ def wandb_runs(wandb_dir: Path) -> dict[str, dict]:
 # --------------------------------------------------------------------------- the trackers
 
 
+@pytest.mark.slow  # MLflow's store and W&B offline runs
 def test_every_model_is_one_run_named_by_its_cell_with_every_row_sent_once(tmp_path: Path, tracker_env):
     exp = tmp_path / "storage" / "smoke"
     write_rows(exp, TRIALS[0], HEADER + "50,2.5,0.5,0.25\n")
