@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from icl.io import atomic_write
+from icl.layout import ReportDir
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -550,27 +551,27 @@ def write_plots(
     Curves are written on both a linear and a log step axis (the rise is early, the fade late);
     ``logx`` chooses the axis of the attention plots.
     """
-    out = Path(out)
+    report = ReportDir(out)
     written: dict[str, Path] = {}
 
-    def save(name: str, fig: Figure, file: str) -> None:
-        written[name] = save_figure(fig, out / file, dpi)
+    def save(name: str, fig: Figure, path: Path | None = None) -> None:
+        written[name] = save_figure(fig, path or report.plot(name), dpi)
 
-    save("curves", plot_curves(df, x=x, logx=False), "curves.png")
-    save("curves_logx", plot_curves(df, x=x, logx=True), "curves_logx.png")
+    save("curves", plot_curves(df, x=x, logx=False))
+    save("curves_logx", plot_curves(df, x=x, logx=True))
     evaluators = plot_evaluators(df, x=x, logx=True)
     if evaluators is not None:
-        save("evaluators", evaluators, "evaluators.png")
-    save("peak_final", plot_peak_final(summary, ratio, df.attrs.get("grid") or {}), "peak_final_vs_wd.png")
+        save("evaluators", evaluators)
+    save("peak_final", plot_peak_final(summary, ratio, df.attrs.get("grid") or {}))
     keys = summary_keys(summary)
     if CLASS_KEY in keys and WD_KEY in keys and summary[[CLASS_KEY, WD_KEY]].notna().all(axis=1).any():
-        save("heatmap", plot_heatmap(summary), "heatmap_icl.png")
+        save("heatmap", plot_heatmap(summary))
     overview = plot_attention_overview(df, x=x, logx=logx)
     if overview is not None:
-        save("attention", overview, "attention.png")
+        save("attention", overview)
         for _, row in summary.iterrows():
             cell = {k: row[k] for k in keys}
             fig = plot_attention(df, cell, x=x, logx=logx)
             if fig is not None:
-                save(f"attention:{cell_label(cell)}", fig, f"attention_{cell_slug(cell)}.png")
+                save(f"attention:{cell_label(cell)}", fig, report.cell_attention_plot(cell_slug(cell)))
     return written

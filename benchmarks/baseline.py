@@ -37,7 +37,7 @@ from icl.config import CONTEXT_LEN, N_DRAWERS, N_VARIANTS, SEQ_LEN, Config, load
 from icl.data import load_data
 from icl.data.images import transform
 from icl.model import build_model
-from icl.train.evaluate import autocast
+from icl.train.precision import autocast
 from icl.schedule import lr_at
 from icl.train.optim import make_optimizer, set_lr
 

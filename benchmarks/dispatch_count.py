@@ -31,7 +31,7 @@ from throughput import pack_configs  # noqa: E402
 from icl.config import load_config  # noqa: E402
 from icl.data import load_data  # noqa: E402
 from icl.train.kernels import KernelCounter  # noqa: E402
-from icl.train.pack import PackedTrainer  # noqa: E402
+from icl.train.step import PackedTrainer  # noqa: E402
 
 
 def count(fn) -> KernelCounter:

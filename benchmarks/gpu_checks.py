@@ -49,8 +49,9 @@ sys.path.insert(0, str(ROOT))
 
 from icl.config import Config, load_config  # noqa: E402
 from icl.data import StudyData, load_data  # noqa: E402
+from icl.layout import RunLayout  # noqa: E402
 from icl.train import PackTrainingDiverged, RunDir, train, train_packed  # noqa: E402
-from icl.train.pack import PackedTrainer  # noqa: E402
+from icl.train.step import PackedTrainer  # noqa: E402
 from icl.train.tensorboard import read_events, writer  # noqa: E402
 
 STEPS = 12  # per comparison, in two runs: the second replays the graph the first captured
@@ -184,7 +185,7 @@ def bf16_copies(cfgs: list[Config], data: StudyData) -> Result:
     ours = PackedTrainer.fresh(cfgs, data)  # bf16 copies of the weights, the CUDA graph
     casting = PackedTrainer.fresh(cfgs, data, mixed=False, cuda_graph=False)  # fp32 weights ...
     casting.mixed = True  # ... under autocast, which casts them at every use
-    assert ours.pack.shadow.dtype == torch.bfloat16 and casting.pack.n_cast == 0
+    assert ours.pack.low.shadow.dtype == torch.bfloat16 and casting.pack.n_cast == 0
     worst = 0.0
     for t in range(1, 6):
         a, b = ours.run(t, t)[0].double(), casting.run(t, t)[0].double()
@@ -195,7 +196,7 @@ def bf16_copies(cfgs: list[Config], data: StudyData) -> Result:
 
 def rows(run: Path) -> dict[str, Tensor]:
     """``metrics.csv`` by column."""
-    with open(run / "metrics.csv") as f:
+    with open(RunLayout(run).metrics) as f:
         table = list(csv.DictReader(f))
     return {k: torch.tensor([float(r[k] or "nan") for r in table]) for k in table[0]}
 
@@ -238,7 +239,7 @@ def icl_train_clock(device: torch.device, n: int) -> Result:
             outside[steps] = time.perf_counter() - t0
             if done.returncode:
                 return verdict(False, f"icl-train exited {done.returncode}: {done.stderr.strip()[-300:]}")
-            with open(out / "metrics.csv") as f:
+            with open(RunLayout(out).metrics) as f:
                 wall[steps] = float(list(csv.DictReader(f))[-1]["wall_s"])
         w = writer()
         events = f"events by {w.package}: {len(read_events(out)['eval/icl_acc'])} rows" if w else "no event writer"

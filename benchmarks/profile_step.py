@@ -38,7 +38,7 @@ from throughput import pack_configs, resolve  # noqa: E402
 from icl.config import load_config  # noqa: E402
 from icl.data import load_data  # noqa: E402
 from icl.machine import synchronize  # noqa: E402
-from icl.train.pack import PackedTrainer  # noqa: E402
+from icl.train.step import PackedTrainer  # noqa: E402
 
 FAMILIES = [  # (family, regex over the kernel name), first match wins
     ("batchnorm", r"batch_norm|batchnorm|bn_fw|bn_bw|welford"),

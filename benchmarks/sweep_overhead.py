@@ -30,7 +30,7 @@ from icl.layout import TRIAL_ID, ExperimentDir
 from icl.metrics import WALL_S
 from sweeps.progress import concurrency
 from sweeps.ray_session import machine_cpus
-from sweeps.spec import expand, load_spec, make_packs
+from sweeps.experiment import load_experiment
 
 
 def main() -> int:
@@ -50,8 +50,8 @@ def main() -> int:
 
 
 def measure(args: argparse.Namespace, storage: Path) -> int:
-    spec = load_spec(args.spec, storage=str(storage))
-    packs = make_packs(spec, expand(spec))
+    exp = load_experiment(args.spec, storage=str(storage))
+    spec, packs = exp.spec, exp.packs
     cmd = [sys.executable, "-m", "sweeps.cli", args.spec, "--storage", str(storage), "--no-analysis"]
     if args.address:
         cmd += ["--address", args.address]

@@ -8,7 +8,7 @@ Methods (all train the same model, ``icl.model.build_model(cfg)``, with AdamW):
   time, images gathered on the host and copied to the device every step, eager step,
   ``loss.item()`` every step;
 - ``trainer``: the project's training step as ``icl-train`` runs it, a pack of one
-  (``icl.train.pack.PackedTrainer``: device-resident images and counter-based on-device
+  (``icl.train.step.PackedTrainer``: device-resident images and counter-based on-device
   sampling, no host synchronisation inside the step loop, bf16 autocast on CUDA when
   ``train.precision=bf16``), with the device-side loss accumulation of the training loop;
 - ``packed`` (``--pack K`` > 1): the same trainer with K models, seeds ``seed .. seed+K-1``
@@ -57,7 +57,7 @@ from icl.config import Config, load_config, replace  # noqa: E402
 from icl.data import load_data  # noqa: E402
 from icl.errors import UserError  # noqa: E402
 from icl.machine import synchronize  # noqa: E402
-from icl.train.pack import PackedTrainer  # noqa: E402
+from icl.train.step import PackedTrainer  # noqa: E402
 
 DEFAULT_WEIGHT_DECAYS = (0.0, 3e-4, 1e-3, 3e-3, 1e-2)  # STUDY.md's grid
 

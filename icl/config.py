@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Sequence, get_type_hints
 
 import yaml
 
@@ -477,6 +477,28 @@ def science_dict(cfg: Config) -> dict[str, Any]:
     return {k: v for k, v in flatten(cfg.to_dict()).items() if k not in RUNTIME_KEYS}
 
 
+# Keys in which the models of one pack (icl.train.train_packed) may differ; every other key
+# must be equal: they share every kernel, the data and the evaluation sets.
+PER_MODEL_KEYS = ("seed", "optim.weight_decay")
+
+
+def check_packable(cfgs: Sequence[Config]) -> None:
+    """UserError unless ``cfgs`` can train as one pack: at least one config, all equal in
+    every key but ``PER_MODEL_KEYS``."""
+    if not cfgs:
+        raise UserError("a pack needs at least one config")
+    first = flatten(cfgs[0].to_dict())
+    for i, cfg in enumerate(cfgs[1:], start=1):
+        other = flatten(cfg.to_dict())
+        diff = [k for k in first if k not in PER_MODEL_KEYS and first[k] != other[k]]
+        if diff:
+            shown = "; ".join(f"{k}: {first[k]!r} in config 0, {other[k]!r} in config {i}" for k in diff[:4])
+            raise UserError(
+                f"configs of one pack may differ only in {' and '.join(PER_MODEL_KEYS)}; they differ in "
+                f"{shown}: pack them separately"
+            )
+
+
 def replace(cfg: Config, **overrides: Any) -> Config:
     """A validated copy with dotted-key overrides: ``replace(cfg, **{"data.num_classes": 100})``."""
     return build_config(cfg.to_dict(), overrides)
@@ -503,4 +525,6 @@ __all__ = [
     "cache_dir",
     "science_dict",
     "replace",
+    "PER_MODEL_KEYS",
+    "check_packable",
 ]

@@ -8,7 +8,11 @@ A run directory (:class:`RunLayout`; :class:`icl.train.rundir.RunDir` keeps its 
       attention.npz          per-head diagnostics per evaluation: step [E], heads [E, L, H, 5], stats
       events.out.tfevents.*  the same rows and per-head scores for TensorBoard (icl.train.tensorboard)
       checkpoints/
-        step_000012000/      one checkpoint (icl.train.checkpoint), the newest N kept
+        step_000012000/      one checkpoint (icl.train.checkpoint), the newest N kept:
+          state.pt             model and optimiser state_dicts, step, wall time, science config
+          manifest.json        its step and the SHA-256 of every file in it
+          metrics.csv, attention.npz   the run's logs up to that step
+        .tmp-step_*          a checkpoint being built (a crash's leftover: never valid)
       heads.csv, groups.csv, circuit.csv, composition.csv   head attribution over training (icl.circuits)
       circuits/              its plots (analysis.heads)
 
@@ -65,6 +69,10 @@ CIRCUIT = "circuit.csv"
 COMPOSITION = "composition.csv"
 PLOTS = "circuits"
 _STEP_DIR = re.compile(r"^step_(\d{9,})$")
+# inside a checkpoint directory (icl.train.checkpoint)
+STATE = "state.pt"
+MANIFEST = "manifest.json"
+CHECKPOINT_TEMP_PREFIX = ".tmp-"  # a checkpoint being built (or a crash's leftover: never valid)
 
 
 def checkpoint_name(step: int) -> str:
@@ -148,6 +156,11 @@ FAULT_COUNTER = "faults_injected"  # in a model's directory: faults the tests in
 TUNE_ERROR = "error.txt"  # Ray Tune's name for a failed trial's error, in the pack's directory
 STAGING_PREFIX = ".tune-checkpoint-"  # a pack's checkpoint for tune.report, being assembled
 RAY_CHECKPOINT = re.compile(r"checkpoint_\d+")  # Ray Tune's names for its checkpoint copies
+# Ray Tune's own state in an experiment directory (Ray 2.60): pickles (tuner.pkl, a trial's
+# error.pkl, searcher state) and JSON documents holding pickles; never read (sweeps.experiment)
+TUNE_STATE_GLOBS = ("*.pkl", "experiment_state-*.json", "basic-variant-state-*.json")
+TUNE_TRIAL_STATE = ("error.pkl",)
+RAY_OWNER_MARK = "icl-sweep-owner.json"  # in an embedded Ray's session directory (sweeps.leftovers)
 
 # results.csv: TRIAL_ID, one column per grid key, step, the metric columns (icl.metrics)
 # trials.csv: TRIAL_ID, one column per grid key, then TRIALS_COLUMNS
@@ -306,6 +319,14 @@ def read_saved_spec(path: Path) -> SavedSpec:
 SUMMARY = "summary.csv"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"  # report.md as one self-contained page (analysis.html)
+PLOTS_PNG = {  # analysis.plots.write_plots: a plot's name -> its file in the report
+    "curves": "curves.png",
+    "curves_logx": "curves_logx.png",
+    "evaluators": "evaluators.png",
+    "peak_final": "peak_final_vs_wd.png",
+    "heatmap": "heatmap_icl.png",
+    "attention": "attention.png",
+}
 
 
 class ReportDir:
@@ -319,3 +340,11 @@ class ReportDir:
 
     def __repr__(self) -> str:
         return f"ReportDir({str(self.path)!r})"
+
+    def plot(self, name: str) -> Path:
+        """One of the report's plots, by its name in ``PLOTS_PNG``."""
+        return self.path / PLOTS_PNG[name]
+
+    def cell_attention_plot(self, slug: str) -> Path:
+        """The attention plot of one cell of the grid (``slug``: the cell as a file name)."""
+        return self.path / f"attention_{slug}.png"

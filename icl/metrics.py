@@ -67,6 +67,8 @@ WALL_S = "wall_s"  # the run's (pack's) wall time so far: training plus every ev
 TIMING = (STEPS_PER_S, SEQUENCES_PER_S, EVAL_S, WALL_S)
 
 COLUMNS = (STEP, *TRAIN, *EVALUATION, *TIMING)  # every column but the attention ones
+PEAK_ICL = "peak_icl_acc"  # not in metrics.csv: TensorBoard's running maximum of ICL (icl.train.hparams)
+HPARAMS_METRICS = (PEAK_ICL, IWL)  # what TensorBoard's HParams view sets against the hyperparameters
 PROBABILITIES = (TRAIN_ACC, *EVALUATION)  # lie in [0, 1]
 REQUIRED = (ICL, IWL, TRAIN_ACC)  # what the analysis cannot do without
 

@@ -16,7 +16,7 @@ from ray import tune
 
 from sweeps import results as res
 from sweeps import signals
-from sweeps.spec import TrialSpec
+from sweeps.spec import ModelSpec
 
 REFRESH_PERIOD_S = 2.0
 
@@ -34,7 +34,7 @@ class ResultsCallback(tune.Callback):
     directory comes from the trials' own paths.
     """
 
-    def __init__(self, trials: Sequence[TrialSpec], packs: res.Packs, period_s: float = REFRESH_PERIOD_S) -> None:
+    def __init__(self, trials: Sequence[ModelSpec], packs: res.Packs, period_s: float = REFRESH_PERIOD_S) -> None:
         self.trials = list(trials)
         self.packs = {k: tuple(v) for k, v in packs.items()}
         self.period_s = period_s

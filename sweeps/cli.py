@@ -8,12 +8,15 @@ interrupted (run the same command again to resume).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from icl.errors import ArgumentParser, UserError, cli_entry
 from sweeps.driver import dry_run_table, run_sweep
 from sweeps.estimate import estimate
+from sweeps.experiment import Experiment, load_experiment
 from sweeps.ray_session import RayOptions
-from sweeps.spec import expand, load_spec, make_packs, shipped_specs
+from sweeps.spec import shipped_specs
+from sweeps.trainable import AfterEval
 
 
 def build_parser() -> ArgumentParser:
@@ -48,22 +51,28 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None, after_eval: Callable[[Experiment], AfterEval] | None = None) -> int:
+    """The command; ``after_eval`` makes the trainable's hook for the experiment (tests only:
+    tests/sweeps/faulty_sweep.py installs ``sweeps.faults``)."""
     args = build_parser().parse_args(argv)
-    spec = load_spec(args.spec, storage=args.storage, name=args.name, sets=args.sets, log_to=args.log_to)
-    trials = expand(spec)
+    exp = load_experiment(args.spec, storage=args.storage, name=args.name, sets=args.sets, log_to=args.log_to)
     if (args.estimate or args.rate_from) and not args.dry_run:
         raise UserError("--estimate and --rate-from go with --dry-run (an estimate starts no sweep)")
     if args.dry_run:
-        dry_run_table(spec, trials)
+        dry_run_table(exp)
         if args.estimate or args.rate_from:
             print("estimate:   measuring the first pack here ...", flush=True)
-            for line in estimate(spec, trials, make_packs(spec, trials), rate_from=args.rate_from,
-                                 num_cpus=args.num_cpus, num_gpus=args.num_gpus):
+            for line in estimate(exp, rate_from=args.rate_from, num_cpus=args.num_cpus, num_gpus=args.num_gpus):
                 print(line)
         return 0
-    return run_sweep(spec, trials, RayOptions(args.address, args.num_cpus, args.num_gpus), analysis=not args.no_analysis)
+    hook = after_eval(exp) if after_eval is not None else None
+    return run_sweep(exp, RayOptions(args.address, args.num_cpus, args.num_gpus), analysis=not args.no_analysis,
+                     after_eval=hook)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    return run(argv)
 
 
 if __name__ == "__main__":

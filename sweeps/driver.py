@@ -3,16 +3,14 @@ Tune, then write the tables and the summary (and the analysis report).
 
 Running the same command again after any interruption (Ctrl-C, SIGKILL, a lost node, a
 preemption) continues the sweep: finished runs are kept, unfinished ones resume from their
-checkpoints, and the results equal an uninterrupted sweep's.
+checkpoints, and the results equal an uninterrupted sweep's. Each run of the command is a
+new Tune run of the packs with unfinished models (Tune's state of an earlier run is never
+read: ``sweeps.experiment.clear_tune_state``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
-import pickle
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -23,49 +21,25 @@ from icl.errors import OutputError, UserError
 from icl.io import atomic_write
 from icl.layout import CHECKPOINTS, CONFIG, METRICS, ExperimentDir
 from sweeps import results as res
+from sweeps import signals
 from sweeps.experiment import (
+    Experiment,
     check_storage_writable,
     clear_tune_state,
-    experiment_state,
-    finished_trials,
     lock_experiment,
     prune_ray_checkpoints,
-    with_runtime_paths,
 )
-from sweeps import signals
-from sweeps.faults import FAULTS_ENV, parse_faults
-from sweeps.leftovers import forget, record, session_dir, stop_leftovers
+from sweeps.leftovers import forget, record, stop_leftovers
 from sweeps.progress import concurrency
-from sweeps.ray_session import RayOptions, check_resources, check_storage_shared, loopback_only, start_ray
-from sweeps.spec import PackSpec, SweepSpec, TrialSpec, format_value, lr_sums, make_packs, saved_yaml, shrink_of
-from sweeps.trainable import TrialNames, make_trainable
-
-# What Tune raises when it cannot save or read back its own state (error files truncated on a
-# full disk): the sweep then reports from the run directories, which are the record. (The
-# only pickles Tune reads back are the error files this driver wrote in this run: the state
-# of an earlier run is removed before Tune starts, see sweeps.experiment.clear_tune_state.)
-UNREADABLE_STATE = (OSError, EOFError, pickle.UnpicklingError)
-
-# Ray Tune settings for the driver (an explicit value in the environment wins):
-TUNE_ENV = {
-    # results.csv / trials.csv are the experiment's tables; Tune's per-trial result.json,
-    # progress.csv and TensorBoard files would only duplicate them.
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
-    # a spec's checkpoint.num_to_keep makes Tune save its experiment state every
-    # num_to_keep checkpoints, which is what a resume wants; do not warn about it.
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-    # a failed trial is listed in the summary with its error and the file holding its
-    # traceback (error.txt); Tune would also print the whole traceback into the live output
-    "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",
-    # the live table is our RunConfig(progress_reporter=...) (sweeps.reporter); Ray 2.60's
-    # default output engine ignores it and picks its own columns.
-    "RAY_AIR_NEW_OUTPUT": "0",
-}
+from sweeps.ray_adapter import UNREADABLE_STATE, loopback_only, tune_environment
+from sweeps.ray_session import RayOptions, RaySession, check_resources, check_storage_shared
+from sweeps.spec import PackSpec, format_value, lr_sums, shrink_of
+from sweeps.trainable import AfterEval, TrialNames, make_trainable
 
 
 @dataclass
 class Outcome:
-    """How the sweep ended, per trial id: TERMINATED, ERROR or UNFINISHED, with errors."""
+    """How the sweep ended, per model id: TERMINATED, ERROR or UNFINISHED, with errors."""
 
     status: dict[str, str]
     errors: dict[str, str]
@@ -80,15 +54,15 @@ class Outcome:
         return [k for k, v in self.status.items() if v == "UNFINISHED"]
 
 
-def run_sweep(
-    spec: SweepSpec, trials: Sequence[TrialSpec], opts: RayOptions, *, analysis: bool = True, out: Any = None
-) -> int:
+def run_sweep(exp: Experiment, opts: RayOptions, *, analysis: bool = True, out: Any = None,
+              after_eval: AfterEval | None = None) -> int:
     """Everything that can be wrong is checked before Ray starts a trial; then the packs with
     unfinished models run on Tune. SIGINT, SIGTERM and SIGUSR1 stop it at any moment, Ray's
-    start included, resumably and without a traceback (``sweeps.signals``)."""
+    start included, resumably and without a traceback (``sweeps.signals``). ``after_eval``:
+    the trainable's hook after each evaluation (tests only: ``sweeps.faults``)."""
     with signals.install():
         try:
-            return _run_sweep(spec, trials, opts, analysis=analysis, out=out)
+            return _run_sweep(exp, opts, analysis=analysis, out=out or sys.stdout, after_eval=after_eval)
         except BaseException as e:
             # a signal stopped it; or Ray failed because Ctrl-C reached its processes too (a
             # terminal signals the whole process group) while it started
@@ -98,157 +72,144 @@ def run_sweep(
             return 130
 
 
-def _run_sweep(spec: SweepSpec, trials: Sequence[TrialSpec], opts: RayOptions, *, analysis: bool, out: Any) -> int:
+def _run_sweep(exp: Experiment, opts: RayOptions, *, analysis: bool, out: Any, after_eval: AfterEval | None) -> int:
+    from sweeps.trackers import Trackers
+
+    t0 = time.monotonic()
+    exp.state()  # another experiment, or this one with another spec, in the directory: refused now
+    exp = exp.with_runtime_paths()  # the data found, paths absolute (Ray's workers run elsewhere)
+    check_storage_writable(exp.path.parent)
+    trackers = Trackers(exp.spec.log_to, exp.spec.name, exp.path, exp.models, out)  # one it cannot use: refused now
     if not opts.address:
         loopback_only()  # before Ray is imported: it reads the setting then
+    tune_environment()
+    with contextlib.ExitStack() as held:  # the experiment's lock, once taken: released when the sweep returns
+        try:
+            with RaySession(opts) as session:  # stopped on leaving, signals deferred meanwhile
+                check_resources(exp.spec)
+                if opts.address:
+                    check_storage_shared(exp.path.parent)
+                to_run = take_experiment(exp, session, held, out)
+                outcome = run_packs(exp, to_run, trackers, after_eval, out, t0)
+                trackers.close(outcome.status)  # what is left sent; finished models' runs closed
+        except BaseException:
+            trackers.close()
+            raise
+        return write_tables_and_summary(exp, outcome, out, analysis=analysis)
+
+
+def take_experiment(exp: Experiment, session: RaySession, held: contextlib.ExitStack, out: Any) -> list[PackSpec]:
+    """Lock the experiment directory (released by ``held``), save its spec, stop what a killed
+    driver's Ray left, clear Tune's state of an earlier run; returns the packs to run (those
+    with an unfinished model: the run directories say what is done, a deleted one is trained
+    again)."""
+    exp.path.mkdir(parents=True, exist_ok=True)
+    held.callback(lock_experiment(exp.path).close)
+    state = exp.state()  # again, under the lock
+    if not exp.dir.spec.exists():
+        atomic_write(exp.dir.spec, exp.saved_yaml())
+    own = session.session_dir()  # what a SIGKILL would leave
+    stopped = stop_leftovers(exp.path, own_session=own)  # what a killed driver's embedded Ray left running
+    if stopped:
+        print(f"icl-sweep: {stopped}", file=out, flush=True)
+    if own:
+        record(exp.path, own)
+        session.on_stop.append(lambda: forget(exp.path))
+    done = set(exp.finished())
+    to_run = [p for p in exp.packs if not set(p.trial_ids) <= done]
+    reinstalled = clear_tune_state(exp, to_run)
+    where = "cluster " + session.opts.address if session.opts.address else "embedded Ray"
+    print(
+        f"icl-sweep: {'resuming' if state == 'resume' else 'starting'} {exp.path} on {where}: "
+        f"{_models(len(exp.models))} in {len(exp.packs)} trials of up to {_models(exp.spec.pack)}, "
+        f"{len(done)} already finished",
+        file=out,
+        flush=True,
+    )
+    if reinstalled:
+        print(f"icl-sweep: restored the run directories of {', '.join(reinstalled)} from Ray's checkpoint copies",
+              file=out, flush=True)
+    return to_run
+
+
+def run_packs(exp: Experiment, to_run: Sequence[PackSpec], trackers: Any, after_eval: AfterEval | None, out: Any,
+              t0: float) -> Outcome:
+    """One Tune run of the packs ``to_run`` (Tune's trials are the packs), with the live table
+    and the callbacks that keep the tables and trackers current; how each model ended."""
     import ray
     from ray import tune
 
     from sweeps.callback import ResultsCallback, TrackerCallback
     from sweeps.reporter import SweepReporter
-    from sweeps.trackers import Trackers
 
-    out = out or sys.stdout
-    t0 = time.monotonic()
-    for var, value in TUNE_ENV.items():
-        os.environ.setdefault(var, value)
-    exp_dir = spec.exp_dir
-    packs = make_packs(spec, trials)  # a spec that cannot be packed: refused now
-    members = {p.pack_id: p.trial_ids for p in packs}
-    state = experiment_state(spec)
-    faults = parse_faults(os.environ.get(FAULTS_ENV), trials)
-    trials = with_runtime_paths(trials, spec)
-    check_storage_writable(exp_dir.parent)
-    trackers = Trackers(spec.log_to, spec.name, exp_dir, trials, out)  # a tracker it cannot use: refused now
-
-    held = contextlib.ExitStack()
-    recorded = False
-    token_dir = None
-
-    def stop_ray() -> None:
-        with signals.stopping():
-            ray.shutdown()
-            if recorded:
-                forget(exp_dir)
-            if token_dir is not None:
-                shutil.rmtree(token_dir, ignore_errors=True)
-
+    spec = exp.spec
+    have = ray.cluster_resources()
+    slots = concurrency(spec.resources, have.get("CPU", 0.0), have.get("GPU", 0.0), spec.max_concurrent)
+    running = {p.pack_id for p in to_run}
+    finished = [p.pack_id for p in exp.packs if p.pack_id not in running]
+    reporter = SweepReporter(exp.models, exp.members, exp.path, min(slots, max(len(to_run), 1)), finished=finished)
+    dirnames = {p.pack_id: p.dirname for p in exp.packs}
+    tuner = tune.Tuner(
+        tune.with_resources(make_trainable(to_run, spec.heads, after_eval), spec.resources.as_ray()),
+        param_space={"trial": tune.grid_search([p.pack_id for p in to_run])},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=spec.max_concurrent,
+            # the next trial reuses a finished trial's worker process: no new Python,
+            # no second `import torch` (seconds per trial on a small machine)
+            reuse_actors=True,
+            trial_name_creator=TrialNames(dirnames, dirs=False),
+            trial_dirname_creator=TrialNames(dirnames, dirs=True),
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=str(exp.path.parent),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.checkpoint_keep),
+            callbacks=[ResultsCallback(exp.models, exp.members), TrackerCallback(trackers)],
+            progress_reporter=reporter,
+            verbose=1,
+        ),
+    ) if to_run else None
     try:
-        token_dir = start_ray(opts)
-    except BaseException:
-        with signals.stopping():
-            if ray.is_initialized():
-                ray.shutdown()
-        raise
-    # ResultGrid looks for Tune's per-trial result.json, which TUNE_ENV turns off
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    quiet_ray_logs()
+        with signals.tune_phase():  # a signal noted so far stops here; during the run: Tune's graceful stop
+            grid = tuner.fit() if tuner is not None else []
+    except UNREADABLE_STATE as e:  # Tune could not write or read back its own state: the disk
+        print(f"icl-sweep: Ray Tune stopped: {type(e).__name__}: {res.error_line(str(e))}", file=out)
+        grid = []
+    outcome = _outcome(grid, exp, time.monotonic() - t0)
     try:
-        check_resources(spec)
-        if opts.address:
-            check_storage_shared(exp_dir.parent)
-
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        held.callback(lock_experiment(exp_dir).close)  # released when run_sweep returns
-        state = experiment_state(spec)  # again, under the lock
-        if not ExperimentDir(exp_dir).spec.exists():
-            atomic_write(ExperimentDir(exp_dir).spec, saved_yaml(spec))
-        session = None if opts.address else session_dir()  # what a SIGKILL would leave
-        stopped = stop_leftovers(exp_dir, own_session=session)  # what a killed driver's embedded Ray left running
-        if stopped:
-            print(f"icl-sweep: {stopped}", file=out, flush=True)
-        if session:
-            record(exp_dir, session)
-            recorded = True
-        done = finished_trials(exp_dir, trials)
-        # Tune runs only the packs with an unfinished model: the run directories say what is
-        # done (a deleted one is trained again); Tune's state of an earlier run is never read
-        to_run = [p for p in packs if not set(p.trial_ids) <= set(done)]
-        reinstalled = clear_tune_state(exp_dir, packs, trials, [p.pack_id for p in to_run])
-        where = "cluster " + opts.address if opts.address else "embedded Ray"
-        print(
-            f"icl-sweep: {'resuming' if state == 'resume' else 'starting'} {exp_dir} on {where}: "
-            f"{_models(len(trials))} in {len(packs)} trials of up to {_models(spec.pack)}, "
-            f"{len(done)} already finished",
-            file=out,
-            flush=True,
-        )
-        if reinstalled:
-            print(f"icl-sweep: restored the run directories of {', '.join(reinstalled)} from Ray's checkpoint copies",
-                  file=out, flush=True)
-
-        have = ray.cluster_resources()
-        slots = concurrency(spec.resources, have.get("CPU", 0.0), have.get("GPU", 0.0), spec.max_concurrent)
-        finished_packs = [p.pack_id for p in packs if p not in to_run]
-        reporter = SweepReporter(trials, members, exp_dir, min(slots, max(len(to_run), 1)), finished=finished_packs)
-        trainable = tune.with_resources(
-            make_trainable(exp_dir, trials, packs, faults, heads=spec.heads), spec.resources.as_ray()
-        )
-        dirnames = {p.pack_id: p.dirname for p in packs}
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search([p.pack_id for p in to_run])},  # Tune's trials are the packs
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=spec.max_concurrent,
-                # the next trial reuses a finished trial's worker process: no new Python,
-                # no second `import torch` (seconds per trial on a small machine)
-                reuse_actors=True,
-                trial_name_creator=TrialNames(dirnames, dirs=False),
-                trial_dirname_creator=TrialNames(dirnames, dirs=True),
-            ),
-            run_config=tune.RunConfig(
-                name=spec.name,
-                storage_path=str(exp_dir.parent),
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.checkpoint_keep),
-                callbacks=[ResultsCallback(trials, members), TrackerCallback(trackers)],
-                progress_reporter=reporter,
-                verbose=1,
-            ),
-        ) if to_run else None
-        try:
-            with signals.tune_phase():  # a signal noted so far stops here; during the run: Tune's graceful stop
-                grid = tuner.fit() if tuner is not None else []
-        except UNREADABLE_STATE as e:  # Tune could not write or read back its own state: the disk
-            print(f"icl-sweep: Ray Tune stopped: {type(e).__name__}: {res.error_line(str(e))}", file=out)
-            grid = []
-        outcome = _outcome(grid, exp_dir, trials, time.monotonic() - t0, members)
-        trackers.close(outcome.status)  # what is left sent; finished models' runs closed
-        try:
-            prune_ray_checkpoints(grid)
-        except UNREADABLE_STATE:  # nothing pruned: Tune's copies are kept, which is safe
-            pass
-    except BaseException:
-        trackers.close()
-        stop_ray()
-        held.close()
-        raise
-    stop_ray()
-
-    with held:
-        status = {k: (v, outcome.errors.get(k, "")) for k, v in outcome.status.items()}
-        try:  # the tables may not fit on a full disk: the summary is printed all the same
-            res.write_results(exp_dir, trials)
-            res.write_trials(exp_dir, trials, status, members)
-            unwritten = None
-        except OutputError as e:
-            unwritten = e
-        code = _summarize(spec, trials, packs, outcome, len(res.collect(exp_dir, trials)[1]), out,
-                          analysis=analysis and unwritten is None)
-        if unwritten is not None:
-            raise unwritten  # exit 2 with one error line naming the table and what to do
-        return code
+        prune_ray_checkpoints(grid)
+    except UNREADABLE_STATE:  # nothing pruned: Tune's copies are kept, which is safe
+        pass
+    return outcome
 
 
-def _outcome(grid: Any, exp_dir: Path, trials: Sequence[TrialSpec], wall_s: float, packs: res.Packs) -> Outcome:
+def write_tables_and_summary(exp: Experiment, outcome: Outcome, out: Any, *, analysis: bool) -> int:
+    """``results.csv`` and ``trials.csv`` from the run directories, the summary, and (the sweep
+    complete) the analysis report. The tables may not fit on a full disk: the summary is
+    printed all the same, then the error (exit 2, one line naming the table)."""
+    status = {k: (v, outcome.errors.get(k, "")) for k, v in outcome.status.items()}
+    try:
+        n_rows = res.write_results(exp.path, exp.models)
+        res.write_trials(exp.path, exp.models, status, exp.members)
+        unwritten = None
+    except OutputError as e:
+        n_rows, unwritten = len(res.collect(exp.path, exp.models)[1]), e
+    code = _summarize(exp, outcome, n_rows, out, analysis=analysis and unwritten is None)
+    if unwritten is not None:
+        raise unwritten
+    return code
+
+
+def _outcome(grid: Any, exp: Experiment, wall_s: float) -> Outcome:
     """Per model: ERROR (Tune gave up on its trial), TERMINATED (its run reached its last step,
     read from the run directory) or UNFINISHED (interrupted: Tune marks the trials it stops
     on Ctrl-C as terminated too, so its status alone cannot tell). A failed trial fails only
     its models that did not finish."""
     from sweeps.callback import LAST_STATUS
 
-    done = set(finished_trials(exp_dir, trials))
-    status = {t.trial_id: "TERMINATED" if t.trial_id in done else "UNFINISHED" for t in trials}
+    done = set(exp.finished())
+    status = {m.trial_id: "TERMINATED" if m.trial_id in done else "UNFINISHED" for m in exp.models}
     errors: dict[str, str] = {}
     for trial_id, (state, error) in LAST_STATUS.items():
         if trial_id in status and state == "ERROR":
@@ -256,62 +217,12 @@ def _outcome(grid: Any, exp_dir: Path, trials: Sequence[TrialSpec], wall_s: floa
             if error:
                 errors[trial_id] = error
     for pack_id, error in _tune_errors(grid).items():  # the exception itself, where Tune kept it
-        for trial_id, (state, own) in res.member_status(exp_dir, trials, packs, {pack_id: ("ERROR", error)}).items():
+        for trial_id, (state, own) in res.member_status(exp.path, exp.models, exp.members,
+                                                        {pack_id: ("ERROR", error)}).items():
             if state == "ERROR":
                 status[trial_id] = "ERROR"
                 errors.setdefault(trial_id, own)
     return Outcome(status, errors, wall_s)
-
-
-# Ray's loggers that report the storage failing (syncing Tune's state, deleting a copy), and the
-# results callback's: a whole traceback, or the same line, again at every sync period.
-QUIETED_LOGGERS = ("ray.tune.execution.experiment_state", "ray.train._internal.syncer", "ray.train._internal.storage",
-                   "sweeps.callback")
-
-
-def quiet_ray_logs() -> OneLineOnce:
-    """Tune's failure to save or sync its state (a full disk: every few seconds) as one line,
-    once, not a traceback each time: the run directories are the record, and the summary says
-    what stopped. Tune's advice after a stop (``Tuner.restore``) is dropped: it is not how a
-    sweep resumes (the summary says how)."""
-    quiet = OneLineOnce()
-    for name in QUIETED_LOGGERS:
-        logger = logging.getLogger(name)
-        for old in [f for f in logger.filters if isinstance(f, OneLineOnce)]:  # one per driver
-            logger.removeFilter(old)
-        logger.addFilter(quiet)
-    tune_logger = logging.getLogger("ray.tune.tune")
-    if _no_restore_advice not in tune_logger.filters:
-        tune_logger.addFilter(_no_restore_advice)
-    return quiet
-
-
-def _no_restore_advice(record: logging.LogRecord) -> bool:
-    return "Tuner.restore" not in record.getMessage()
-
-
-class OneLineOnce(logging.Filter):
-    """A logging filter: a record with an exception, or with a traceback in its text, becomes
-    its first line and the exception's last line; the same line again is dropped."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            e = record.exc_info[1]
-            text = f"{text.strip()} {type(e).__name__}: {res.error_line(str(e))}"
-        elif "Traceback (most recent call last)" in text:
-            lines = [line for line in text.splitlines() if line.strip()]
-            text = f"{lines[0].strip()} {lines[-1].strip()}"
-        text = " ".join(text.split())
-        record.msg, record.args, record.exc_info, record.exc_text = text, None, None, None
-        if text in self.seen:
-            return False
-        self.seen.add(text)
-        return True
 
 
 def _tune_errors(grid: Any) -> dict[str, str]:
@@ -333,40 +244,37 @@ def _tune_errors(grid: Any) -> dict[str, str]:
     return found
 
 
-def _summarize(spec: SweepSpec, trials: Sequence[TrialSpec], packs: Sequence[PackSpec], outcome: Outcome,
-               n_rows: int, out: Any, *, analysis: bool) -> int:
-    exp_dir = spec.exp_dir
-    exp = ExperimentDir(exp_dir)
+def _summarize(exp: Experiment, outcome: Outcome, n_rows: int, out: Any, *, analysis: bool) -> int:
+    files = exp.dir
     n_ok = sum(v == "TERMINATED" for v in outcome.status.values())
     print(
-        f"\nicl-sweep: {n_ok}/{len(trials)} models finished, {len(outcome.failed)} failed, "
+        f"\nicl-sweep: {n_ok}/{len(exp.models)} models finished, {len(outcome.failed)} failed, "
         f"{len(outcome.unfinished)} unfinished ({outcome.wall_s:.1f} s)",
         file=out,
     )
-    by_id = {t.trial_id: t for t in trials}
-    pack_of = {m: p for p in packs for m in p.trial_ids}
+    by_id = {m.trial_id: m for m in exp.models}
     for trial_id in outcome.failed:
-        t, pack = by_id[trial_id], pack_of[trial_id]
-        point = ", ".join(f"{k}={format_value(v)}" for k, v in t.grid.items())
-        log = exp.diverged(t)  # a diverged model's own error, else its trial's
+        m, pack = by_id[trial_id], exp.pack_of[trial_id]
+        point = ", ".join(f"{k}={format_value(v)}" for k, v in m.grid.items())
+        log = files.diverged(m)  # a diverged model's own error, else its trial's
         if not log.is_file():
-            log = exp.tune_error(pack)
+            log = files.tune_error(pack)
         where = f" in trial {pack.pack_id}" if len(pack.trial_ids) > 1 else ""
         print(
-            f"  FAILED {trial_id} ({point}){where} after {len(res.attempts(exp_dir, t))} attempt(s): "
+            f"  FAILED {trial_id} ({point}){where} after {len(res.attempts(exp.path, m))} attempt(s): "
             f"{outcome.errors.get(trial_id, '?')}\n         log: {log}",
             file=out,
         )
-    print(f"  experiment: {exp_dir}", file=out)
-    print(f"  results:    {exp.results} ({n_rows} rows)", file=out)
-    print(f"  trials:     {exp.trials}", file=out)
-    print(f"  spec:       {exp.spec}", file=out)
-    print(f"  runs:       {exp.run_dir('<model>')}/  ({CONFIG}, {METRICS}, {CHECKPOINTS})", file=out)
+    print(f"  experiment: {exp.path}", file=out)
+    print(f"  results:    {files.results} ({n_rows} rows)", file=out)
+    print(f"  trials:     {files.trials}", file=out)
+    print(f"  spec:       {files.spec}", file=out)
+    print(f"  runs:       {files.run_dir('<model>')}/  ({CONFIG}, {METRICS}, {CHECKPOINTS})", file=out)
     if outcome.unfinished or signals.pending() is not None:
         print("  interrupted: run the same command again to resume", file=out, flush=True)
         return 130
     with signals.immediate():  # a report stopped half-way is never seen (written atomically)
-        report = run_analysis(exp_dir, out) if analysis else f"skipped (--no-analysis); later: icl-analyze {exp_dir}"
+        report = run_analysis(exp.path, out) if analysis else f"skipped (--no-analysis); later: icl-analyze {exp.path}"
     print(f"  analysis:   {report}", file=out, flush=True)
     return 1 if outcome.failed else 0
 
@@ -393,25 +301,23 @@ def run_analysis(exp_dir: Path, out: Any = None) -> str:
     return str(out_dir)
 
 
-def dry_run_table(spec: SweepSpec, trials: Sequence[TrialSpec], out: Any = None) -> None:
+def dry_run_table(exp: Experiment, out: Any = None) -> None:
     """The model table (each model's Tune trial, its pack) and what a real run would do,
     without starting Ray or writing files."""
     out = out or sys.stdout
-    exp_dir = spec.exp_dir
-    packs = make_packs(spec, trials)
-    pack_of = {m: p.pack_id for p in packs for m in p.trial_ids}
-    state = experiment_state(spec)
-    done = set(finished_trials(exp_dir, trials)) if state == "resume" else set()
+    spec, trials, packs = exp.spec, exp.models, exp.packs
+    state = exp.state()
+    done = set(exp.finished()) if state == "resume" else set()
     keys = list(spec.grid)
     rows = [["model", "trial", *keys, "shrink", "status"]]
     for t in trials:
-        rows.append([t.trial_id, pack_of[t.trial_id], *(format_value(t.grid[k]) for k in keys), shrink_of(t),
-                     "finished" if t.trial_id in done else "to run"])
+        rows.append([t.trial_id, exp.pack_of[t.trial_id].pack_id, *(format_value(t.grid[k]) for k in keys),
+                     shrink_of(t), "finished" if t.trial_id in done else "to run"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     base = spec.base or "resolved config"
     over = ", ".join(f"{k}={format_value(v)}" for k, v in spec.overrides.items())
     largest = max(len(p.trial_ids) for p in packs)
-    print(f"experiment: {exp_dir} ({'exists: would resume' if state == 'resume' else 'new'})", file=out)
+    print(f"experiment: {exp.path} ({'exists: would resume' if state == 'resume' else 'new'})", file=out)
     print(f"base:       {base}" + (f" + {over}" if over else ""), file=out)
     r = spec.resources
     print(

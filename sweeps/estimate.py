@@ -30,14 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from icl.config import Config, build_config, replace
+from icl.config import Config, replace
 from icl.errors import UserError
 from icl.inputs import read_text
 from icl.metrics import STEP
 from icl.train.progress import format_duration
+from sweeps.experiment import Experiment
 from sweeps.progress import concurrency, finish_time
 from sweeps.ray_session import machine_cpus
-from sweeps.spec import PackSpec, Resources, SweepSpec, TrialSpec
+from sweeps.spec import PackSpec, Resources
 
 CPU_EVAL_SEQUENCES = 64  # per evaluation set when timing an evaluation on a CPU
 MIN_TIMED_S = 2.0  # time at least 2 steps and this long (or MAX_TIMED_STEPS steps)
@@ -102,7 +103,7 @@ def measure(pack: PackSpec, cfgs: Sequence[Config], train: bool = True) -> Measu
     from icl.data import load_data
     from icl.train.evaluate import evaluate
     from icl.train.loop import evaluation_row, resolve_device
-    from icl.train.pack import PackedTrainer
+    from icl.train.step import PackedTrainer
     from icl.train.rundir import RunDir, RunState
 
     cfg = cfgs[0]
@@ -218,13 +219,12 @@ def from_benchmark(path: Path, cfg: Config, k: int, measured: Measured) -> Measu
     )
 
 
-def plan(spec: SweepSpec, trials: Sequence[TrialSpec], packs: Sequence[PackSpec], m: Measured,
-         cpus: float, gpus: float) -> Plan:
+def plan(exp: Experiment, m: Measured, cpus: float, gpus: float) -> Plan:
     """The sweep's time, GPU-hours and disk from one pack's measurement."""
-    by_id = {t.trial_id: t for t in trials}
+    spec, packs = exp.spec, exp.packs
     trial_s, model_steps, peak, after, logs = [], 0, 0, 0, 0
     for p in packs:
-        cfg = build_config(by_id[p.trial_ids[0]].config)
+        cfg = p.configs[0]
         k, steps = len(p.trial_ids), cfg.train.steps
         evals, ckpts = counts(cfg)
         seconds = steps * m.pack_step_s(k)
@@ -256,11 +256,11 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def report(spec: SweepSpec, trials: Sequence[TrialSpec], packs: Sequence[PackSpec], p: Plan,
-           cpus: float, gpus: float) -> list[str]:
+def report(exp: Experiment, p: Plan, cpus: float, gpus: float) -> list[str]:
     """The estimate's lines for the dry run."""
+    spec, trials, packs = exp.spec, exp.models, exp.packs
     m = p.measured
-    cfg = build_config(trials[0].config)
+    cfg = trials[0].config
     evals, ckpts = counts(cfg)
     k = len(packs[0].trial_ids)
     steps = cfg.train.steps
@@ -296,23 +296,20 @@ def report(spec: SweepSpec, trials: Sequence[TrialSpec], packs: Sequence[PackSpe
     return lines
 
 
-def estimate(spec: SweepSpec, trials: Sequence[TrialSpec], packs: Sequence[PackSpec], *,
-             rate_from: Path | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> list[str]:
+def estimate(exp: Experiment, *, rate_from: Path | None = None, num_cpus: int | None = None,
+             num_gpus: int | None = None) -> list[str]:
     """Measure (or read) the rate of the first pack and plan the sweep; the lines to print."""
-    from sweeps.experiment import with_runtime_paths
-
     import torch
 
-    first = set(packs[0].trial_ids)
-    runtime = [t for t in with_runtime_paths(trials, spec) if t.trial_id in first]
-    cfgs = [build_config(t.config) for t in runtime]
+    first = exp.with_runtime_paths().packs[0]
+    cfgs = first.configs
     if rate_from is not None:
         read_benchmark(rate_from)  # a bad file is refused before the (slow) measurement
-    measured = measure(packs[0], cfgs, train=rate_from is None)
+    measured = measure(first, cfgs, train=rate_from is None)
     if rate_from is not None:
         measured = from_benchmark(rate_from, cfgs[0], len(cfgs), measured)
     cpus = num_cpus if num_cpus is not None else machine_cpus()
     gpus = num_gpus if num_gpus is not None else (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     if rate_from is not None and measured.device == "cuda" and num_gpus is None and not gpus:
         gpus = 1  # planning for the benchmark's machine: at least its one GPU
-    return report(spec, trials, packs, plan(spec, trials, packs, measured, cpus, gpus), cpus, gpus)
+    return report(exp, plan(exp, measured, cpus, gpus), cpus, gpus)

@@ -38,20 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from icl.io import atomic_write
-from icl.layout import ExperimentDir
+from icl.layout import RAY_OWNER_MARK as OWNER, ExperimentDir
 from sweeps.procs import kill_pids, ray_processes_of
 
-OWNER = "icl-sweep-owner.json"  # in the Ray session directory: the experiment whose driver started it
 SESSION_NAME = re.compile(r"^session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+$")
 
-
-
-def session_dir() -> str | None:
-    """The session directory of the Ray this process started (None: not known)."""
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)  # no public API names it
-    return node.get_session_dir_path() if node is not None else None
 
 
 def record(exp_dir: Path, session: str) -> None:

@@ -16,9 +16,11 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from icl.errors import UserError
+from sweeps.ray_adapter import (keep_handlers, loopback_only, quiet_ray_logs, reload_auth_mode, reset_token_cache,
+                                session_dir)
 from sweeps.results import error_line
 from sweeps.spec import SweepSpec, format_value
 
@@ -96,10 +98,7 @@ def private_token() -> Path:
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
     os.environ[TOKEN_PATH_ENV] = str(path)
-    if "ray._raylet" in sys.modules:  # Ray caches the token it read first
-        from ray._raylet import AuthenticationTokenLoader
-
-        AuthenticationTokenLoader.instance().reset_cache()
+    reset_token_cache()  # Ray caches the token it read first
     return folder
 
 
@@ -115,27 +114,10 @@ def configure_auth(address: str | None) -> str:
     if mode is None:
         mode = "token" if (address is None or _token_available()) else "disabled"
         os.environ["RAY_AUTH_MODE"] = mode
-        if "ray._raylet" in sys.modules:
-            # Ray reads the mode into its C++ config when first imported; refresh it the way
-            # Ray's own token-auth setup does, or this process and its raylet would disagree.
-            from ray._raylet import Config
-
-            Config.initialize("")
+        reload_auth_mode()
     if mode == "token" and (path := _token_file()) is not None and (address or os.environ.get(TOKEN_PATH_ENV)):
         check_token_private(path)
     return mode
-
-
-def loopback_only() -> None:
-    """Make an embedded Ray listen on 127.0.0.1 alone. Ray 2.60 has no bind-address option:
-    its GCS, raylet, object manager, agents and workers listen on every interface unless the
-    node's own address is the loopback one, which Ray picks only when "cluster mode" is off
-    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when Ray is imported, so set before that;
-    on a driver that already imported Ray the constant is set too). Never for ``--address``."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None:
-        constants.ENABLE_RAY_CLUSTER = False
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -185,7 +167,7 @@ def start_ray(opts: RayOptions) -> Path | None:
     """Join the cluster at ``opts.address``, or start an embedded Ray sized to this machine,
     listening on 127.0.0.1 only, with token authentication. Returns a folder to remove after
     ``ray.shutdown()`` (the embedded Ray's private token), or None."""
-    from sweeps.signals import keep_handlers
+    from sweeps.signals import SIGNALS
 
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
     if opts.address:
@@ -198,7 +180,7 @@ def start_ray(opts: RayOptions) -> Path | None:
         # A reachable cluster that refuses us (wrong token) would be retried 20 times, one
         # C++ warning line a second; try a few times and keep the noise for the error.
         os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(JOIN_ATTEMPTS))
-        with _captured_stderr() as noise, keep_handlers():
+        with _captured_stderr() as noise, keep_handlers(SIGNALS):
             try:
                 ray.init(address=opts.address, **quiet)
                 failure = None
@@ -229,7 +211,7 @@ def start_ray(opts: RayOptions) -> Path | None:
     import ray
 
     try:
-        with keep_handlers():
+        with keep_handlers(SIGNALS):
             ray.init(
                 address="local",  # never RAY_ADDRESS: an embedded Ray was asked for
                 num_cpus=opts.num_cpus if opts.num_cpus is not None else machine_cpus(),
@@ -242,6 +224,50 @@ def start_ray(opts: RayOptions) -> Path | None:
             shutil.rmtree(token_dir, ignore_errors=True)
         raise
     return token_dir
+
+
+class RaySession:
+    """The sweep's Ray, for a ``with`` block: joined or started on entry (:func:`start_ray`),
+    shut down on exit with signals only noted meanwhile (``ray.shutdown`` interrupted leaves Ray
+    half stopped), then ``on_stop`` run (forgetting the record of this Ray: after it is gone)
+    and the private token removed."""
+
+    def __init__(self, opts: RayOptions) -> None:
+        self.opts = opts
+        self.token_dir: Path | None = None
+        self.on_stop: list[Callable[[], None]] = []
+
+    def __enter__(self) -> "RaySession":
+        import ray
+
+        from sweeps import signals
+
+        try:
+            self.token_dir = start_ray(self.opts)
+        except BaseException:
+            with signals.stopping():
+                if ray.is_initialized():
+                    ray.shutdown()
+            raise
+        quiet_ray_logs()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import ray
+
+        from sweeps import signals
+
+        with signals.stopping():
+            ray.shutdown()
+            for stop in self.on_stop:
+                stop()
+            if self.token_dir is not None:
+                shutil.rmtree(self.token_dir, ignore_errors=True)
+
+    def session_dir(self) -> str | None:
+        """The embedded Ray's session directory (what a SIGKILL of the driver would leave
+        running: ``sweeps.leftovers``); None when joining a cluster."""
+        return None if self.opts.address else session_dir()
 
 
 def check_resources(spec: SweepSpec) -> None:

@@ -35,10 +35,11 @@ How: each Tune trial (a pack) becomes one :class:`ModelRow` per member, an objec
 table code reads like a trial (status, location and error file are the Tune trial's; the
 id, cell and metrics the model's, from its pack's ``per_model`` report).
 
-Why the legacy output engine (``RAY_AIR_NEW_OUTPUT=0``, set by the driver): Ray 2.60's
+Why the legacy output engine (``RAY_AIR_NEW_OUTPUT=0``, :mod:`sweeps.ray_adapter`): Ray 2.60's
 default engine ignores ``RunConfig(progress_reporter=...)`` and chooses its table's columns
 itself (every config parameter, ``iter``, ``total time (s)`` and the first four numeric
-metrics), the table that said neither which cell a trial is nor when it ends.
+metrics), the table that said neither which cell a trial is nor when it ends. The pieces of
+Ray's own table code it draws with are private in Ray; the adapter holds them.
 """
 
 from __future__ import annotations
@@ -52,17 +53,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
-from ray._private.thirdparty.tabulate.tabulate import tabulate
 from ray.tune import CLIReporter
-from ray.tune.progress_reporter import _get_trial_location, _time_passed_str, _trial_progress_str
-from ray.tune.experiment.trial import _Location
 
 from icl.layout import ExperimentDir
 from icl.metrics import ICL, IWL, LIVE, STEP
 from icl.train.progress import format_duration
 from icl.train.rundir import RunDir
 from sweeps.progress import PER_MODEL, RATE, SweepTally
-from sweeps.spec import TrialSpec, format_value, short_names, shrink_of
+from sweeps.ray_adapter import no_location, tabulate, time_passed, trial_counts, trial_location
+from sweeps.spec import ModelSpec, format_value, short_names, shrink_of
 
 COLUMNS = {STEP: "step", **LIVE, "rate": "model-steps/s", "eta": "ETA"}
 SHRINK = "shrink"  # each model's exp(-wd * sum lr_t), as e^-0.25 (sweeps.spec.shrink_of)
@@ -150,7 +149,7 @@ def compact_values(row: ModelRow, keys: Sequence[str], packed: bool) -> dict[str
         "cell": "/".join(row.config[k] for k in keys),
         SHRINK: row.config[SHRINK],
         STEP: "/".join(short_count(n) for n in row.steps),
-        "loc": str(_get_trial_location(row, result)),
+        "loc": str(trial_location(row, result)),
         **{k: result.get(k) for k in (*LIVE, "rate", "eta")},
     }
     if packed:
@@ -198,7 +197,7 @@ class FinishedPack:
         self.last_result: dict[str, Any] = {}
         self.error_file = None
         self.local_path = None
-        self.temporary_state = SimpleNamespace(location=_Location())
+        self.temporary_state = SimpleNamespace(location=no_location())
 
     def __str__(self) -> str:
         return self.trial_id
@@ -226,7 +225,7 @@ class SweepReporter(CLIReporter):
     terminal's, read at every report).
     """
 
-    def __init__(self, trials: Sequence[TrialSpec], packs: Mapping[str, Sequence[str]], exp_dir: Path,
+    def __init__(self, trials: Sequence[ModelSpec], packs: Mapping[str, Sequence[str]], exp_dir: Path,
                  slots: int, period_s: float | None = None, width: int | None = None,
                  finished: Sequence[str] = ()) -> None:
         keys = list(trials[0].grid)
@@ -249,7 +248,7 @@ class SweepReporter(CLIReporter):
         self.width = width
         self.packs = {p: tuple(m) for p, m in packs.items()}
         self.cells = {t.trial_id: {**{k: format_value(t.grid[k]) for k in keys}, SHRINK: shrink_of(t)} for t in trials}
-        self.steps = {t.trial_id: int(t.config["train.steps"]) for t in trials}
+        self.steps = {t.trial_id: t.config.train.steps for t in trials}
         self.dirnames = {t.trial_id: t.dirname for t in trials}
         self.exp_dir = Path(exp_dir)
         self.slots = slots
@@ -303,9 +302,9 @@ class SweepReporter(CLIReporter):
 
     def _compact_str(self, rows: Sequence[ModelRow], *sys_info: str, width: int) -> str:
         """Ray's status lines, the compact table, and the failed models with their error files."""
-        counts = _trial_progress_str(list(rows), metric_columns=self._metric_columns,
-                                     parameter_columns=self._parameter_columns, total_samples=self._total_samples)
-        lines = ["== Status ==", _time_passed_str(self._start_time, time.time()), *sys_info, counts, self.legend,
+        counts = trial_counts(list(rows), metric_columns=self._metric_columns,
+                              parameter_columns=self._parameter_columns, total_samples=self._total_samples)
+        lines = ["== Status ==", time_passed(self._start_time, time.time()), *sys_info, counts, self.legend,
                  compact_table(rows, self.keys, self.packed, width)]
         failed = [r for r in rows if r.error_file]
         if failed:

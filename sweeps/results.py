@@ -26,20 +26,20 @@ from icl.io import all_or_nothing, atomic_write
 from icl.layout import TRIAL_ID, TRIALS_COLUMNS, ExperimentDir
 from icl.metrics import STEP
 from icl.train.rundir import RunDir
-from sweeps.spec import TrialSpec, format_value
+from sweeps.spec import ModelSpec, format_value
 
 Packs = Mapping[str, Sequence[str]]  # pack id (Tune's trial) -> its members' trial ids
 
 
-def run_dir(exp_dir: Path, trial: TrialSpec) -> RunDir:
+def run_dir(exp_dir: Path, trial: ModelSpec) -> RunDir:
     return RunDir(ExperimentDir(exp_dir).run_dir(trial))
 
 
-def collect(exp_dir: Path, trials: Sequence[TrialSpec]) -> tuple[list[str], list[list[str]]]:
+def collect(exp_dir: Path, trials: Sequence[ModelSpec]) -> tuple[list[str], list[list[str]]]:
     """All trials' evaluations as one table (columns, rows), trials in grid order."""
     grid_keys = list(trials[0].grid) if trials else []
     metric_cols: list[str] = []
-    per_trial: list[tuple[TrialSpec, list[str], list[list[str]]]] = []
+    per_trial: list[tuple[ModelSpec, list[str], list[list[str]]]] = []
     for trial in trials:
         header, rows = run_dir(exp_dir, trial).metrics_table()
         for col in header:
@@ -65,7 +65,7 @@ def to_csv(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return buf.getvalue()
 
 
-def write_results(exp_dir: Path, trials: Sequence[TrialSpec]) -> int:
+def write_results(exp_dir: Path, trials: Sequence[ModelSpec]) -> int:
     """Rewrite ``results.csv`` and ``results.parquet`` atomically and together; returns the
     number of rows."""
     columns, rows = collect(exp_dir, trials)
@@ -88,7 +88,7 @@ def to_parquet(csv_text: str) -> bytes:
     return buf.getvalue()
 
 
-def attempts(exp_dir: Path, trial: TrialSpec | str) -> list[dict[str, Any]]:
+def attempts(exp_dir: Path, trial: ModelSpec | str) -> list[dict[str, Any]]:
     """A model's attempt log (one JSON object per start of its pack's trainable); ``trial``:
     the model, or its directory name."""
     path = ExperimentDir(exp_dir).attempts(trial)
@@ -122,7 +122,7 @@ def last_line(path: Path | str | None) -> str:
 
 def member_status(
     exp_dir: Path,
-    trials: Sequence[TrialSpec],
+    trials: Sequence[ModelSpec],
     packs: Packs,
     status: Mapping[str, tuple[str, str]],
 ) -> dict[str, tuple[str, str]]:
@@ -140,7 +140,7 @@ def member_status(
             t = by_id[trial_id]
             if state != "ERROR":
                 out[trial_id] = (state, "")
-            elif run_dir(exp_dir, t).finished(int(t.config["train.steps"])):
+            elif run_dir(exp_dir, t).finished(t.config.train.steps):
                 out[trial_id] = ("TERMINATED", "")
             else:
                 out[trial_id] = ("ERROR", last_line(ExperimentDir(exp_dir).diverged(t)) or error)
@@ -149,7 +149,7 @@ def member_status(
 
 def write_trials(
     exp_dir: Path,
-    trials: Sequence[TrialSpec],
+    trials: Sequence[ModelSpec],
     status: Mapping[str, tuple[str, str]],
     packs: Packs,
 ) -> None:

@@ -15,6 +15,8 @@ driver's handler (:func:`install`) acts in one of two ways:
 - **during Tune's run** (:func:`tune_phase`): it asks Tune for its graceful stop (Tune's own
   SIGUSR1 handler: Tune stops the trials and returns), also for a signal that came just
   before Tune installed that handler (:func:`poll`, from the results callback's first step).
+
+While Ray starts, Ray must not install its own SIGTERM handler (``sweeps.ray_adapter.keep_handlers``).
 """
 
 from __future__ import annotations
@@ -133,24 +135,3 @@ def stopping() -> Iterator[None]:
         yield
     finally:
         _stopping = was
-
-
-@contextlib.contextmanager
-def keep_handlers() -> Iterator[None]:
-    """Inside (``ray.init``): Ray may not replace the driver's SIGTERM handler with its own,
-    which raises ``SystemExit`` wherever the main thread is; afterwards the driver's handlers
-    are installed again at the C level."""
-    import ray._private.utils as ray_utils
-
-    original = ray_utils.set_sigterm_handler
-    ray_utils.set_sigterm_handler = lambda _handler: None
-    saved = {s: signal.getsignal(s) for s in SIGNALS}
-    try:
-        yield
-    finally:
-        ray_utils.set_sigterm_handler = original
-        # again, even if Python believes they are in place: Ray's C++ core installs its own
-        # crash handler for SIGTERM (abseil's, which prints and aborts) behind Python's back
-        for s, h in saved.items():
-            if h is not None:
-                signal.signal(s, h)

@@ -42,8 +42,10 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from icl.config import (
+    PER_MODEL_KEYS,
     Config,
     build_config,
+    check_packable,
     config_source,
     flatten,
     get_key,
@@ -51,11 +53,12 @@ from icl.config import (
     presets,
     read_yaml,
     science_dict,
+    set_key,
     valid_keys,
 )
 from icl.errors import UserError
 from icl.inputs import user_path
-from icl.layout import saved_spec_text
+from icl.layout import ExperimentDir, saved_spec_text
 from icl.schedule import lr_sum, shrink_text
 
 SPEC_DIR = Path(__file__).resolve().parent
@@ -129,25 +132,48 @@ class SweepSpec:
 
 
 @dataclass(frozen=True)
-class TrialSpec:
-    """One grid point: a stable id (its position in the grid), its directory and its config."""
+class ModelSpec:
+    """One grid point, a model: a stable id (its position in the grid; ``trial_id`` in the
+    tables), its directory, its grid values and its config (built and validated once)."""
 
     trial_id: str
     dirname: str
     grid: dict[str, Any]
-    config: dict[str, Any]  # flat, every key: build_config(config) is this trial's Config
+    config: Config
+
+    def flat_config(self) -> dict[str, Any]:
+        """The config as dotted keys -> values (what a tracker logs as parameters)."""
+        return flatten(self.config.to_dict())
 
 
 @dataclass(frozen=True)
 class PackSpec:
-    """One Tune trial: up to ``pack`` grid points trained as one pack by
-    ``icl.train.train_packed``. Each member keeps its own trial id and run directory
-    (``STORAGE/NAME/<member dirname>/run``); ``dirname`` is the Tune trial directory of the
-    pack (Ray's checkpoint copies, Tune's error file)."""
+    """One Tune trial: up to ``pack`` models trained as one pack by ``icl.train.train_packed``,
+    everything its trainable needs (frozen and picklable: Tune ships it to a worker). Each
+    model keeps its own id and run directory (``STORAGE/NAME/<model dirname>/run``);
+    ``dirname`` is the Tune trial directory of the pack (Ray's checkpoint copies, Tune's error
+    file)."""
 
     pack_id: str
     dirname: str
-    trial_ids: tuple[str, ...]
+    models: tuple[ModelSpec, ...]
+    exp_dir: Path  # the experiment directory, absolute
+
+    @property
+    def trial_ids(self) -> tuple[str, ...]:
+        return tuple(m.trial_id for m in self.models)
+
+    @property
+    def configs(self) -> list[Config]:
+        return [m.config for m in self.models]
+
+    @property
+    def exp(self) -> ExperimentDir:
+        return ExperimentDir(self.exp_dir)
+
+    @property
+    def run_dirs(self) -> list[Path]:
+        return [self.exp.run_dir(m) for m in self.models]
 
 
 # --------------------------------------------------------------------------- loading
@@ -429,8 +455,8 @@ def merged_flat(spec: SweepSpec) -> dict[str, Any]:
     return {**spec.base_config, **spec.overrides}
 
 
-def expand(spec: SweepSpec) -> list[TrialSpec]:
-    """The trials in grid order; builds and validates every trial's config now, before Ray,
+def expand(spec: SweepSpec) -> list[ModelSpec]:
+    """The models in grid order; builds and validates every model's config now, before Ray,
     with the checks a trial makes when it starts (config ranges, the model fitting in memory)."""
     from icl.model.footprint import check_model_fits_host  # imports torch: only once there are trials
 
@@ -438,7 +464,7 @@ def expand(spec: SweepSpec) -> list[TrialSpec]:
     points = list(product(*(spec.grid[k] for k in keys)))
     width = max(3, len(str(len(points) - 1)))
     short = short_names(keys)
-    trials: list[TrialSpec] = []
+    trials: list[ModelSpec] = []
     seen: dict[tuple[Any, ...], str] = {}
     for index, values in enumerate(points):
         point = dict(zip(keys, values))
@@ -458,19 +484,17 @@ def expand(spec: SweepSpec) -> list[TrialSpec]:
         seen[signature] = trial_id
         label = "_".join(f"{short[k]}={format_value(v)}" for k, v in coerced.items())
         dirname = re.sub(r"[^A-Za-z0-9._=+-]", "-", f"{trial_id}_{label}")[:120]
-        trials.append(TrialSpec(trial_id, dirname, coerced, flatten(cfg.to_dict())))
+        trials.append(ModelSpec(trial_id, dirname, coerced, cfg))
     return trials
 
 
-def make_packs(spec: SweepSpec, trials: Sequence[TrialSpec]) -> list[PackSpec]:
+def make_packs(spec: SweepSpec, trials: Sequence[ModelSpec]) -> list[PackSpec]:
     """The Tune trials of a sweep: every trial is a pack. The grid points that differ only in
     keys ``train_packed`` lets vary per model (seed, optim.weight_decay) are grouped, in grid
     order, into packs of at most ``spec.pack`` models, numbered by their first member (so
     the grid's order, e.g. seed first, is kept). With ``pack: 1`` a pack is one grid point
     and takes its trial id and directory. UserError when configs cannot be packed."""
-    from icl.train.pack import PER_MODEL_KEYS, check_packable  # imports torch: not for spec checks alone
-
-    groups: dict[tuple[Any, ...], list[TrialSpec]] = {}
+    groups: dict[tuple[Any, ...], list[ModelSpec]] = {}
     for t in trials:
         shared = tuple(t.grid[k] for k in spec.grid if k not in PER_MODEL_KEYS)
         groups.setdefault(shared, []).append(t)
@@ -481,7 +505,7 @@ def make_packs(spec: SweepSpec, trials: Sequence[TrialSpec]) -> list[PackSpec]:
     packs = []
     for index, members in enumerate(chunks):
         try:
-            check_packable([build_config(t.config) for t in members])
+            check_packable([t.config for t in members])
         except UserError as e:
             names = [t.trial_id for t in members]
             shown = ", ".join(names) if len(names) <= 4 else f"{names[0]}, {names[1]}, ..., {names[-1]}"
@@ -491,11 +515,11 @@ def make_packs(spec: SweepSpec, trials: Sequence[TrialSpec]) -> list[PackSpec]:
             ) from None
         ids = tuple(t.trial_id for t in members)
         if spec.pack == 1:  # named as the grid point it trains
-            packs.append(PackSpec(ids[0], members[0].dirname, ids))
+            packs.append(PackSpec(ids[0], members[0].dirname, tuple(members), spec.exp_dir))
             continue
         pack_id = f"p{index:0{width}d}"
         dirname = re.sub(r"[^A-Za-z0-9._=+-]", "-", f"{pack_id}_{'+'.join(ids)}")[:120]
-        packs.append(PackSpec(pack_id, dirname, ids))
+        packs.append(PackSpec(pack_id, dirname, tuple(members), spec.exp_dir))
     return packs
 
 
@@ -505,17 +529,17 @@ def short_names(keys: list[str]) -> dict[str, str]:
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
 
 
-def shrink_of(trial: TrialSpec) -> str:
-    """The trial's total shrink factor ``exp(-wd * sum lr_t)`` as text (``e^-0.25``; see
+def shrink_of(model: ModelSpec) -> str:
+    """The model's total shrink factor ``exp(-wd * sum lr_t)`` as text (``e^-0.25``; see
     :func:`icl.schedule.shrink_text`): what its weight decay amounts to over its schedule."""
-    return shrink_text(build_config({**trial.config, **trial.grid}))
+    return shrink_text(model.config)
 
 
-def lr_sums(trials: Sequence[TrialSpec]) -> list[float]:
-    """The distinct ``sum lr_t`` of the trials' schedules, in order of appearance."""
+def lr_sums(trials: Sequence[ModelSpec]) -> list[float]:
+    """The distinct ``sum lr_t`` of the models' schedules, in order of appearance."""
     out: list[float] = []
     for t in trials:
-        o = build_config({**t.config, **t.grid})
+        o = t.config
         total = lr_sum(o.optim, o.train.steps)
         if not any(math.isclose(total, x, rel_tol=1e-12) for x in out):
             out.append(total)
@@ -540,13 +564,13 @@ def _fmt_point(point: dict[str, Any]) -> str:
 
 def identity(spec: SweepSpec) -> dict[str, Any]:
     """What makes two specs the same experiment (where it is stored and its name do not,
-    nor runtime-only config keys such as data.root or train.device)."""
+    nor runtime-only config keys such as data.root or train.device): the base config with
+    the overrides, each grid key's values as the config takes them, and how it runs. Needs no
+    expansion of the grid (a saved spec is compared without building its models)."""
     cfg = build_config(spec.base_config, spec.overrides)
-    trials = expand(spec)
-    grid = {k: [t.grid[k] for t in trials] for k in spec.grid}
     return {
         "config": science_dict(cfg),
-        "grid": {k: _unique(v) for k, v in grid.items()},
+        "grid": {k: _unique([_as_taken(k, v) for v in values]) for k, values in spec.grid.items()},
         "resources": {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
         "max_concurrent": spec.max_concurrent,
         "max_failures": spec.max_failures,
@@ -558,6 +582,16 @@ def identity(spec: SweepSpec) -> dict[str, Any]:
     }
 
 
+def _as_taken(key: str, value: Any) -> Any:
+    """A grid value as the config key takes it (``1`` for a float key is ``1.0``)."""
+    cfg = Config()
+    try:
+        set_key(cfg, key, value)
+    except UserError:  # refused where the models are built (expand); compared as given
+        return value
+    return get_key(cfg, key)
+
+
 def _unique(values: list[Any]) -> list[Any]:
     out: list[Any] = []
     for v in values:
@@ -566,10 +600,11 @@ def _unique(values: list[Any]) -> list[Any]:
     return out
 
 
-def saved_yaml(spec: SweepSpec) -> str:
-    """The resolved spec as YAML; itself a valid spec that reproduces this experiment."""
+def saved_yaml(spec: SweepSpec, ident: dict[str, Any] | None = None) -> str:
+    """The resolved spec as YAML (``ident``: its :func:`identity`, if known); itself a valid
+    spec that reproduces this experiment."""
     cfg = build_config(spec.base_config, spec.overrides)
-    ident = identity(spec)
+    ident = ident or identity(spec)
     doc: dict[str, Any] = {
         "name": spec.name,
         "description": spec.description,
@@ -604,6 +639,3 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
             out.append(f"{section}: {a!r} -> {b!r}")
     return out
 
-
-def grid_columns(spec: SweepSpec) -> list[str]:
-    return list(spec.grid)

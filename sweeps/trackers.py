@@ -41,7 +41,7 @@ from icl.errors import UserError
 from icl.io import atomic_write
 from icl.layout import TRACKERS as STATE_FILE, ExperimentDir  # each model's tracker run and the last step sent
 from sweeps import results as res
-from sweeps.spec import TRACKERS, TrialSpec, format_value
+from sweeps.spec import TRACKERS, ModelSpec, format_value
 
 EXTRA = {"mlflow": "mlflow", "wandb": "wandb"}  # the pyproject extra that installs each
 MODULE = {"mlflow": "mlflow", "wandb": "wandb"}
@@ -63,19 +63,19 @@ class Tracker(Protocol):
     name: str
     destination: str  # where the runs go: the state file keeps runs per destination
 
-    def open(self, model: TrialSpec, run_id: str | None) -> str: ...  # a run (new or resumed): its id
+    def open(self, model: ModelSpec, run_id: str | None) -> str: ...  # a run (new or resumed): its id
 
     def log(self, run_id: str, rows: Sequence[tuple[int, dict[str, float]]]) -> None: ...
 
     def close(self, run_id: str, finished: bool, failed: bool) -> None: ...
 
 
-def model_name(model: TrialSpec) -> str:
+def model_name(model: ModelSpec) -> str:
     """A model's run name: its trial directory (trial id + its cell), as in TensorBoard."""
     return model.dirname
 
 
-def cell_tags(model: TrialSpec) -> dict[str, str]:
+def cell_tags(model: ModelSpec) -> dict[str, str]:
     """The model's cell as tags: one per grid key, its value as in the trial table."""
     return {k: format_value(v) for k, v in model.grid.items()}
 
@@ -113,7 +113,7 @@ class MlflowTracker:
                             f"{_line(e)}): set MLFLOW_TRACKING_URI to a reachable store") from None
         self.exp_dir = exp_dir
 
-    def open(self, model: TrialSpec, run_id: str | None) -> str:
+    def open(self, model: ModelSpec, run_id: str | None) -> str:
         from mlflow.entities import Param, RunTag
 
         if run_id is not None:
@@ -125,7 +125,7 @@ class MlflowTracker:
         tags = {"icl.trial_id": model.trial_id, "icl.run_dir": str(ExperimentDir(self.exp_dir).run_dir(model)),
                 **{f"cell.{k}": v for k, v in cell_tags(model).items()}}
         run = self.client.create_run(self.experiment_id, run_name=model_name(model), tags=tags)
-        params = [Param(k, _text(v)) for k, v in sorted(model.config.items())]
+        params = [Param(k, _text(v)) for k, v in sorted(model.flat_config().items())]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(run.info.run_id, params=params[i : i + 100],
                                   tags=[RunTag("icl.cell", _cell_text(model))] if i == 0 else [])
@@ -162,13 +162,13 @@ class WandbTracker:
         self.exp_dir = exp_dir
         self.runs: dict[str, Any] = {}
 
-    def run_id(self, model: TrialSpec) -> str:
+    def run_id(self, model: ModelSpec) -> str:
         digest = hashlib.sha256(f"{self.exp_dir}\0{model.trial_id}".encode()).hexdigest()[:12]
         return re.sub(r"[^A-Za-z0-9_-]", "-", f"{self.group}-{model.trial_id}")[:48] + f"-{digest}"
 
-    def open(self, model: TrialSpec, run_id: str | None) -> str:
+    def open(self, model: ModelSpec, run_id: str | None) -> str:
         run_id = run_id or self.run_id(model)
-        config = {**model.config, "cell": dict(model.grid), "trial_id": model.trial_id,
+        config = {**model.flat_config(), "cell": dict(model.grid), "trial_id": model.trial_id,
                   "run_dir": str(ExperimentDir(self.exp_dir).run_dir(model))}
         self.runs[run_id] = self.wandb.init(
             project=self.project, group=self.group, name=model_name(model), id=run_id, resume="allow",
@@ -199,7 +199,7 @@ class Trackers:
     starts (a tracker that cannot be used is one ``error:`` line then); :meth:`sync` sends
     every model's new rows, and closes a model's run when it finished (``final``: all)."""
 
-    def __init__(self, names: Sequence[str], experiment: str, exp_dir: Path, trials: Sequence[TrialSpec],
+    def __init__(self, names: Sequence[str], experiment: str, exp_dir: Path, trials: Sequence[ModelSpec],
                  out: Any = None) -> None:
         self.exp_dir = Path(exp_dir)
         self.trials = list(trials)
@@ -248,7 +248,7 @@ class Trackers:
             except OSError as e:  # a full disk: rows may be sent twice after a resume, never lost
                 print(f"icl-sweep: warning: {e}", file=self.out, flush=True)
 
-    def _sync_model(self, tracker: Tracker, sent: dict[str, dict[str, Any]], model: TrialSpec,
+    def _sync_model(self, tracker: Tracker, sent: dict[str, dict[str, Any]], model: ModelSpec,
                     status: str | None, final: bool) -> bool:
         record = sent.get(model.trial_id) or {}
         if record.get("closed"):
@@ -256,7 +256,7 @@ class Trackers:
         run = res.run_dir(self.exp_dir, model)
         last = record.get("step", -1)
         rows = [r for r in numeric_rows(*run.metrics_table()) if r[0] > last]
-        finished = run.finished(int(model.config["train.steps"]))
+        finished = run.finished(model.config.train.steps)
         key = (tracker.destination, model.trial_id)
         if not rows and key not in self.open and not (finished and record):
             return False  # nothing new, nothing open: not even a run to start
@@ -324,7 +324,7 @@ def _text(value: Any) -> str:
     return "null" if value is None else format_value(value)
 
 
-def _cell_text(model: TrialSpec) -> str:
+def _cell_text(model: ModelSpec) -> str:
     return ", ".join(f"{k}={v}" for k, v in cell_tags(model).items())
 
 

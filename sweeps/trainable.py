@@ -1,10 +1,11 @@
-"""The Ray Tune trainable: one Tune trial trains one pack of grid points.
+"""The Ray Tune trainable: one Tune trial trains one pack of models.
 
 A pack is one or more grid points that differ only in seed and weight decay
-(``sweeps.spec.make_packs``; ``pack: 1`` makes every pack a single grid point). Its trial
-trains them together with ``icl.train.train_packed``, each into its own run directory
-``STORAGE/NAME/<trial dirname>/run`` (:class:`~icl.train.rundir.RunDir`), and reports every
-evaluation step to Tune with a checkpoint holding one sub-directory per member.
+(``sweeps.spec.make_packs``; ``pack: 1`` makes every pack a single grid point); Tune receives
+each as a frozen :class:`~sweeps.spec.PackSpec` (its models' configs and run directories).
+Its trial trains them together with ``icl.train.train_packed``, each into its own run
+directory ``STORAGE/NAME/<model dirname>/run``, and reports every evaluation step to Tune with
+a checkpoint holding one sub-directory per model.
 
 Why the trainer writes its run directories into the experiment (storage) rather than into
 Ray's node-local trial working directory: a run survives anything that kills the driver or a
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import logging
 import os
 import shutil
 import socket
@@ -28,15 +28,19 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from icl.config import build_config
+from icl.config import Config
 from icl.io import atomic_write, writing_to
-from icl.layout import STAGING_PREFIX, ExperimentDir
+from icl.layout import STAGING_PREFIX
 from icl.metrics import EVAL_S, STEP, STEPS_PER_S
 from icl.train.rundir import RunDir
 from sweeps import results as res
-from sweeps.faults import Fault, maybe_inject
 from sweeps.progress import pack_progress
-from sweeps.spec import PackSpec, TrialSpec
+from sweeps.ray_adapter import quiet_trial_logs
+from sweeps.spec import PackSpec
+
+# Called after each model's evaluation has been reported, with the pack, the model's index
+# and its row; only tests install one (sweeps.faults).
+AfterEval = Callable[[PackSpec, int, dict[str, float]], None]
 
 
 class PackReporter:
@@ -49,16 +53,19 @@ class PackReporter:
     evaluating), or at the end. The metrics are the step, the number of models in the row
     and each metric's mean over them (the per-model rows are in the run directories and
     results.csv), and for the live table (``sweeps.progress``) every member's latest step
-    and accuracies and the trial's rate in model-steps/s; the checkpoint is a directory with one sub-directory per member, a copy of
-    its run's checkpoint of that step (those that have one), so a restored trial can install
-    each member's checkpoint into its run directory.
+    and accuracies and the trial's rate in model-steps/s; the checkpoint is a directory with
+    one sub-directory per member, a copy of its run's checkpoint of that step (those that have
+    one), so a restored trial can install each member's checkpoint into its run directory.
     """
 
-    def __init__(self, trial_ids: Sequence[str], runs: Sequence[RunDir], starts: Sequence[int], staging: Path) -> None:
-        self.trial_ids = list(trial_ids)
+    def __init__(self, pack: PackSpec, runs: Sequence[RunDir], starts: Sequence[int]) -> None:
+        self.trial_ids = list(pack.trial_ids)
         self.runs = list(runs)
         self.starts = list(starts)
-        self.staging = staging
+        self.staging = pack.exp.pack_dir(pack)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        for old in self.staging.glob(f"{STAGING_PREFIX}*"):  # left by an attempt killed while reporting
+            shutil.rmtree(old, ignore_errors=True)
         self.step: int | None = None
         self.rows: dict[int, dict[str, float]] = {}
         self.reported = False
@@ -91,6 +98,18 @@ class PackReporter:
         self.latest.update(rows)
         metrics.update(pack_progress({self.trial_ids[k]: r for k, r in self.latest.items()}, rate))
         self.report(metrics, {k: v for k, v in ckpts.items() if v.is_dir()})
+
+    def finish(self, final: Sequence[dict[str, float]]) -> None:
+        """The last step's report; where the runs were all complete already (the driver died
+        as the trial finished), the final checkpoints, so Tune's view ends where the runs did."""
+        self.flush()
+        if self.reported:
+            return
+        last = {m: run.latest_checkpoint() for m, run in zip(self.trial_ids, self.runs)}
+        step = max((int(r.get(STEP, 0)) for r in final), default=0)
+        metrics = pack_metrics(step, [r for r in final if r])
+        metrics.update(pack_progress({m: r for m, r in zip(self.trial_ids, final) if r}, None))
+        self.report(metrics, {m: p for m, p in last.items() if p})
 
     def rate(self, step: int, rows: dict[int, dict[str, float]]) -> float | None:
         """Model-steps per second of wall time since training started in this attempt. Until
@@ -154,91 +173,84 @@ def pack_metrics(step: int, rows: Sequence[dict[str, float]]) -> dict[str, float
     return out
 
 
-def run_pack(
-    pack_id: str,
-    exp_dir: str,
-    table: dict[str, tuple[str, dict[str, Any]]],
-    packs: dict[str, tuple[str, tuple[str, ...]]],
-    faults: dict[str, Fault],
-    heads: bool = False,
-) -> None:
-    """Body of one Tune trial: train the pack's grid points together, each into its own run
+def train_pack(pack: PackSpec, heads: bool = False, after_eval: AfterEval | None = None) -> None:
+    """Body of one Tune trial: train the pack's models together, each into its own run
     directory; report every evaluation step to Tune. A model that diverges does not stop the
     others; the trial then fails with a message naming it (each diverged model's own error
-    is written to ``diverged.txt`` in its trial directory), so Tune retries it as it retries
-    a crashed trial (a retry trains only what is unfinished) and reports it at the end. With
+    is written to ``diverged.txt`` in its directory), so Tune retries it as it retries a
+    crashed trial (a retry trains only what is unfinished) and reports it at the end. With
     ``heads`` (the spec's ``heads: true``) every new checkpoint's heads are attributed
     (``icl.circuits.update_run``) as it is written: runs keep only their newest checkpoints."""
-    import ray
+    from icl.train import PackTrainingDiverged, train_packed
+
+    quiet_trial_logs()
+    runs = [RunDir(d) for d in pack.run_dirs]
+    starts = install_tune_checkpoint(pack, runs)
+    record_attempt(pack, starts)
+    reporter = PackReporter(pack, runs, starts)
+
+    def on_eval(k: int, row: dict[str, float], checkpoint_dir: Path | None) -> None:
+        reporter.add(k, row)
+        if heads and checkpoint_dir is not None:
+            attribute_heads(runs[k], pack.configs[k])
+        if after_eval is not None:
+            after_eval(pack, k, row)
+
+    try:
+        final = train_packed(pack.configs, pack.run_dirs, on_eval=on_eval, progress=False)
+    except PackTrainingDiverged as e:
+        reporter.flush()
+        raise diverged(pack, e.diverged) from None
+    reporter.finish(final)
+
+
+def install_tune_checkpoint(pack: PackSpec, runs: Sequence[RunDir]) -> list[int]:
+    """Install each model's checkpoint from Tune's (a restored trial's) where it is newer than
+    its run's; returns each run's newest checkpoint step, where it resumes."""
     from ray import tune
-
-    from icl.train import PackTrainingDiverged, TrainingDiverged, train_packed
-
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per checkpoint copy
-
-    pack_dirname, members = packs[pack_id]
-    exp = ExperimentDir(exp_dir)
-    dirnames = [table[m][0] for m in members]
-    trial_dirs = [exp.model_dir(d) for d in dirnames]
-    runs = [RunDir(exp.run_dir(d)) for d in dirnames]
-    cfgs = [build_config(table[m][1]) for m in members]
 
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as src:
-            for m, run in zip(members, runs):
+            for m, run in zip(pack.trial_ids, runs):
                 if (Path(src) / m).is_dir():
                     run.install(Path(src) / m)
-    starts = [run.latest_step() for run in runs]
-    node = ray.get_runtime_context().get_node_id()
-    for m, d, start in zip(members, dirnames, starts):
-        exp.model_dir(d).mkdir(parents=True, exist_ok=True)
-        exp.diverged(d).unlink(missing_ok=True)  # a previous attempt's; this one may not diverge
+    return [run.latest_step() for run in runs]
+
+
+def record_attempt(pack: PackSpec, starts: Sequence[int]) -> None:
+    """One line per model in its ``attempts.jsonl``: this start of its pack's trial (the node,
+    the process, the step it resumes from); a previous attempt's ``diverged.txt`` is removed."""
+    import ray
+
+    exp, node = pack.exp, ray.get_runtime_context().get_node_id()
+    for model, start in zip(pack.models, starts):
+        exp.model_dir(model).mkdir(parents=True, exist_ok=True)
+        exp.diverged(model).unlink(missing_ok=True)  # a previous attempt's; this one may not diverge
         record = {
-            "attempt": len(res.attempts(exp.path, d)) + 1,
+            "attempt": len(res.attempts(exp.path, model)) + 1,
             "resumed_from_step": start,
-            "pack": pack_id,
+            "pack": pack.pack_id,
             "node_id": node,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "time": _dt.datetime.now().isoformat(timespec="seconds"),
         }
-        with writing_to(exp.attempts(d)), open(exp.attempts(d), "a") as f:
+        with writing_to(exp.attempts(model)), open(exp.attempts(model), "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    staging = exp.pack_dir(pack_dirname)
-    staging.mkdir(parents=True, exist_ok=True)
-    for old in staging.glob(f"{STAGING_PREFIX}*"):  # left by an attempt killed while reporting
-        shutil.rmtree(old, ignore_errors=True)
-    reporter = PackReporter(members, runs, starts, staging)
 
-    def on_eval(k: int, row: dict[str, float], checkpoint_dir: Path | None) -> None:
-        reporter.add(k, row)
-        if heads and checkpoint_dir is not None:
-            attribute_heads(runs[k], cfgs[k])
-        maybe_inject(trial_dirs[k], members[k], faults.get(members[k]), int(row[STEP]))
+def diverged(pack: PackSpec, messages: dict[int, str]) -> Exception:
+    """The trial's error for the models that diverged, each one's own written to its ``diverged.txt``."""
+    from icl.train import TrainingDiverged
 
-    try:
-        final = train_packed(cfgs, [run.path for run in runs], on_eval=on_eval, progress=False)
-    except PackTrainingDiverged as e:
-        reporter.flush()
-        for k, message in sorted(e.diverged.items()):
-            atomic_write(exp.diverged(dirnames[k]), f"TrainingDiverged: {message}\n")
-        names = "; ".join(f"{members[k]}: {msg}" for k, msg in sorted(e.diverged.items()))
-        raise TrainingDiverged(
-            f"{len(e.diverged)} of {len(members)} models of pack {pack_id} diverged: {names}"
-        ) from None
-    reporter.flush()
-    if not reporter.reported:  # every run was already complete (e.g. the driver died as the
-        # trial finished): hand Tune the final checkpoints, so its view ends where the runs did
-        last = {m: run.latest_checkpoint() for m, run in zip(members, runs)}
-        step = max((int(r.get(STEP, 0)) for r in final), default=0)
-        metrics = pack_metrics(step, [r for r in final if r])
-        metrics.update(pack_progress({m: r for m, r in zip(members, final) if r}, None))
-        reporter.report(metrics, {m: p for m, p in last.items() if p})
+    for k, message in sorted(messages.items()):
+        atomic_write(pack.exp.diverged(pack.models[k]), f"TrainingDiverged: {message}\n")
+    names = "; ".join(f"{pack.trial_ids[k]}: {msg}" for k, msg in sorted(messages.items()))
+    return TrainingDiverged(f"{len(messages)} of {len(pack.models)} models of pack {pack.pack_id} diverged: {names}")
 
 
-def attribute_heads(run: RunDir, cfg: Any) -> None:
+def attribute_heads(run: RunDir, cfg: Config) -> None:
     """Head attribution of the run's new checkpoints; analysis only, so a failure is reported
     and training goes on (``icl-analyze heads`` can redo it later)."""
     from icl.circuits import update_run
@@ -251,21 +263,14 @@ def attribute_heads(run: RunDir, cfg: Any) -> None:
               f"later: icl-analyze heads {run.path}", file=sys.stderr)
 
 
-def make_trainable(exp_dir: Path, trials: Sequence[TrialSpec], packs: Sequence[PackSpec],
-                   faults: dict[str, Fault], heads: bool = False) -> Callable[[dict[str, Any]], None]:
-    """A Tune function trainable closing over the trial table (config per trial id) and the
-    packs (``config["trial"]`` is a pack id).
-
-    Why a closure and not the configs in Tune's ``param_space``: Tune's saved state then
-    holds only pack ids, and a restore gets the table rebuilt from the (identical, checked)
-    spec with this machine's runtime paths.
-    """
-    table = {t.trial_id: (t.dirname, t.config) for t in trials}
-    pack_table = {p.pack_id: (p.dirname, tuple(p.trial_ids)) for p in packs}
-    exp = str(exp_dir)
+def make_trainable(packs: Sequence[PackSpec], heads: bool = False,
+                   after_eval: AfterEval | None = None) -> Callable[[dict[str, Any]], None]:
+    """A Tune function trainable over the packs: Tune's ``config["trial"]`` is a pack id, the
+    closure holds the frozen pack specs Tune ships to the workers with it."""
+    by_id = {p.pack_id: p for p in packs}
 
     def icl_pack(config: dict[str, Any]) -> None:
-        run_pack(config["trial"], exp, table, pack_table, faults, heads)
+        train_pack(by_id[config["trial"]], heads, after_eval)
 
     return icl_pack
 

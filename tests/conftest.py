@@ -5,7 +5,7 @@ For the whole pytest session (restored afterwards):
   the environment if set (a relative one is resolved against the current directory), else
   ``../shared/data/omniglot`` next to the project root.
 - ``ICL_CACHE_DIR`` -> a fresh session temporary folder, so the decoded-image cache is built
-  at most once per image size per session (~4 s each) and never touches the user's
+  at most once per image size per session (seconds each) and never touches the user's
   ``~/.cache/icl``. A test that damages a cache must use its own folder
   (``monkeypatch.setenv("ICL_CACHE_DIR", str(tmp_path))`` or ``data.cache_dir``).
 - ``OMP_NUM_THREADS=1`` and one torch thread in this process (see the fixture for why).
@@ -72,8 +72,25 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
 
 
+# A test that starts or joins Ray needs one of these (tests/sweeps/conftest.py), directly or
+# through its other fixtures: it is a slow one, marked so by the rule below.
+RAY_FIXTURES = frozenset({"ray_head", "embedded_env", "smoke_run"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest selects by -m
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``cuda`` are skipped, with the reason, where there is no CUDA device."""
+    """The two tiers and the opt-in suites: a test that needs Ray is ``slow`` (the others are
+    marked where they are defined: SIGKILL, full disk, signals, long); ``slurm`` tests run only
+    when ``-m`` names them (``-m slurm``); ``cuda`` tests are skipped, with the reason, where
+    there is no CUDA device."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+    if "slurm" not in (config.getoption("markexpr") or ""):
+        kept = [item for item in items if not item.get_closest_marker("slurm")]
+        if len(kept) < len(items):
+            config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("slurm")])
+            items[:] = kept
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
+import pytest
 from disk_helpers import fill
+
+pytestmark = pytest.mark.slow  # full disks
 
 PROJECT = Path(__file__).resolve().parents[1]
 

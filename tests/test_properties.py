@@ -265,6 +265,7 @@ def mutated(draw, original: bytes) -> bytes:
     return data
 
 
+@pytest.mark.slow  # a report with its plots per example
 @settings(max_examples=6)  # each success draws 4 plots (about a second): the numbers get more examples below
 @given(data=st.data())
 def test_results_mutations_fed_to_icl_analyze(tmp_path, data):

@@ -46,7 +46,8 @@ from icl.data.sequences import Sequences
 from icl.model.hooks import Hook, ablate_head, capture, hooks
 from icl.model.transformer import SequenceModel
 from icl.metrics import ACCURACIES, ATTN_STATS, ICL
-from icl.train.evaluate import PATTERNS, attention_scores, autocast, chunks, param_dtype, set_hits, set_metrics
+from icl.train.evaluate import PATTERNS, attention_scores, chunks, set_hits, set_metrics
+from icl.train.precision import autocast, param_dtype
 
 ABLATIONS = ("zero", "mean")
 MIN_DROP = 0.05  # ICL accuracy points an ablation must cost for its head to be named

@@ -48,7 +48,7 @@ from icl.io import atomic_write
 from icl.layout import RunLayout
 from icl.model import SequenceModel, build_model
 from icl.train import checkpoint as ckpt
-from icl.train.evaluate import param_dtype
+from icl.train.precision import param_dtype
 
 COMPOSITION_COLUMNS = ("step", "layer_from", "head_from", "layer_to", "head_to", "k_comp")
 

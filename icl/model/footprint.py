@@ -21,12 +21,13 @@ the model and the machine, and neither of those needs the other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import astuple, dataclass
 
 import torch
 
 from icl import machine  # by module attribute: the tests replace host_memory
-from icl.config import N_CHARACTERS, N_DRAWERS, SEQ_LEN, Config
+from icl.config import N_CHARACTERS, N_DRAWERS, SEQ_LEN, Config, ModelConfig
 from icl.errors import UserError
 from icl.machine import gib
 from icl.model.hooks import run_with_cache
@@ -62,6 +63,14 @@ def _meta_model(cfg: Config) -> torch.nn.Module:
     trainer seeds the real model from it)."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         return SequenceModel(cfg.model, cfg.data.image_size, cfg.data.num_classes)
+
+
+@functools.lru_cache(maxsize=64)
+def _architecture_bytes(model: tuple, image_size: int, num_classes: int) -> int:
+    """Parameter and buffer bytes of one architecture (``model``: ``astuple(cfg.model)``), built
+    once per process: a sweep's grid checks the same few architectures for every model."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return _parameter_bytes(SequenceModel(ModelConfig(*model), image_size, num_classes))
 
 
 def _parameter_bytes(model: torch.nn.Module) -> int:
@@ -129,7 +138,7 @@ def check_fits(cfg: Config, device: torch.device | str, models: int = 1) -> Foot
 def check_model_fits_host(cfg: Config) -> int:
     """:class:`UserError` if the model's training state alone exceeds this machine's memory
     (where a model is built before it moves to its device); returns the parameter bytes."""
-    params = _parameter_bytes(_meta_model(cfg))
+    params = _architecture_bytes(astuple(cfg.model), cfg.data.image_size, cfg.data.num_classes)
     need, have = STATE_COPIES * params, machine.host_memory()
     if need > have:
         n = params // FLOAT_BYTES

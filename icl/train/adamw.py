@@ -16,19 +16,36 @@ decayed column) carries what rounding ``p - p * lr_t * wd`` to the weight's prec
 and the next step subtracts it too. Over a run a weight without gradient thus ends at
 ``prod_t (1 - lr_t * wd)`` (about ``exp(-wd * sum lr_t)``, :mod:`icl.schedule`) to within a
 rounding of the weight, however small each step's share. The Adam step is applied as torch
-applies it. The buffer is part of each model's optimiser state in checkpoints
-(``decay_compensation``, beside ``exp_avg``); a checkpoint without it resumes from zero.
+applies it.
+
+**Its state** (:meth:`PackedAdamW.state_dict`, :meth:`PackedAdamW.load_state_dict`): model
+``k``'s moments in the format of ``torch.optim.AdamW.state_dict()`` (parameters numbered over
+the two groups of :func:`icl.train.optim.make_optimizer`, decayed first; each group's
+hyperparameters as torch writes them), so a checkpoint loads into a plain torch AdamW and
+does not depend on the pack it came from. The compensation of a model that decays is part of
+its decayed tensors' states (``decay_compensation``, beside ``exp_avg``; torch's AdamW keeps
+the key through ``load_state_dict`` and ignores it); a checkpoint without it resumes from zero.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from icl.config import Config
+from icl.errors import UserError
 from icl.schedule import lr_at
+
+# In a model's AdamW state (beside exp_avg), for its decayed tensors: what rounding has left of
+# their decoupled decay (decay_); absent from checkpoints made before it: zero.
+COMPENSATION = "decay_compensation"
+# A torch.optim.AdamW param group's settings besides lr, betas, eps and weight_decay, as torch
+# 2.14's fused AdamW writes them (the optimiser checkpoints held before PackedAdamW wrote its own)
+TORCH_GROUP = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+               "fused": True, "decoupled_weight_decay": True}
+Moments = tuple[Tensor, Tensor, "Tensor | None"]  # one model's exp_avg, exp_avg_sq [N], compensation [n_decay]
 
 
 class PackedAdamW:
@@ -49,10 +66,10 @@ class PackedAdamW:
     sqrt(1 - beta2^t)``, the K decay rates ``lr_t * wd_k``), a buffer that stays where it is,
     so a captured CUDA graph can read row ``i`` through a device index (:meth:`step_at`).
 
-    Eager (:meth:`step`), the update runs over column chunks of ~1 MB per buffer (on the CPU
-    all seven element-wise passes then stay in cache: about 3x faster than whole-buffer
-    passes, and faster than torch's per-parameter loop) with the shared scalars as Python
-    numbers; on CUDA it is one chunk. :meth:`step_at` and ``compiled`` (``torch.compile``) run
+    Eager (:meth:`step`), the update runs over column chunks of ``CHUNK_ELEMENTS`` columns x K
+    per buffer (on the CPU all seven element-wise passes over a chunk then stay in cache, where
+    whole-buffer passes would each go to memory) with the shared scalars as Python numbers; on
+    CUDA it is one chunk. :meth:`step_at` and ``compiled`` (``torch.compile``) run
     one function of device tensors only (:func:`adam_update`).
     """
 
@@ -60,9 +77,14 @@ class PackedAdamW:
     MIN_ROWS = 8  # of the scalar table (a CUDA graph's warm-up reads a few rows past a short range)
 
     def __init__(self, flat: Tensor, n_decay: int, cfgs: Sequence[Config], chunk_elements: int | None = None,
-                 decay_slots: Sequence[tuple[int, int]] = ()):
+                 decay_slots: Sequence[tuple[int, int]] = (), slots: Sequence[Any] = (),
+                 groups: tuple[Sequence[str], Sequence[str]] = ((), ())):
         self.flat = flat
         self.n_decay = n_decay
+        # for the state in torch's format: each tensor's columns (name, shape, start, stop) and
+        # torch's two groups by name (icl.train.stack.PackedModels.slots and .groups)
+        self.slots = list(slots)
+        self.groups = (list(groups[0]), list(groups[1]))
         o = cfgs[0].optim
         self.optim = o
         self.total_steps = cfgs[0].train.steps
@@ -91,6 +113,11 @@ class PackedAdamW:
         rows = max(self.MIN_ROWS, cfgs[0].train.eval_every)  # the longest range the training loop asks for
         self.table = torch.zeros(rows, 2 + k, device=flat.device, dtype=flat.dtype)
         self.compiled: Callable | None = None
+
+    @classmethod
+    def over(cls, pack: Any, cfgs: Sequence[Config]) -> "PackedAdamW":
+        """The optimiser of a :class:`~icl.train.stack.PackedModels` stack."""
+        return cls(pack.flat, pack.n_decay, cfgs, decay_slots=pack.decay_slots, slots=pack.slots, groups=pack.groups)
 
     def single_pass(self) -> None:
         """Update the whole pack in one pass of each kernel, as on CUDA (on the CPU the update
@@ -162,6 +189,97 @@ class PackedAdamW:
         update = self.compiled or adam_update
         update(self.flat, self.exp_avg, self.exp_avg_sq, grad, self.table.index_select(0, index)[0], n_decay,
                self.beta1, self.beta2, self.eps, self.compensation)
+
+
+    # ------------------------------------------------------------------ per-model state
+
+    def state_dict(self, k: int, t: int) -> dict[str, Any]:
+        """Model ``k``'s state after update ``t`` as ``torch.optim.AdamW.state_dict()`` has it for
+        the optimiser :func:`icl.train.optim.make_optimizer` builds (learning rate of step ``t``),
+        the decayed tensors' states also holding their ``decay_compensation`` when the model
+        decays (decoupled, ``weight_decay > 0``)."""
+        decay, rest = self.groups
+        index = {name: i for i, name in enumerate([*decay, *rest])}
+        compensated = self.weight_decay[k] != 0
+        state: dict[int, dict[str, Tensor]] = {}
+        for s in self.slots:
+            entry = {
+                "step": torch.tensor(float(t)),
+                "exp_avg": self.exp_avg[k, s.start : s.stop].view(s.shape).clone(),
+                "exp_avg_sq": self.exp_avg_sq[k, s.start : s.stop].view(s.shape).clone(),
+            }
+            if compensated and s.stop <= self.n_decay:
+                entry[COMPENSATION] = self.compensation[k, s.start : s.stop].view(s.shape).clone()
+            state[index[s.name]] = entry
+        lr = lr_at(max(t, 1), self.optim, self.total_steps)
+        o = self.optim
+
+        def group(weight_decay: float, ids: range) -> dict[str, Any]:
+            return {"weight_decay": weight_decay, "lr": lr, "betas": (o.beta1, o.beta2), "eps": o.eps, **TORCH_GROUP,
+                    "params": list(ids)}
+
+        return {"state": state, "param_groups": [group(self.weight_decay[k], range(len(decay))),
+                                                 group(0.0, range(len(decay), len(decay) + len(rest)))]}
+
+    @torch.no_grad()
+    def load_state_dict(self, k: int, state: dict[str, Any], t: int) -> None:
+        """Model ``k``'s moments and decay compensation after update ``t`` from a
+        ``torch.optim.AdamW`` ``state_dict`` (:meth:`state_dict`'s, or one of the same two
+        groups); a tensor without state starts from zero, as in a fresh AdamW. ValueError if the
+        state is not one of this model's, UserError if it is of another step."""
+        decay, rest = self.groups
+        groups, saved = state.get("param_groups"), state.get("state")
+        sizes = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else None
+                 for g in groups or ()] if isinstance(groups, list) else None
+        if sizes != [len(decay), len(rest)] or not isinstance(saved, dict):
+            raise ValueError(f"optimiser state has parameter groups of {sizes} tensors, not {[len(decay), len(rest)]}")
+        saved_id = dict(zip([*decay, *rest], [*groups[0]["params"], *groups[1]["params"]]))
+        for s in self.slots:
+            entry = saved.get(saved_id[s.name])
+            rows = (self.exp_avg[k, s.start : s.stop], self.exp_avg_sq[k, s.start : s.stop])
+            kept = self.compensation[k, s.start : s.stop] if s.stop <= self.compensation.shape[1] else None
+            if not entry:  # never updated (t == 0)
+                for row in (*rows, *([kept] if kept is not None else [])):
+                    row.zero_()
+                continue
+            step = _step(entry)
+            if step != t:
+                raise UserError(f"checkpoint optimiser state of {s.name} is at step {step}, not {t}")
+            for row, key in zip(rows, ("exp_avg", "exp_avg_sq")):
+                row.copy_(_flat(entry.get(key), s, key))
+            if kept is not None:  # a checkpoint without it: zero
+                c = entry.get(COMPENSATION)
+                kept.copy_(0 if c is None else _flat(c, s, COMPENSATION))
+
+    def moments(self, k: int) -> Moments:
+        """Model ``k``'s moments and compensation (copies): what it carries to another pack in
+        memory (:meth:`set_moments`), the same numbers as a checkpoint's round trip."""
+        comp = self.compensation[k].clone() if self.compensation.shape[1] else None
+        return self.exp_avg[k].clone(), self.exp_avg_sq[k].clone(), comp
+
+    @torch.no_grad()
+    def set_moments(self, k: int, moments: Moments) -> None:
+        exp_avg, exp_avg_sq, comp = moments
+        self.exp_avg[k] = exp_avg
+        self.exp_avg_sq[k] = exp_avg_sq
+        if self.compensation.shape[1]:  # none carried: its pack did not decay, nor did it
+            self.compensation[k] = 0 if comp is None else comp
+
+
+def _step(entry: Any) -> int | None:
+    """The step a saved tensor state is at (None: it says none)."""
+    try:
+        return int(entry["step"])
+    except (TypeError, KeyError, ValueError, RuntimeError):
+        return None
+
+
+def _flat(value: Any, slot: Any, key: str) -> Tensor:
+    """A saved state tensor of ``slot``, flattened; ValueError if it is not one of its shape."""
+    if not isinstance(value, Tensor) or value.numel() != slot.stop - slot.start:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"optimiser state {key} of {slot.name} is {shape}, not of shape {tuple(slot.shape)}")
+    return value.reshape(-1)
 
 
 def decay_(p: Tensor, compensation: Tensor, rate: Tensor) -> None:

@@ -33,10 +33,7 @@ import numpy as np
 import torch
 
 from icl.io import writing_to
-
-STATE = "state.pt"
-MANIFEST = "manifest.json"
-TEMP_PREFIX = ".tmp-"  # a checkpoint being built (or a crash's leftover: never valid)
+from icl.layout import CHECKPOINT_TEMP_PREFIX as TEMP_PREFIX, MANIFEST, STATE
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -47,6 +47,7 @@ from icl.metrics import (ATTN_STATS, CIWL, CIWL_INCTX, ECE, EVALUATION, FLIP_CTX
                          FLIP_IWL_INCTX, ICL, ICL_ALL, ICL_HALVES, ICL_TRAIN, ICL_TRAIN_ALL, IWL, attn_column)
 from icl.model.hooks import run_with_cache
 from icl.model.transformer import QUERY_POS, SequenceModel
+from icl.train.precision import autocast, param_dtype
 
 
 def attention_masks(classes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -121,26 +122,6 @@ def _run(model: SequenceModel, data: StudyData, seqs: Sequences, cfg: Config, at
         logits.append(out.float())
     result = torch.cat(logits)
     return result, (scores / len(seqs) if attention else None)
-
-
-def param_dtype(cfg: Config) -> torch.dtype:
-    """The dtype of parameters and pixels: float64 for ``train.precision=fp64`` (numerical
-    checks: rounding differences then stay far below any tolerance, even where training
-    dynamics amplify them), float32 otherwise (bf16 is autocast over float32 weights)."""
-    return torch.float64 if cfg.train.precision == "fp64" else torch.float32
-
-
-def mixed_precision(cfg: Config, device: torch.device) -> bool:
-    """bf16 autocast: on CUDA when ``train.precision`` is bf16."""
-    return cfg.train.precision == "bf16" and device.type == "cuda"
-
-
-def autocast(cfg: Config, device: torch.device, enabled: bool | None = None):
-    """bf16 autocast where :func:`mixed_precision` says (or ``enabled``). Its weight-cast cache is
-    off: the trainer hands autocast bf16 weights already (nothing to cache), and a cache is
-    unsafe under CUDA-graph capture."""
-    on = mixed_precision(cfg, device) if enabled is None else enabled
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on, cache_enabled=False)
 
 
 def in_context_argmax(logits: Tensor, seqs: Sequences) -> Tensor:

@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from icl.config import Config, get_key
+from icl.metrics import HPARAMS_METRICS, ICL, PEAK_ICL, group
 
 DEFAULT_KEYS = ("data.num_classes", "optim.weight_decay", "seed")
-PEAK_ICL = "peak_icl_acc"  # the column added to the event file's rows: eval/peak_icl_acc
-METRIC_TAGS = ("eval/peak_icl_acc", "eval/iwl_acc")
+METRIC_TAGS = tuple(f"{group(c)}/{c}" for c in HPARAMS_METRICS)  # their TensorBoard tags
 
 
 def hparam_keys(cfg: Config) -> list[str]:
@@ -55,8 +55,8 @@ def with_peak_icl(rows: Sequence[dict[str, float]]) -> list[dict[str, float]]:
     peak = None
     out = []
     for row in rows:
-        if "icl_acc" in row:
-            peak = float(row["icl_acc"]) if peak is None else max(peak, float(row["icl_acc"]))
+        if ICL in row:
+            peak = float(row[ICL]) if peak is None else max(peak, float(row[ICL]))
             row = {**row, PEAK_ICL: peak}
         out.append(row)
     return out

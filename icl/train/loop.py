@@ -10,12 +10,15 @@ intact checkpoint; because a training batch is a pure function of (seed, step) a
 checkpointed, a resumed run reproduces an uninterrupted one exactly (on CPU; timing
 columns aside), and a run directory can be resumed in a pack of any size.
 
-The loop is one state machine over *segments*: a segment trains every live model of the
-pack from one evaluation step to the next (``train.eval_every``, the last step, or a
-catch-up target) without a single host synchronisation; then, between segments, come the
-one host read of the accumulated losses (divergence), evaluation, the metrics row,
-checkpoints (every ``train.checkpoint_every`` and at the end of what is trained), progress
-and the caller's ``on_eval``. Timing: ``wall_s`` is the pack's wall time (training plus
+The loop is one state machine over *segments*: a segment trains the live models standing at
+one step up to a target (the last step, or the step of the next model ahead), through
+*stretches* from one evaluation step to the next (``train.eval_every``), each without a
+single host synchronisation; then, between stretches, come the one host read of the
+accumulated losses (divergence), evaluation, the metrics row, checkpoints (every
+``train.checkpoint_every`` and at the end of what is trained), progress and the caller's
+``on_eval``. Each run's newest checkpoint is read once, when the call starts; from one
+segment to the next a model is carried in memory (its weights, buffers, AdamW moments and
+logs: the numbers its checkpoint holds), and a run is finished when its state says so. Timing: ``wall_s`` is the pack's wall time (training plus
 every model's evaluation: the models share the process), ``steps_per_s`` excludes
 evaluation; both count the device's work: the clock is read at a segment's end only after the
 device has finished the steps queued on it (one wait per segment, none per step).
@@ -40,17 +43,20 @@ from typing import Callable, Sequence
 
 import torch
 
-from icl.config import Config
+from icl.config import Config, check_packable
 from icl.data import StudyData, load_data
 from icl.errors import UserError
 from icl.machine import resolve_device, synchronize
 from icl.metrics import EVAL_S, LR, SEQUENCES, SEQUENCES_PER_S, STEP, STEPS_PER_S, TRAIN_ACC, TRAIN_LOSS, WALL_S
 from icl.model.footprint import check_fits
-from icl.train.evaluate import evaluate
 from icl.schedule import lr_at
-from icl.train.pack import PackedTrainer, check_packable, data_for, initial_model
+from icl.train.adamw import Moments
+from icl.train.evaluate import evaluate
+from icl.train.precision import check_precision
 from icl.train.progress import Progress
 from icl.train.rundir import Restored, RunDir, RunState
+from icl.train.stack import initial_model
+from icl.train.step import PackedTrainer, data_for
 
 # on_eval(k, row, checkpoint_dir or None): model k's row, after its files are written.
 OnEval = Callable[[int, dict[str, float], "Path | None"], None]
@@ -135,9 +141,7 @@ def train_packed(
     check_packable(cfgs)
     t = cfgs[0].train
     device = resolve_device(t.device)
-    if t.precision == "bf16" and device.type != "cuda":  # never a run that says bf16 and trained in fp32
-        raise UserError(f"train.precision=bf16 needs a GPU (bf16 autocast runs on CUDA only) but this run would "
-                        f"train on {device.type} (train.device={t.device}); set train.precision=fp32 to train here")
+    check_precision(cfgs[0], device)
     check_fits(cfgs[0], device, models=len(cfgs))  # before anything is written or allocated
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -162,30 +166,24 @@ def train_packed(
 def _train_all(cfgs: list[Config], runs: list[RunDir], datas: list[StudyData], device: torch.device,
                on_eval: OnEval | None, progress: bool | None) -> tuple[list[dict[str, float] | None], dict[int, str]]:
     """Segments until every model is finished or diverged: each model's last row (None if it
-    diverged) and why each diverged model stopped."""
-    t = cfgs[0].train
-    results: list[dict[str, float] | None] = [None] * len(cfgs)
-    diverged: dict[int, str] = {}
+    diverged) and why each diverged model stopped. Each run's checkpoint is read once; a
+    model trained in one segment is carried to the next in memory."""
+    steps = cfgs[0].train.steps
+    members = [Member(k, cfgs[k], runs[k], datas[k], run.restore(cfgs[k])) for k, run in enumerate(runs)]
+    for m in members:
+        if m.restored is not None and m.restored.state.step >= steps:  # finished: refresh its logs, as a resume does
+            m.state, m.restored = m.restored.state, None
+            m.run.record(m.state)
     while True:
-        restored = {k: run.restore(cfgs[k]) for k, run in enumerate(runs) if k not in diverged}
-        at = {k: r.state.step if r else 0 for k, r in restored.items()}
-        for k, r in restored.items():
-            if at[k] >= t.steps and results[k] is None:  # finished: refresh its logs, as a resume does
-                runs[k].record(r.state)
-                results[k] = r.state.last_row
-        todo = [k for k in restored if at[k] < t.steps]
+        todo = [m for m in members if not m.diverged and m.step < steps]
         if not todo:
-            return results, diverged
-        start = min(at[k] for k in todo)
-        ahead = [at[k] for k in todo if at[k] > start]
-        group = [Member(k, cfgs[k], runs[k], datas[k], restored[k]) for k in todo if at[k] == start]
-        segment = Segment(group, device, start, stop=min(ahead) if ahead else t.steps,
+            break
+        start = min(m.step for m in todo)
+        ahead = [m.step for m in todo if m.step > start]
+        segment = Segment([m for m in todo if m.step == start], device, start, stop=min(ahead) if ahead else steps,
                           on_eval=on_eval, progress=progress)
-        for m in segment.run():
-            if m.diverged:
-                diverged[m.k] = m.diverged
-            elif segment.stop >= t.steps:
-                results[m.k] = m.state.last_row
+        segment.run()
+    return [None if m.diverged else m.state.last_row for m in members], {m.k: m.diverged for m in members if m.diverged}
 
 
 # --------------------------------------------------------------------------- the state machine
@@ -193,7 +191,9 @@ def _train_all(cfgs: list[Config], runs: list[RunDir], datas: list[StudyData], d
 
 @dataclass
 class Member:
-    """One model of a pack being trained: where it logs and what it has logged."""
+    """One model of a pack being trained: where it logs, what it has logged, and where it
+    stands: its checkpoint as read when the call started (``restored``), or, once it has
+    trained in this call, its weights and moments in memory (``carried``)."""
 
     k: int  # index in the caller's lists
     cfg: Config
@@ -201,7 +201,14 @@ class Member:
     data: StudyData
     restored: Restored | None
     state: RunState | None = None
+    carried: tuple[dict[str, torch.Tensor], Moments] | None = None
     diverged: str = ""  # why it stopped, once it has
+
+    @property
+    def step(self) -> int:
+        if self.state is not None:
+            return self.state.step
+        return self.restored.state.step if self.restored else 0
 
 
 class Segment:
@@ -216,6 +223,9 @@ class Segment:
         models = [initial_model(m.cfg, device) for m in members]  # as each run starts
         self.trainer = PackedTrainer(models, [m.cfg for m in members], [m.data for m in members])
         for i, m in enumerate(members):
+            if m.carried is not None:  # trained in an earlier segment of this call
+                self.trainer.put(i, m.carried)
+                continue
             m.state = m.restored.state if m.restored else RunState()
             if m.restored:
                 try:
@@ -224,6 +234,7 @@ class Segment:
                     why = " ".join(str(e).split())[:300]
                     raise UserError(f"checkpoint {m.restored.path} does not fit the model of this config ({why}); "
                                     "move it out of checkpoints/ to resume from the previous one") from None
+                m.restored = None  # read once: what it held is the trainer's now
             m.run.record(m.state)  # the logs as of the checkpoint (drops rows a crash left after it)
         first = members[0].state
         self.bar = Progress(self.train_cfg.steps, enabled=sys.stderr.isatty() if progress is None else progress)
@@ -251,6 +262,8 @@ class Segment:
             if not alive:
                 break
         self.bar.close()
+        for i in alive:  # on to the next segment, in memory
+            self.members[i].carried = self.trainer.carry(i)
         return self.members
 
     def evaluate(self, step: int, since: int, alive: list[int], loss_sum: torch.Tensor, correct_sum: torch.Tensor,

@@ -100,6 +100,7 @@ def test_report_html_is_the_whole_report_in_one_file(experiment, capsys):
     assert "from `..` (paths relative to this report's folder)" in report
 
 
+@pytest.mark.slow  # a report with every plot
 def test_one_seed_report_says_so_and_shows_no_sd(experiment, tmp_path):
     df = pd.read_csv(experiment / "results.csv")
     single = tmp_path / "single"
@@ -128,6 +129,7 @@ def test_default_out(experiment):
         default_out(["a", "b"])
 
 
+@pytest.mark.slow  # a report with every plot
 def test_running_sweep_with_missing_seed(experiment, tmp_path, capsys):
     df = pd.read_csv(experiment / "results.csv")
     cut = (df[CLASSES] == 10) & (df[WD] == 1e-3) & (df[SEED] == 1)

@@ -21,9 +21,13 @@ from analysis.heads import (find_runs, formation, named_heads, plot_composition,
 from icl.config import load_config  # noqa: E402
 from icl.train import train  # noqa: E402
 from sweeps.results import write_results, write_trials  # noqa: E402
-from sweeps.spec import TrialSpec  # noqa: E402
+from icl.config import Config  # noqa: E402
+from sweeps.spec import ModelSpec  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
+
+
+trained_run = pytest.mark.slow  # a test of the trained run below: head attribution of its checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +37,17 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweepish")
     run = root / "t000_seed=0" / "run"
     train(cfg, run, progress=False)
-    trial = TrialSpec("t000", "t000_seed=0", {"seed": 0}, {})
+    trial = ModelSpec("t000", "t000_seed=0", {"seed": 0}, Config())
     write_trials(root, [trial], {"t000": ("TERMINATED", "")}, {"t000": ("t000",)})  # as the sweep does
     return run
 
 
+@trained_run
 def test_runs_are_found_where_the_sweep_recorded_them(run, tmp_path):
     """An experiment's runs come from its trials.csv; a run directory is itself; a folder of
     runs or experiments holds theirs; anything else holds none."""
     assert find_runs([run.parent.parent]) == [run] == find_runs([run])
-    trial = TrialSpec("t000", "t000_elsewhere", {"seed": 0}, {})
+    trial = ModelSpec("t000", "t000_elsewhere", {"seed": 0}, Config())
     (tmp_path / "exp").mkdir()
     write_trials(tmp_path / "exp", [trial], {}, {"t000": ("t000",)})
     (tmp_path / "exp" / "t000_seed=0").symlink_to(run.parent, target_is_directory=True)
@@ -55,6 +60,7 @@ def test_runs_are_found_where_the_sweep_recorded_them(run, tmp_path):
     assert find_runs([tmp_path / "storage"]) == [tmp_path / "storage" / "sweep" / "t000_seed=0" / "run"]
 
 
+@trained_run
 def test_heads_command_analyses_every_checkpoint_and_draws(run, capsys):
     assert find_runs([run.parent.parent]) == [run]
     assert main(["heads", str(run.parent.parent), "--dpi", "40"]) == 0
@@ -68,6 +74,7 @@ def test_heads_command_analyses_every_checkpoint_and_draws(run, capsys):
     assert "0 checkpoint(s) analysed" in capsys.readouterr().out
 
 
+@trained_run
 def test_head_plots_are_titled_and_labelled(run):
     main(["heads", str(run), "--no-plots"])
     t = read_run(run)
@@ -78,6 +85,7 @@ def test_head_plots_are_titled_and_labelled(run):
         assert labelled and any(ax.get_xlabel() for ax in fig.axes)
 
 
+@trained_run
 def test_report_has_a_circuits_section(run, tmp_path):
     main(["heads", str(run), "--no-plots"])
     assert main([str(run), "--out", str(tmp_path / "report"), "--dpi", "30"]) == 0
@@ -91,6 +99,7 @@ def test_report_has_a_circuits_section(run, tmp_path):
     assert "L0 " in groups and "L1 " in groups and " ± " in groups
 
 
+@pytest.mark.slow  # trains a run in fp64
 def test_fp64_runs_are_analysed(tmp_path, capsys):
     """A run trained in float64: its checkpoints hold float64 weights, the pixels must follow."""
     cfg = load_config("tiny", ["train.precision=fp64", "train.steps=20", "train.eval_every=20",
@@ -106,6 +115,7 @@ def test_fp64_runs_are_analysed(tmp_path, capsys):
     assert t["heads"]["se"].notna().all() and (run / "circuits" / "groups_over_training.png").is_file()
 
 
+@trained_run
 def test_a_run_whose_early_checkpoints_are_gone_gives_an_upper_bound(run, tmp_path):
     """Only step 40 left: whatever it shows, nothing is known about earlier steps."""
     late = tmp_path / "late"
@@ -177,12 +187,13 @@ def test_a_head_without_the_induction_pattern_is_called_an_icl_head():
                                 "previous-token head L0H0 (−0.30 ± 0.02)")
 
 
+@trained_run
 def test_an_experiments_report_reads_its_runs_where_trials_csv_says(run, tmp_path):
     """The sweep's tables name the runs: the report finds their circuits, and the grid values
     the results lack come from the runs' configs (no spec here to say them)."""
     main(["heads", str(run), "--no-plots"])
     root = run.parent.parent
-    write_results(root, [TrialSpec("t000", "t000_seed=0", {"seed": 0}, {})])
+    write_results(root, [ModelSpec("t000", "t000_seed=0", {"seed": 0}, Config())])
     df = load_results(root)
     assert (df["data.num_classes"] == 64).all()  # the tiny preset, from the run's config.yaml
     assert any("taken from its trials' config.yaml" in n for n in df.attrs["notes"])
@@ -221,10 +232,12 @@ def _one_error_line(capsys, argv: list[str]) -> str:
     (["--device", "tpu"], "--device must be cpu, auto, cuda or cuda:N"),
     (["--device", "cuda:99"], "--device cuda:99"),
 ])
+@trained_run
 def test_heads_flags_are_checked_before_work(run, capsys, flags, words):
     assert words in _one_error_line(capsys, ["heads", str(run), *flags])
 
 
+@trained_run
 def test_heads_on_cuda_without_a_gpu_is_one_error_line(run, capsys):
     import torch
 
@@ -235,6 +248,7 @@ def test_heads_on_cuda_without_a_gpu_is_one_error_line(run, capsys):
 
 @pytest.mark.parametrize("garbage", [b"step,layer\nabc,1\n", b"\xff\xfe\x00 not text", b"layer,head\n1,2\n"],
                          ids=["text step", "not UTF-8", "no step column"])
+@trained_run
 def test_garbage_heads_tables_are_one_error_line(run, tmp_path, capsys, garbage):
     """A heads.csv someone else wrote: both the heads command and the report say which file
     and how to redo it; nothing else of the run is touched."""

@@ -7,6 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from analysis import summarize  # noqa: E402
@@ -71,6 +72,7 @@ def test_single_run_plots(tmp_path, rows, curve):
         assert _is_png(save_figure(fig, tmp_path / f"{name}.png", DPI))
 
 
+@pytest.mark.slow  # a report with every plot
 def test_peer_evaluators_get_their_own_plot_and_summary_columns(tmp_path, rows, curve):
     df = _small(rows, curve, attention=False, cells=((10, 0.0), (100, 0.0)))
     assert "evaluators" not in write_plots(df, summarize(df), tmp_path / "old", dpi=DPI)  # results from before

@@ -49,7 +49,7 @@ def test_the_key_third_of_a_qkv_bias_is_reported_not_judged(checks):
 
 
 def test_columns_of_a_stack_are_split_the_same_way(checks):
-    from icl.train.pack import Slot
+    from icl.train.stack import Slot
 
     slots = [Slot("head.weight", torch.Size([2]), 0, 2), Slot("blocks.0.attn.qkv.bias", torch.Size([6]), 2, 8)]
     stack = torch.arange(16.0).reshape(2, 8)
@@ -73,6 +73,7 @@ def test_a_broken_check_fails_and_the_others_still_run(checks, monkeypatch, tmp_
     assert capsys.readouterr().out.splitlines()[2] == "third [c]: skipped: no CUDA"
 
 
+@pytest.mark.slow  # every check that can run on the CPU, trained
 def test_on_the_cpu_what_needs_cuda_says_so_and_the_rest_is_judged(checks):
     device = torch.device("cpu")
     extra, k = checks.CASES["linear fp32 K=3, decay on attn and head"]

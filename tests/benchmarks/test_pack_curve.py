@@ -22,7 +22,8 @@ def pack_curve():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("seconds, stopped", [(600, "the preset's last step"), (0.001, "the deadline")])
+@pytest.mark.parametrize("seconds, stopped", [pytest.param(600, "the preset's last step", marks=pytest.mark.slow),
+                                              (0.001, "the deadline")])
 def test_the_curve_holds_whole_evaluations_until_the_deadline(pack_curve, tmp_path, capsys, seconds, stopped):
     csv, png = tmp_path / "curve.csv", tmp_path / "curve.png"
     args = ["--config", "tiny", "--set", "train.steps=40", "--device", "cpu", "--eval-every", "20",

@@ -239,6 +239,7 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(capsys, tmp_path, omniglot_subs
 # --------------------------------------------------------------------------- the console script
 
 
+@pytest.mark.slow  # the installed console script, in a subprocess
 def test_console_script(tmp_path):
     """The installed ``icl-data`` as a real process: bad input -> exit 2, one error line."""
     out = tmp_path / "x.npz"
@@ -332,6 +333,7 @@ def test_a_dataset_that_is_not_omniglot_needs_data_custom(capsys, tmp_path, omni
 # --------------------------------------------------------------------------- a fresh checkout
 
 
+@pytest.mark.slow  # copies of the checkout, CLIs in subprocesses
 def test_a_fresh_checkout_finds_shared_data_beside_it_and_offline_says_how_to_provide_it(tmp_path, omniglot_dir):
     """A copy of the checkout, run in a clean environment (no ICL_DATA_DIR): the copy of
     Omniglot in ../shared/data/omniglot is found; without it, on a machine that cannot

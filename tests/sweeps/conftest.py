@@ -2,7 +2,7 @@
 
 - ``ray_head``: a head node started once per session with ``ray start`` (2 CPUs, token
   authentication with a session token file, fast node-death detection). Sweep drivers join
-  it with ``--address``, so most tests pay ~3 s to connect instead of ~10 s for a Ray start.
+  it with ``--address``, so most tests pay for connecting to Ray instead of for starting one.
 - ``driver_env``: the environment of a sweep driver: the session's data/cache variables,
   ``RAY_AUTH_TOKEN_PATH`` of the session token and no ``RAY_AUTH_MODE`` (icl-sweep picks
   token mode itself when a token is available), no ``RAY_ADDRESS``.

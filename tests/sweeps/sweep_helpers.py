@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from icl import metrics
+from sweeps.faults import FAULTS_ENV
 
 TIMING = list(metrics.TIMING)
 STEPS = 200  # smoke.yaml: 200-step trials, evaluated every 50 steps, checkpointed every 100
@@ -29,13 +30,23 @@ def short_tmpdir(prefix: str) -> Path:
     return path
 
 
+FAULTY_SWEEP = Path(__file__).with_name("faulty_sweep.py")
+
+
 def icl_sweep_cmd() -> list[str]:
     script = Path(sys.executable).with_name("icl-sweep")
     return [str(script)] if script.exists() else [sys.executable, "-m", "sweeps.cli"]
 
 
-def run_cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(icl_sweep_cmd() + args, env=env, capture_output=True, text=True, timeout=timeout)
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 300, faults: str | None = None
+            ) -> subprocess.CompletedProcess:
+    """``icl-sweep ARGS``; with ``faults`` (``"t001@100,t003@100x*"``, sweeps.faults), the same
+    command with those faults injected (tests/sweeps/faulty_sweep.py)."""
+    if faults is not None:
+        cmd, env = [sys.executable, str(FAULTY_SWEEP)], dict(env, **{FAULTS_ENV: faults})
+    else:
+        cmd = icl_sweep_cmd()
+    return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def start_cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

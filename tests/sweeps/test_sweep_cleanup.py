@@ -17,6 +17,8 @@ from sweep_helpers import wait_for
 
 from sweeps.procs import kill_pids, pids_mentioning, pids_with_env, with_descendants
 
+pytestmark = pytest.mark.slow  # pytest runs that start Ray, stopped by signals
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SESSION_ENV = "ICL_TEST_SESSION"
 

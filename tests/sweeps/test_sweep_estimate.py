@@ -14,7 +14,8 @@ from icl.config import build_config
 from icl.errors import UserError
 from sweeps.cli import main
 from sweeps.estimate import Measured, counts, from_benchmark, plan
-from sweeps.spec import expand, load_spec, make_packs, parse_spec
+from sweeps.experiment import Experiment
+from sweeps.spec import load_spec, parse_spec
 
 
 def spec_doc(**changes) -> dict:
@@ -35,9 +36,8 @@ def test_counts_include_the_last_step() -> None:
 
 
 def test_a_plan_of_the_smoke_sweep() -> None:
-    spec = parse_spec(spec_doc())  # 4 trials of 200 steps: 4 evaluations, 2 checkpoints each
-    trials = expand(spec)
-    p = plan(spec, trials, make_packs(spec, trials), measured(), cpus=2, gpus=0)
+    exp = Experiment.build(parse_spec(spec_doc()))  # 4 trials of 200 steps: 4 evaluations, 2 checkpoints each
+    p = plan(exp, measured(), cpus=2, gpus=0)
     assert p.model_steps == 800
     assert p.trial_s == [pytest.approx(200 * 0.01 + 4 * 0.5 + 2 * 0.1)] * 4  # 4.2 s each
     assert p.slots == 2 and p.wall_s == pytest.approx(2 * 4.2)  # 1 CPU each on 2 CPUs
@@ -47,9 +47,8 @@ def test_a_plan_of_the_smoke_sweep() -> None:
 
 
 def test_a_packed_gpu_plan_counts_gpu_hours_and_shared_gpus() -> None:
-    spec = parse_spec(spec_doc(pack=2, resources={"cpu": 1, "gpu": 0.5}, max_concurrent=None))
-    trials = expand(spec)  # 2 packs of 2 models
-    p = plan(spec, trials, make_packs(spec, trials), measured(step_s=0.02, device="cuda", linear=False), 8, 1)
+    exp = Experiment.build(parse_spec(spec_doc(pack=2, resources={"cpu": 1, "gpu": 0.5}, max_concurrent=None)))
+    p = plan(exp, measured(step_s=0.02, device="cuda", linear=False), 8, 1)  # 2 packs of 2 models
     assert p.trial_s == [pytest.approx(200 * 0.02 + 2 * 4 * 0.5 + 2 * 2 * 0.1)] * 2  # 8.4 s per pack
     assert p.slots == 2 and p.wall_s == pytest.approx(8.4)
     assert p.wall_turns_s == pytest.approx(16.8)  # both on the one GPU, taking turns
@@ -101,11 +100,10 @@ RATES = Path(__file__).resolve().parents[2] / "benchmarks" / "rates"
 def test_the_shipped_rate_files_fit_the_shipped_specs(name: str, rate_file: str) -> None:
     """benchmarks/rates/ measured the model, batch, precision and pack of the spec it is for:
     --rate-from takes it (a preset or spec changed since would be refused)."""
-    spec = load_spec(name)
-    trials = expand(spec)
-    k = len(make_packs(spec, trials)[0].trial_ids)
+    exp = Experiment.build(load_spec(name))
+    k = len(exp.packs[0].trial_ids)
     bench = json.loads((RATES / rate_file).read_text())
-    m = from_benchmark(RATES / rate_file, build_config(trials[0].config), k, measured())
+    m = from_benchmark(RATES / rate_file, exp.models[0].config, k, measured())
     assert m.step_s == pytest.approx(k / bench["trainer_steps_per_s"])
     assert bench["device"] == "cpu" and m.device == "cpu"
     assert bench["machine"]["load_average"] and bench["versions"]["torch"]  # where it was measured, said

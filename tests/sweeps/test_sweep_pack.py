@@ -14,6 +14,7 @@ is tests/train/test_packed.py's business.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +23,11 @@ import pytest
 import yaml
 from sweep_helpers import cli_error, read_results, run_cli, start_cli, wait_for, without_timing
 
-from icl.config import build_config
 from icl.train import train
 from icl.train.checkpoint import step_of
 from sweeps import results as res
-from sweeps.procs import kill_pids, pids_mentioning, with_descendants
 from sweeps.cli import main
+from sweeps.experiment import Experiment
 from sweeps.spec import expand, load_spec, make_packs, parse_spec, saved_yaml, shrink_of
 
 GRID = {"data.num_classes": [16], "optim.weight_decay": [0.0, 0.01], "seed": [0, 1]}
@@ -92,6 +92,7 @@ def test_bad_pack_values_exit_2(pack, tmp_path: Path, capsys: pytest.CaptureFixt
     assert "pack must be an integer >= 1" in line
 
 
+@pytest.mark.slow  # builds the study's 30 paper-sized models
 def test_the_study_runs_each_class_count_as_one_pack_of_15(capsys: pytest.CaptureFixture) -> None:
     spec = load_spec("study")
     packs = make_packs(spec, expand(spec))
@@ -144,13 +145,15 @@ def test_changing_pack_of_an_existing_experiment_is_refused(tmp_path: Path, caps
 
 
 @pytest.fixture(scope="module")
-def unpacked(ray_head, driver_env: dict, tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
-    """The same grid as one trial per grid point (pack: 1): what the packed sweeps must equal."""
-    tmp = tmp_path_factory.mktemp("unpacked")
-    spec = write_spec(tmp / "unpacked.yaml", smoke_doc())
-    proc = run_cli([str(spec), "--storage", str(tmp), "--address", ray_head.address, "--no-analysis"], driver_env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return read_results(tmp / "smoke")
+def unpacked(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    """The same grid one model at a time, as ``pack: 1`` trains it (each model alone, with
+    ``icl.train.train`` into its run directory; a sweep of single models on Ray is the smoke
+    tests' business), and its results table: what the packed sweeps must equal."""
+    exp = Experiment.build(parse_spec(smoke_doc(), storage=str(tmp_path_factory.mktemp("unpacked"))))
+    for model in exp.models:
+        train(model.config, exp.dir.run_dir(model), progress=False)
+    res.write_results(exp.path, exp.models)
+    return read_results(exp.path)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +164,7 @@ def packed(ray_head, driver_env: dict, tmp_path_factory: pytest.TempPathFactory)
     tmp = tmp_path_factory.mktemp("packed")
     spec = write_spec(tmp / "packed.yaml", smoke_doc(pack=3))
     args = [str(spec), "--storage", str(tmp), "--address", ray_head.address, "--no-analysis"]
-    proc = run_cli(args, dict(driver_env, ICL_SWEEP_FAULTS="t001@20"))
+    proc = run_cli(args, driver_env, faults="t001@20")
     return {"proc": proc, "exp": tmp / "smoke", "args": args, "spec": spec}
 
 
@@ -223,22 +226,23 @@ def test_a_diverged_model_fails_alone(ray_head, driver_env: dict, tmp_path: Path
     assert table.loc["t000", "status"] == "TERMINATED" and table.loc["t001", "status"] == "ERROR"
     assert "non-finite" in table.loc["t001", "error"]
     t000, t001 = expand(load_spec(str(spec)))
-    train(build_config(t000.config), tmp_path / "alone")
+    train(t000.config, tmp_path / "alone")
     got = without_timing(pd.read_csv(res.run_dir(exp, t000).path / "metrics.csv"))
     pd.testing.assert_frame_equal(got, without_timing(pd.read_csv(tmp_path / "alone" / "metrics.csv")),
                                   check_exact=False, rtol=1e-4, atol=1e-6)
     assert "TrainingDiverged: training loss became non-finite" in (exp / t001.dirname / "diverged.txt").read_text()
 
 
-def test_a_packed_resnet_sweep_resumes_after_sigkill(embedded_env: dict, unpacked: pd.DataFrame, tmp_path: Path) -> None:
-    """``pack: 3`` on an embedded Ray, its driver SIGKILLed once a model has a checkpoint
+def test_a_packed_resnet_sweep_resumes_after_sigkill(ray_head, driver_env: dict, unpacked: pd.DataFrame,
+                                                     tmp_path: Path) -> None:
+    """``pack: 3`` on the shared cluster, its driver SIGKILLed once a model has a checkpoint
     (mid-sweep), then the same command to the end: the results equal the uninterrupted
-    sweep's."""
+    sweep's. (What a SIGKILL leaves of an embedded Ray is test_sweep_e2e.py's business.)"""
     spec = write_spec(tmp_path / "packed.yaml", smoke_doc(pack=3))
-    args = [str(spec), "--storage", str(tmp_path), "--no-analysis", "--num-cpus", "2"]
+    args = [str(spec), "--storage", str(tmp_path), "--address", ray_head.address, "--no-analysis"]
     exp = tmp_path / "smoke"
     trials = expand(load_spec(str(spec)))
-    driver = start_cli(args, embedded_env, tmp_path / "run1.log")
+    driver = start_cli(args, driver_env, tmp_path / "run1.log")
 
     def checkpointed() -> bool:
         steps = [res.run_dir(exp, t).latest_step() for t in trials]
@@ -247,9 +251,19 @@ def test_a_packed_resnet_sweep_resumes_after_sigkill(embedded_env: dict, unpacke
     assert wait_for(checkpointed, 240), (tmp_path / "run1.log").read_text()[-3000:]
     driver.kill()
     driver.wait(timeout=30)
-    kill_pids(with_descendants(pids_mentioning(embedded_env["RAY_TMPDIR"])))  # its orphaned Ray
+    # Ray ends a dead driver's trials with it: their processes go before the same command runs again
+    workers = {a["pid"] for t in trials for a in res.attempts(exp, t)}
+    assert wait_for(lambda: not any(alive(pid) for pid in workers), 60), workers
     assert not all(res.run_dir(exp, t).finished(STEPS) for t in trials)
-    proc = run_cli(args, embedded_env)
+    proc = run_cli(args, driver_env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming" in proc.stdout and "4/4 models finished, 0 failed" in proc.stdout
     assert_close_results(read_results(exp), unpacked)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -14,12 +14,12 @@ from icl.config import build_config
 from icl.schedule import shrink_text
 from sweeps.progress import PER_MODEL, RATE, concurrency, finish_time, pack_progress
 from sweeps.reporter import SweepReporter
-from sweeps.spec import Resources, TrialSpec
+from sweeps.spec import ModelSpec, Resources
 
 GRID = [(100, 0.0, 0), (100, 0.1, 0), (1600, 0.0, 0), (1600, 0.1, 0)]
 TRIALS = [
-    TrialSpec(f"t00{i}", f"t00{i}_cell", {"data.num_classes": c, "optim.weight_decay": wd, "seed": s},
-              {"train.steps": 10000})
+    ModelSpec(f"t00{i}", f"t00{i}_cell", {"data.num_classes": c, "optim.weight_decay": wd, "seed": s},
+              build_config({}, {"train.steps": 10000, "data.num_classes": c, "optim.weight_decay": wd, "seed": s}))
     for i, (c, wd, s) in enumerate(GRID)
 ]
 

@@ -13,15 +13,14 @@ import pytest
 from test_sweep_progress import TRIALS, report, tune_trial
 
 from sweeps.reporter import SweepReporter, short_count
-from sweeps.spec import TrialSpec, expand, load_spec
+from icl.config import build_config
+from sweeps.spec import ModelSpec, expand, load_spec
 
 STUDY_PACKS = {"p000": tuple(f"t{i:03d}" for i in range(15)), "p001": tuple(f"t{i:03d}" for i in range(15, 30))}
-STUDY = [  # the study's shape: 30 models of 500k steps in 2 packs of 15, a 3-key grid
-    TrialSpec(f"t{i:03d}", f"t{i:03d}_cell",
-              {"seed": i % 3, "data.num_classes": 100 if i < 15 else 1600,
-               "optim.weight_decay": (0.0, 3e-4, 1e-3, 3e-3, 1e-2)[i % 5]},
-              {"train.steps": 500_000})
-    for i in range(30)
+STUDY_GRID = [{"seed": i % 3, "data.num_classes": 100 if i < 15 else 1600,
+               "optim.weight_decay": (0.0, 3e-4, 1e-3, 3e-3, 1e-2)[i % 5]} for i in range(30)]
+STUDY = [  # the study's shape: 30 models of 500k steps (the paper's) in 2 packs of 15, a 3-key grid
+    ModelSpec(f"t{i:03d}", f"t{i:03d}_cell", cell, build_config({}, cell)) for i, cell in enumerate(STUDY_GRID)
 ]
 
 

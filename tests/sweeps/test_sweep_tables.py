@@ -14,18 +14,18 @@ from icl.layout import ExperimentDir
 from sweeps import results as res
 from icl.train.checkpoint import step_of
 from icl.train.rundir import RunDir
-from sweeps.faults import Fault, parse_faults
+from sweeps.faults import Fault, Faults, parse_faults
 from sweeps.ray_session import check_reachable
-from sweeps.spec import TrialSpec
+from icl.config import build_config
+from sweeps.spec import ModelSpec, PackSpec
 
 TRIALS = [
-    TrialSpec("t000", "t000_num_classes=16_seed=0", {"data.num_classes": 16, "seed": 0}, {}),
-    TrialSpec("t001", "t001_num_classes=16_seed=1", {"data.num_classes": 16, "seed": 1}, {}),
-    TrialSpec("t002", "t002_num_classes=64_seed=0", {"data.num_classes": 64, "seed": 0}, {}),
+    ModelSpec(f"t00{i}", f"t00{i}_num_classes={c}_seed={s}", cell, build_config({}, cell))
+    for i, (c, s) in enumerate([(16, 0), (16, 1), (64, 0)]) if (cell := {"data.num_classes": c, "seed": s})
 ]
 
 
-def write_run(exp: Path, trial: TrialSpec, text: str) -> None:
+def write_run(exp: Path, trial: ModelSpec, text: str) -> None:
     run = res.run_dir(exp, trial).path
     run.mkdir(parents=True)
     (run / "metrics.csv").write_text(text)
@@ -104,12 +104,27 @@ def test_checkpoint_steps(tmp_path: Path) -> None:
     assert step_of(run.checkpoint_dir(100)) is None  # no manifest: not a checkpoint
 
 
-def test_parse_faults() -> None:
-    faults = parse_faults("t000@100, t002@50x*,t001@25x3", TRIALS)
-    assert faults == {"t000": Fault(100, 1), "t002": Fault(50, None), "t001": Fault(25, 3)}
-    assert parse_faults("", TRIALS) == {}
-    with pytest.raises(UserError):
-        parse_faults("t000@", TRIALS)
+def test_faults_are_parsed_and_injected_where_they_say(tmp_path: Path) -> None:
+    """The tests' fault wrapper (sweeps.faults, installed by tests/sweeps/faulty_sweep.py):
+    parsed against the experiment's models, raising at a model's first evaluation at or after
+    its step, as many times as it says, counted in the model's directory across attempts."""
+    ids = [t.trial_id for t in TRIALS]
+    faults = parse_faults("t000@100, t002@50x*,t001@25x3", ids)
+    assert faults == Faults({"t000": Fault(100, 1), "t002": Fault(50, None), "t001": Fault(25, 3)})
+    assert parse_faults("", ids) == Faults({})
+    with pytest.raises(UserError, match="must look like TRIAL@STEP"):
+        parse_faults("t000@", ids)
+    with pytest.raises(UserError, match="which this sweep does not have"):
+        parse_faults("t009@10", ids)
+    pack = PackSpec("p0", "p0_t000+t001", tuple(TRIALS[:2]), tmp_path)
+    faults(pack, 0, {"step": 50})  # before its step: nothing
+    with pytest.raises(RuntimeError, match="injected fault #1 in trial t000 at step 150"):
+        faults(pack, 0, {"step": 150})
+    faults(pack, 0, {"step": 200})  # once only: the retry goes on
+    for n in (1, 2, 3):
+        with pytest.raises(RuntimeError, match=f"injected fault #{n} in trial t001 at step 25"):
+            faults(pack, 1, {"step": 25})
+    faults(pack, 1, {"step": 25})
 
 
 def test_unreachable_address_fails_fast() -> None:
@@ -119,6 +134,7 @@ def test_unreachable_address_fails_fast() -> None:
         check_reachable("nohost")
 
 
+@pytest.mark.slow  # a report with every plot
 def test_the_sweep_writes_its_report_through_the_analysis_library(tmp_path: Path) -> None:
     """run_analysis calls analysis.report.analyze into the experiment's report folder and
     prints what icl-analyze prints; bad results are one line saying how to retry."""

@@ -16,15 +16,16 @@ import pytest
 import yaml
 from sweep_helpers import cli_error, read_results, run_cli
 from sweeps import results as res
-from sweeps.spec import TrialSpec, expand, load_spec
+from icl.config import build_config
+from sweeps.spec import ModelSpec, expand, load_spec
 from sweeps.trackers import STATE_FILE, Trackers
 
 CONFIG = {"train.steps": 100, "optim.lr": 0.001, "data.root": None, "model.embedder": "linear"}
 TRIALS = [
-    TrialSpec("t000", "t000_num_classes=16_seed=0", {"data.num_classes": 16, "seed": 0},
-              {**CONFIG, "data.num_classes": 16, "seed": 0}),
-    TrialSpec("t001", "t001_num_classes=64_seed=1", {"data.num_classes": 64, "seed": 1},
-              {**CONFIG, "data.num_classes": 64, "seed": 1}),
+    ModelSpec("t000", "t000_num_classes=16_seed=0", {"data.num_classes": 16, "seed": 0},
+              build_config({**CONFIG, "data.num_classes": 16, "seed": 0})),
+    ModelSpec("t001", "t001_num_classes=64_seed=1", {"data.num_classes": 64, "seed": 1},
+              build_config({**CONFIG, "data.num_classes": 64, "seed": 1})),
 ]
 HEADER = "step,train_loss,icl_acc,iwl_acc\n"
 STEPS = 40  # the sweep below: 40 steps, evaluated every 20
@@ -62,7 +63,7 @@ def tracker_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, st
         wandb.teardown()  # its service process ends with the test
 
 
-def write_rows(exp: Path, trial: TrialSpec, text: str) -> None:
+def write_rows(exp: Path, trial: ModelSpec, text: str) -> None:
     run = res.run_dir(exp, trial).path
     run.mkdir(parents=True, exist_ok=True)
     (run / "metrics.csv").write_text(text)
@@ -138,6 +139,7 @@ def wandb_runs(wandb_dir: Path) -> dict[str, dict]:
 # --------------------------------------------------------------------------- the trackers
 
 
+@pytest.mark.slow  # MLflow's store and W&B offline runs
 def test_every_model_is_one_run_named_by_its_cell_with_every_row_sent_once(tmp_path: Path, tracker_env):
     exp = tmp_path / "storage" / "smoke"
     write_rows(exp, TRIALS[0], HEADER + "50,2.5,0.5,0.25\n")
@@ -163,7 +165,7 @@ def test_every_model_is_one_run_named_by_its_cell_with_every_row_sent_once(tmp_p
     assert [s for s, _ in second["metrics"]["iwl_acc"]] == [50, 100]
     assert first["status"] == second["status"] == "FINISHED"
     assert first["params"]["optim.lr"] == "0.001" and first["params"]["data.root"] == "null"
-    assert first["params"]["data.num_classes"] == "16" and len(first["params"]) == len(TRIALS[0].config)
+    assert first["params"]["data.num_classes"] == "16" and len(first["params"]) == len(TRIALS[0].flat_config())
     assert first["tags"]["cell.data.num_classes"] == "16" and first["tags"]["cell.seed"] == "0"
     assert first["tags"]["icl.cell"] == "data.num_classes=16, seed=0" and first["tags"]["icl.trial_id"] == "t000"
 

@@ -23,9 +23,11 @@ import pandas as pd
 import pytest
 from sweep_helpers import cli_error, read_results, run_cli, short_tmpdir, without_timing
 
+from icl.layout import RAY_RECORD as RECORD
+from icl.train import train
 from sweeps import leftovers
 from sweeps import results as res
-from icl.layout import RAY_RECORD as RECORD
+from sweeps.experiment import Experiment
 from sweeps.leftovers import record, stop_leftovers
 from sweeps.ray_session import check_token_private
 from sweeps.spec import expand, load_spec
@@ -92,10 +94,18 @@ def test_a_crafted_checkpoint_never_runs_in_a_ray_worker(ray_head, driver_env: d
                                     "overrides": {"train.steps": 150, "train.eval_every": 50,
                                                   "train.checkpoint_every": 50, "train.threads": 1}}))
     args = [str(spec), "--storage", str(tmp_path), "--address", ray_head.address, "--no-analysis"]
-    first = run_cli(args, dict(driver_env, ICL_SWEEP_FAULTS="t000@100"))  # stops after its step-100 checkpoint
-    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
-    (trial,) = expand(load_spec(str(spec)))
+    exp = Experiment.build(load_spec(str(spec), storage=str(tmp_path)))  # the experiment, as a first run leaves it:
+    exp.dir.path.mkdir()  # its spec saved, its model stopped after its step-100 checkpoint
+    exp.dir.spec.write_text(exp.saved_yaml())
+    (trial,) = exp.models
     run = res.run_dir(tmp_path / "one", trial)
+
+    def stop(row: dict, saved: Path | None) -> None:
+        if saved is not None and row["step"] == 100:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(trial.config, run.path, on_eval=stop, progress=False)
     newest = run.checkpoints()[-1]
     assert newest.name == "step_000000100"
     marker = tmp_path / "PWNED"
@@ -107,8 +117,6 @@ def test_a_crafted_checkpoint_never_runs_in_a_ray_worker(ray_head, driver_env: d
     manifest = json.loads((newest / "manifest.json").read_text())
     manifest["files"]["state.pt"] = hashlib.sha256(buf.getvalue()).hexdigest()
     (newest / "manifest.json").write_text(json.dumps(manifest))
-    for copy in (tmp_path / "one" / trial.dirname).glob("checkpoint_*"):
-        shutil.rmtree(copy)  # Ray's copies are no way around it either
     again = run_cli(args, driver_env)
     assert not marker.exists()
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -199,7 +207,7 @@ EMBEDDED = textwrap.dedent("""
     import ray
     from sweeps.ray_session import RayOptions, start_ray
     from sweeps.procs import ray_processes_of
-    from sweeps.leftovers import session_dir
+    from sweeps.ray_adapter import session_dir
 
     token_dir = start_ray(RayOptions(num_cpus=1))
     ray.get(ray.remote(lambda: 1).remote())  # a worker process too
@@ -239,6 +247,7 @@ def loopback(addr: str) -> bool:
     return ip in ("00000000000000000000000001000000",) or ip.startswith("0000000000000000FFFF0000") and ip.endswith("7F")
 
 
+@pytest.mark.slow  # starts its own Ray
 def test_the_embedded_ray_listens_on_loopback_only_and_refuses_another_address(driver_env: dict) -> None:
     ip = non_loopback_ipv4()
     if ip is None:
@@ -302,7 +311,7 @@ def test_ray_storage_tracebacks_become_one_line_once() -> None:
     import logging
     import traceback
 
-    from sweeps.driver import quiet_ray_logs
+    from sweeps.ray_adapter import quiet_ray_logs
 
     quiet_ray_logs()
     terminal = io.StringIO()

@@ -58,6 +58,7 @@ def packed_run():
     return cfgs, flat.double() / torch.tensor(START, dtype=torch.float64)
 
 
+@pytest.mark.slow  # the paper's whole schedule, update by update
 @pytest.mark.parametrize("k", range(len(WEIGHT_DECAYS)))
 def test_a_weight_without_gradient_ends_at_exp_minus_wd_times_the_sum_of_lr(packed_run, k):
     cfgs, factors = packed_run
@@ -73,6 +74,7 @@ def test_a_weight_without_gradient_ends_at_exp_minus_wd_times_the_sum_of_lr(pack
     assert factors[k].sub(exact).abs().max() <= 2 * torch.finfo(torch.float32).eps * exact
 
 
+@pytest.mark.slow  # torch's AdamW over the paper's whole schedule
 def test_plain_fp32_adamw_loses_most_of_a_weak_decay():
     """torch's AdamW (``torch.optim.adamw.adamw``, the single-tensor update ``torch.optim.AdamW``
     steps with) multiplies by ``1 - lr_t * wd`` rounded to fp32: at wd 3e-4 on the `paper`

@@ -7,7 +7,8 @@ import torch
 from icl.config import load_config, replace
 from icl.data import load_data
 from icl.train.kernels import KernelCounter
-from icl.train.pack import PackedTrainer, initial_model
+from icl.train.stack import initial_model
+from icl.train.step import PackedTrainer
 
 
 def test_counter_sees_kernels_syncs_and_device_copies():

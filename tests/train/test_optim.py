@@ -236,7 +236,7 @@ def peers_penalty_reference(cfg, data, steps: int) -> nn.Module:
     parameter, Adam (no decoupled decay) on its gradient, the run's schedule and batches."""
     import torch.nn.functional as F
 
-    from icl.train.pack import initial_model
+    from icl.train.stack import initial_model
 
     model = initial_model(cfg).train()
     o = cfg.optim
@@ -260,7 +260,7 @@ def test_coupled_l2_over_every_array_moves_the_label_table_as_the_peers_penalty_
     ``weights`` the penalty does not reach the table, whose norm barely moves (the issue's
     15 steps at lambda 0.5 on `tiny`)."""
     from icl.data import load_data
-    from icl.train.pack import PackedTrainer
+    from icl.train.step import PackedTrainer
 
     steps, lam = 15, 0.5
     over = ["optim.l2=coupled", f"optim.weight_decay={lam}", "train.precision=fp64", "train.threads=1"]

@@ -21,7 +21,9 @@ from icl.train.evaluate import evaluate
 from icl.schedule import lr_at
 from icl.train.optim import decay_groups, make_optimizer, set_lr
 from icl.train.adamw import PackedAdamW
-from icl.train.pack import PackedModels, PackedTrainer, check_packable, data_for, initial_model
+from icl.config import check_packable
+from icl.train.stack import PackedModels, initial_model
+from icl.train.step import PackedTrainer, data_for
 
 RUN = ["train.steps=40", "train.eval_every=20", "train.checkpoint_every=20", "train.threads=1"]
 GRID = [(0, 0.0), (1, 0.1), (2, 0.5)]  # (seed, weight decay) of the three packed models
@@ -29,7 +31,9 @@ GRID = [(0, 0.0), (1, 0.1), (2, 0.5)]  # (seed, weight decay) of the three packe
 # eps) amplify fp32 rounding whether packed or not (a 1e-7 relative perturbation of the
 # weights of one model alone grows to 3e-3 in 20 steps), while in fp64 a pack of 3 and a
 # model alone stay within 1e-12 of each other over 100 steps.
-SETUPS = {"linear": ["model.embedder=linear"], "resnet": ["model.embedder=resnet", "train.precision=fp64"]}
+SETUPS = {"linear": ["model.embedder=linear"],  # (the ResNet in fp64 trains slowly: half the steps, as often evaluated)
+          "resnet": ["model.embedder=resnet", "train.precision=fp64", "train.steps=20", "train.eval_every=10",
+                     "train.checkpoint_every=10", "eval.n_sequences=64"]}
 # Packs run the GPU's batched forward (vmap) here; a model alone runs its own module (the
 # CPU's default, pack_forward=auto), the plain reference.
 VMAP = "train.pack_forward=vmap"
@@ -81,7 +85,7 @@ def assert_params_close(a: dict, b: dict, cfg, names=None):
         assert (x - y).abs().max() <= rtol(cfg) * scale, f"{name}: {(x - y).abs().max() / scale:.2e} of its scale"
 
 
-@pytest.fixture(scope="module", params=list(SETUPS))
+@pytest.fixture(scope="module", params=["linear", pytest.param("resnet", marks=pytest.mark.slow)])
 def runs(request, tmp_path_factory):
     """The three models of GRID trained packed (one call) and each alone with icl.train.train,
     with the linear embedder and with the ResNet (BatchNorm statistics per model)."""
@@ -95,22 +99,27 @@ def runs(request, tmp_path_factory):
     return root, cfgs, results, calls
 
 
+def every_and_last(cfg) -> tuple[int, int]:
+    return cfg.train.eval_every, cfg.train.steps
+
+
 def test_packed_models_equal_the_same_models_trained_alone(runs):
     root, cfgs, results, _ = runs
+    every, last = every_and_last(cfgs[0])
     for k, cfg in enumerate(cfgs):
         packed, alone = root / f"packed{k}", root / f"alone{k}"
         assert science_dict(load_config(str(packed / "config.yaml"))) == science_dict(load_config(str(alone / "config.yaml")))
         a, p = science(alone), science(packed)
-        assert list(p.columns) == list(a.columns) and list(p["step"]) == [20, 40]
+        assert list(p.columns) == list(a.columns) and list(p["step"]) == [every, last]
         pd.testing.assert_frame_equal(p, a, check_exact=False, rtol=rtol(cfg), atol=1e-6)
         assert pd.read_csv(packed / "metrics.csv").columns.tolist() == pd.read_csv(alone / "metrics.csv").columns.tolist()
-        assert results[k]["step"] == 40 and results[k]["icl_acc"] == pytest.approx(a["icl_acc"].iloc[-1], rel=rtol(cfg))
+        assert results[k]["step"] == last and results[k]["icl_acc"] == pytest.approx(a["icl_acc"].iloc[-1], rel=rtol(cfg))
         with np.load(packed / "attention.npz") as zp, np.load(alone / "attention.npz") as za:
             assert list(zp["step"]) == list(za["step"])
             np.testing.assert_allclose(zp["heads"], za["heads"], rtol=rtol(cfg), atol=1e-6)
         assert [c.name for c in (packed / "checkpoints").iterdir()] == [c.name for c in (alone / "checkpoints").iterdir()]
         sp, sa = final_state(packed), final_state(alone)
-        assert sp["step"] == sa["step"] == 40 and sp["science"] == sa["science"]
+        assert sp["step"] == sa["step"] == last and sp["science"] == sa["science"]
         assert sp["model"].keys() == sa["model"].keys()
         assert_params_close(sp["model"], sa["model"], cfg)  # parameters and buffers (BatchNorm's too)
         op, oa = sp["optimizer"], sa["optimizer"]
@@ -118,7 +127,7 @@ def test_packed_models_equal_the_same_models_trained_alone(runs):
         names = decay_groups(build_model(cfg))
         names = names[0] + names[1]
         for i, name in enumerate(names):
-            assert float(op["state"][i]["step"]) == float(oa["state"][i]["step"]) == 40
+            assert float(op["state"][i]["step"]) == float(oa["state"][i]["step"]) == last
             for moment in ("exp_avg", "exp_avg_sq"):
                 assert_params_close({name: op["state"][i][moment]}, {name: oa["state"][i][moment]}, cfg)
 
@@ -130,23 +139,24 @@ def test_models_of_a_pack_are_independent(runs):
 
 
 def test_on_eval_reports_every_model_with_its_checkpoint(runs):
-    root, _, _, calls = runs
-    assert [(k, s) for k, s, _ in calls] == [(k, s) for s in (20, 40) for k in range(3)]
+    root, cfgs, _, calls = runs
+    assert [(k, s) for k, s, _ in calls] == [(k, s) for s in every_and_last(cfgs[0]) for k in range(3)]
     for k, step, ck in calls:
         assert ck == RunDir(root / f"packed{k}").checkpoint_dir(step) and ck.is_dir()
 
 
-def interrupted_pack(cfgs, tmp_path, model: int, step: int) -> list:
-    """Run directories of a pack stopped by an exception when ``model`` reports ``step``."""
+class Stop(Exception):
+    pass
 
-    class Stop(Exception):
-        pass
+
+def interrupted_pack(cfgs, tmp_path, model: int, step: int, dirs=None) -> list:
+    """Run directories of a pack stopped by an exception when ``model`` reports ``step``."""
 
     def stop(k, row, ck):
         if k == model and row["step"] == step:
             raise Stop
 
-    dirs = [tmp_path / f"p{k}" for k in range(len(cfgs))]
+    dirs = dirs or [tmp_path / f"p{k}" for k in range(len(cfgs))]
     with pytest.raises(Stop):
         train_packed(cfgs, dirs, on_eval=stop)
     return dirs
@@ -154,13 +164,15 @@ def interrupted_pack(cfgs, tmp_path, model: int, step: int) -> list:
 
 def test_resumed_pack_continues_exactly_and_plain_train_resumes_a_packed_run(runs, tmp_path):
     root, cfgs, _, _ = runs
-    dirs = interrupted_pack(cfgs, tmp_path, model=2, step=20)
+    every, _ = every_and_last(cfgs[0])
+    dirs = interrupted_pack(cfgs, tmp_path, model=2, step=every)
     shutil.copytree(dirs[0], tmp_path / "alone0")
-    train_packed(cfgs, dirs)  # all three resume from step 20
+    train_packed(cfgs, dirs)  # all three resume from their first checkpoint
     for k in range(3):
         pd.testing.assert_frame_equal(science(dirs[k]), science(root / f"packed{k}"))
-        for name, t in final_state(dirs[k])["model"].items():
-            assert torch.equal(t, final_state(root / f"packed{k}")["model"][name]), name
+        resumed, straight = final_state(dirs[k])["model"], final_state(root / f"packed{k}")["model"]
+        for name, t in resumed.items():
+            assert torch.equal(t, straight[name]), name
     train(cfgs[0], tmp_path / "alone0")  # a packed run directory resumes alone too
     pd.testing.assert_frame_equal(science(tmp_path / "alone0"), science(root / "alone0"),
                                   check_exact=False, rtol=rtol(cfgs[0]), atol=1e-6)
@@ -169,15 +181,73 @@ def test_resumed_pack_continues_exactly_and_plain_train_resumes_a_packed_run(run
 def test_models_checkpointed_at_different_steps_are_brought_level(runs, tmp_path):
     """A crash between two models' saves leaves them one checkpoint apart."""
     root, cfgs, _, _ = runs
-    dirs = interrupted_pack(cfgs, tmp_path, model=1, step=40)
-    assert [int(science(d)["step"].iloc[-1]) for d in dirs] == [40, 40, 20]
+    every, last = every_and_last(cfgs[0])
+    dirs = interrupted_pack(cfgs, tmp_path, model=1, step=last)
+    assert [int(science(d)["step"].iloc[-1]) for d in dirs] == [last, last, every]
     calls = []
     results = train_packed(cfgs, dirs, on_eval=lambda k, row, ck: calls.append((k, int(row["step"]))))
-    assert calls == [(2, 40)]  # model 2 caught up alone; 0 and 1 were already done
-    assert [int(r["step"]) for r in results] == [40, 40, 40]
+    assert calls == [(2, last)]  # model 2 caught up alone; 0 and 1 were already done
+    assert [int(r["step"]) for r in results] == [last, last, last]
     for k in range(3):
         pd.testing.assert_frame_equal(science(dirs[k]), science(root / f"packed{k}"),
                                       check_exact=False, rtol=rtol(cfgs[k]), atol=1e-6)
+
+
+def test_models_trained_in_one_segment_go_on_to_the_next_in_memory(tmp_path, monkeypatch):
+    """Model 1 stands at step 0 and model 0 at 20: model 1 trains to 20, then both on to 40 in a
+    second segment. Model 1 comes to it in memory, each run's checkpoint is read once (model
+    0's: model 1 had none), and every number, weights and AdamW state included, is that of a
+    resume that read model 1 back from disk between the two segments."""
+    from icl.train import checkpoint as ckpt
+
+    cfgs = configs(GRID[:2], [VMAP])
+    carried = interrupted_pack(cfgs, tmp_path, model=0, step=20, dirs=[tmp_path / f"c{k}" for k in range(2)])
+    disk = interrupted_pack(cfgs, tmp_path, model=0, step=20, dirs=[tmp_path / f"d{k}" for k in range(2)])
+    interrupted_pack(cfgs, tmp_path, model=1, step=20, dirs=disk)  # model 1 to step 20, then stopped
+    train_packed(cfgs, disk)  # both from their checkpoints at 20
+    reads, load = [], ckpt.load
+    monkeypatch.setattr(ckpt, "load", lambda path, required=(): reads.append(path) or load(path, required))
+    calls = []
+    train_packed(cfgs, carried, on_eval=lambda k, row, ck: calls.append((k, int(row["step"]))))
+    assert calls == [(1, 20), (0, 40), (1, 40)]  # two segments
+    assert reads == [RunDir(carried[0]).checkpoint_dir(20)]
+    for c, d in zip(carried, disk):
+        pd.testing.assert_frame_equal(science(c), science(d), check_exact=True)
+        ours, theirs = final_state(c), final_state(d)
+        for part in ("model", "optimizer"):
+            torch.testing.assert_close(ours[part], theirs[part], rtol=0, atol=0)
+
+
+def test_the_optimiser_state_is_torch_adamws_written_without_a_torch_adamw(monkeypatch):
+    """PackedAdamW writes and reads a model's state in the format of ``torch.optim.AdamW``'s
+    ``state_dict`` itself (a checkpoint builds no torch optimiser), and torch's own AdamW of the
+    same model takes that state as its own: its ``state_dict`` gives it back unchanged."""
+    cfgs = configs(GRID[:2])  # weight decay 0 and 0.1
+    data = load_data(cfgs[0])
+    a, b = PackedTrainer.fresh(cfgs, data), PackedTrainer.fresh(cfgs, data)
+    a.run(1, 5)
+
+    def no_torch_adamw(*args, **kwargs):
+        raise AssertionError("a torch.optim.AdamW was built")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.AdamW, "__init__", no_torch_adamw)
+        states = [a.optimizer_state(k, 5) for k in range(2)]
+        for k in range(2):
+            b.load_state(k, a.pack.state_dict(k), states[k], 5)
+    for x, y in zip((b.pack.flat, b.optimizer.exp_avg, b.optimizer.exp_avg_sq, b.optimizer.compensation),
+                    (a.pack.flat, a.optimizer.exp_avg, a.optimizer.exp_avg_sq, a.optimizer.compensation)):
+        assert torch.equal(x, y)
+    for k, cfg in enumerate(cfgs):
+        model = initial_model(cfg)
+        model.load_state_dict(a.pack.state_dict(k))
+        opt = make_optimizer(model, cfg.optim)
+        opt.load_state_dict(states[k])
+        torch.testing.assert_close(opt.state_dict(), states[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="parameter groups"):
+        b.load_state(0, a.pack.state_dict(0), {**states[0], "param_groups": states[0]["param_groups"][:1]}, 5)
+    with pytest.raises(UserError, match="at step 5, not 6"):
+        b.load_state(0, a.pack.state_dict(0), states[0], 6)
 
 
 def test_frozen_embedder_packs_and_keeps_each_models_projection(tmp_path):
@@ -221,8 +291,8 @@ def plain_pytorch(cfg, data, steps: int):
 
 
 @pytest.mark.parametrize("embedder, k, forward, decay", [
-    ("linear", 1, "loop", ""), ("linear", 3, "vmap", ""), ("resnet", 1, "vmap", ""), ("resnet", 3, "vmap", ""),
-    ("resnet", 3, "loop", ""),
+    ("linear", 1, "loop", ""), ("linear", 3, "vmap", ""), ("resnet", 1, "vmap", ""),
+    pytest.param("resnet", 3, "vmap", "", marks=pytest.mark.slow), pytest.param("resnet", 3, "loop", "", marks=pytest.mark.slow),
     ("linear", 3, "vmap", "optim.decay_modules=attn,head"),  # decoupled decay on chosen modules only
     ("linear", 3, "loop", "optim.l2=coupled"),  # the papers' penalty through Adam
     ("linear", 3, "vmap", "optim.l2=coupled optim.decay_modules=mlp"),
@@ -308,7 +378,7 @@ def test_decay_compensation_is_checkpointed_and_older_checkpoints_resume_from_ze
     import copy
     import io
 
-    from icl.train.pack import COMPENSATION
+    from icl.train.adamw import COMPENSATION
 
     cfgs = configs(GRID[:2])  # weight decay 0 and 0.1
     data = load_data(cfgs[0])

@@ -18,7 +18,7 @@ from icl.layout import EVENTS_GLOB, RunLayout
 from icl.metrics import ATTN_STATS, EVALUATION, STEP, TIMING, TRAIN, attn_column, is_metric
 from icl.train import TrainingDiverged, train
 from icl.train.cli import main as train_main
-from icl.train.pack import PackedTrainer
+from icl.train.step import PackedTrainer
 from icl.train.tensorboard import read_events, tag
 
 
@@ -145,8 +145,9 @@ def assert_events_equal_metrics(run: Path) -> None:
     assert len([t for t in events if t.startswith("heads/")]) == layers * 5
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_exactly(tmp_path):
-    overrides = ["train.steps=600", "train.checkpoint_every=100"]
+    overrides = ["train.steps=400", "train.checkpoint_every=100"]
     reference = tmp_path / "reference"
     train(load_config("tiny", overrides), reference)
     out = tmp_path / "killed"
@@ -154,13 +155,13 @@ def test_a_run_killed_with_sigkill_resumes_exactly(tmp_path):
     cmd += [arg for o in overrides for arg in ("--set", o)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
-    while not (out / "checkpoints" / "step_000000200").exists():  # killed mid-run, after 2 checkpoints
+    while not (out / "checkpoints" / "step_000000100").exists():  # killed mid-run, after a checkpoint
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.time() < deadline
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL  # it was still running: the kill interrupted it
-    assert len(pd.read_csv(out / "metrics.csv")) < 12
+    assert len(pd.read_csv(out / "metrics.csv")) < 8
     subprocess.run(cmd, check=True, capture_output=True)
     pd.testing.assert_frame_equal(science(out), science(reference))
 
