@@ -31,11 +31,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-git clone -q "$repo" "$work/icl-sweep"
+if git -C "$repo" rev-parse --git-dir >/dev/null 2>&1; then
+    git clone -q "$repo" "$work/icl-sweep"
+else  # a checkout without its .git (an exported tree): its files, without data or outputs
+    mkdir "$work/icl-sweep"
+    tar -C "$repo" --exclude=./data/omniglot --exclude=./experiments --exclude='*/__pycache__' -cf - . |
+        tar -C "$work/icl-sweep" -xf -
+fi
 mkdir -p "$work/shared/data"
 ln -s "$data" "$work/shared/data/omniglot"
 cd "$work/icl-sweep"
-echo "fresh clone of $(git rev-parse --short HEAD) in $work/icl-sweep; Omniglot beside it: ../shared/data/omniglot"
+echo "fresh clone of $(git rev-parse --short HEAD 2>/dev/null || echo "an exported tree") in $work/icl-sweep; Omniglot beside it: ../shared/data/omniglot"
 
 clean=(env -u ICL_DATA_DIR -u ICL_CACHE_DIR -u PYTHONPATH -u VIRTUAL_ENV -u RAY_ADDRESS
        RAY_TMPDIR="$work/ray" PATH="$work/venv/bin:$PATH")

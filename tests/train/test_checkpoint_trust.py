@@ -24,6 +24,7 @@ from icl.config import load_config
 from icl.train import train
 from icl.train import checkpoint as ckpt
 from icl.train.cli import main as train_main
+from train_cli_helpers import one_error_line, run_cli
 
 ARGS = ["--config", "tiny", "--set", "train.steps=30", "--set", "train.eval_every=10",
         "--set", "train.checkpoint_every=10"]  # checkpoints at 20 and 30 are kept
@@ -54,20 +55,6 @@ def poison(checkpoint: Path, marker: Path) -> None:
     torch.save(state, buf)
     (checkpoint / "state.pt").write_bytes(buf.getvalue())
     rehash(checkpoint)
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = train_main(args)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +95,7 @@ def test_only_malicious_checkpoints_end_in_one_error_line(run, tmp_path, capsys)
     code, err = run_cli([*ARGS, "--out", str(run), "--no-progress"], capsys)
     assert not marker.exists()
     assert code == 2
-    assert "no intact checkpoint" in one_error_line(err)
+    assert "no intact checkpoint" in one_error_line(code, err)
     assert {p: p.read_bytes() for p in before} == before  # nothing of the run is touched
 
 
@@ -186,7 +173,7 @@ def test_a_damaged_only_checkpoint_is_one_error_line(two_checkpoints, tmp_path, 
         rehash(last)
     code, err = run_cli([*ARGS, "--out", str(run), "--no-progress"], capsys)
     assert code == 2
-    line = one_error_line(err)
+    line = one_error_line(code, err)
     assert "no intact checkpoint" in line and words in line, line
 
 
@@ -207,5 +194,5 @@ def test_weights_of_another_architecture_are_one_error_line(two_checkpoints, tmp
     before = {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
     code, err = run_cli([*ARGS, "--out", str(run), "--no-progress"], capsys)
     assert code == 2
-    assert "does not fit the model of this config" in one_error_line(err)
+    assert "does not fit the model of this config" in one_error_line(code, err)
     assert {p: p.read_bytes() for p in before} == before

@@ -8,21 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from icl.train.cli import main as train_main
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = train_main(args)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
-def one_error_line(code: int, err: str) -> str:
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
+from train_cli_helpers import run_cli, one_error_line
 
 
 @pytest.fixture

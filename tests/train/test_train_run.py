@@ -17,7 +17,7 @@ from icl.config import load_config
 from icl.layout import EVENTS_GLOB, RunLayout
 from icl.metrics import ATTN_STATS, EVALUATION, STEP, TIMING, TRAIN, attn_column, is_metric
 from icl.train import TrainingDiverged, train
-from icl.train.cli import main as train_main
+from train_cli_helpers import run_cli
 from icl.train.step import PackedTrainer
 from icl.train.tensorboard import read_events, tag
 
@@ -33,14 +33,6 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def final_state(path: Path) -> dict:
     return torch.load(sorted((path / "checkpoints").iterdir())[-1] / "state.pt", weights_only=True)
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = train_main(args)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
