@@ -61,19 +61,11 @@ def pids_mentioning(text: str) -> list[int]:
             continue
         proc = PROC / str(pid)
         try:
-            if needle in (proc / "cmdline").read_bytes() or needle in (proc / "environ").read_bytes():
+            if (needle in (proc / "cmdline").read_bytes() or needle in (proc / "environ").read_bytes()
+                    or _holds_open(proc, lambda target: text in target)):
                 found.append(pid)
-                continue
-            fds = list((proc / "fd").iterdir())
         except OSError:  # gone, or another user's
             continue
-        for fd in fds:
-            try:
-                if text in os.readlink(fd):
-                    found.append(pid)
-                    break
-            except OSError:
-                continue
     return found
 
 
@@ -98,20 +90,24 @@ def ray_processes_of(session: str) -> list[int]:
             argv = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
             if not argv or not _is_ray_program(argv):
                 continue
-            if any(inside in a or a.endswith(root) for a in argv):
+            if (any(inside in a or a.endswith(root) for a in argv)
+                    or _holds_open(proc, lambda target: target.startswith(inside))):
                 found.append(pid)
-                continue
-            fds = list((proc / "fd").iterdir())
         except OSError:  # gone, or another user's
             continue
-        for fd in fds:
-            try:
-                if os.readlink(fd).startswith(inside):
-                    found.append(pid)
-                    break
-            except OSError:
-                continue
     return found
+
+
+def _holds_open(proc: Path, match) -> bool:
+    """Whether the process ``proc`` (its /proc folder) holds open a file whose path ``match``es
+    (raises OSError when it is gone or another user's)."""
+    for fd in list((proc / "fd").iterdir()):
+        try:
+            if match(os.readlink(fd)):
+                return True
+        except OSError:  # closed meanwhile
+            continue
+    return False
 
 
 def with_descendants(pids: list[int]) -> list[int]:

@@ -3,23 +3,18 @@ difference and leaves the noise-only key-bias slice out, a broken check is a fai
 not stop the others, and on the CPU what needs CUDA says so. (The whole script runs on the CPU
 in test_gpu_session.py; on a GPU in the session's first phase.)"""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
+from bench_helpers import load_benchmark
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def checks():
-    spec = importlib.util.spec_from_file_location("bench_gpu_checks", BENCHMARKS / "gpu_checks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_checks")
 
 
 def state() -> dict[str, torch.Tensor]:

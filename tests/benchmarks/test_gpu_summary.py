@@ -1,21 +1,16 @@
 """summary.txt's lines put each result against its target (benchmarks/gpu_summary.py), on planted
 figures: a target met, one missed, and the CPU's figures, which no GPU target judges."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from bench_helpers import load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def summary():
-    spec = importlib.util.spec_from_file_location("bench_gpu_summary", BENCHMARKS / "gpu_summary.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_summary")
 
 
 def throughput_json(tmp_path, device="cuda", pack=512, alone=600.0, packed=9000.0) -> str:

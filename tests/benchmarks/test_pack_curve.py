@@ -2,24 +2,17 @@
 it stops at the last evaluation that fits, keeps every model's rows of every evaluation, and
 draws the curve."""
 
-import importlib.util
-from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
+from bench_helpers import benchmark_module
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def pack_curve():
-    threads = torch.get_num_threads()
-    spec = importlib.util.spec_from_file_location("bench_pack_curve", BENCHMARKS / "pack_curve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    torch.set_num_threads(threads)
+    with benchmark_module("pack_curve") as module:
+        yield module
 
 
 @pytest.mark.parametrize("seconds, stopped", [pytest.param(600, "the preset's last step", marks=pytest.mark.slow),

@@ -1,26 +1,17 @@
 """The step profiler runs on the CPU with tiny settings and reports what it promises (no
 timing assertions: this machine's speed is not under test)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-import torch
+from bench_helpers import benchmark_module
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def profile_step():
-    threads = torch.get_num_threads()
-    spec = importlib.util.spec_from_file_location("bench_profile_step", BENCHMARKS / "profile_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    torch.set_num_threads(threads)
-    sys.path[:] = [p for p in sys.path if p != str(BENCHMARKS)]
+    with benchmark_module("profile_step") as module:
+        yield module
 
 
 def test_profile_reports_busy_time_launches_and_top_kernels(profile_step, tmp_path):

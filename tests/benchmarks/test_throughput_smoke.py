@@ -2,35 +2,23 @@
 assertions: this machine's speed is not under test), and the naive baseline samples the
 study's sequences."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bench_helpers import benchmark_module, load_benchmark
 
 from icl.config import load_config
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 KEYS = {"baseline_steps_per_s", "trainer_steps_per_s", "baseline_sequences_per_s", "trainer_sequences_per_s",
         "ratio", "device", "pack", "config", "versions", "machine", "blocks_model_steps_per_s"}
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def throughput():
-    threads = torch.get_num_threads()
-    yield load("throughput")
-    torch.set_num_threads(threads)
-    sys.path[:] = [p for p in sys.path if p != str(BENCHMARKS)]
+    with benchmark_module("throughput") as module:
+        yield module
 
 
 @pytest.mark.parametrize("pack", [1, 2])
@@ -60,7 +48,7 @@ def test_a_cuda_device_that_is_not_there_is_a_clear_error(throughput, capsys):
 
 def test_baseline_samples_the_study_sequences():
     cfg = load_config("tiny", ["data.p_bursty=1.0"])
-    base = load("baseline").NaiveBaseline(cfg, "cpu")
+    base = load_benchmark("baseline").NaiveBaseline(cfg, "cpu")
     for _ in range(50):
         classes, labels, exemplars = base.sample_sequence()
         assert (base.train_classes[labels] == classes).all()

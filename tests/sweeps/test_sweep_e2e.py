@@ -155,7 +155,9 @@ def test_resume_after_ctrl_c_and_sigkill(
     assert wait_for(lambda: any(0 < c < STEPS and s < STEPS for s, c in progress(exp).values()), 180), log[0].read_text()[-3000:]
     os.killpg(driver.pid, signal.SIGINT)
     assert driver.wait(timeout=120) == 130, log[0].read_text()[-3000:]
-    assert "interrupted: run the same command again to resume" in log[0].read_text()
+    text = log[0].read_text()
+    assert "interrupted: run the same command again to resume" in text
+    assert "Traceback" not in text and "Exception ignored" not in text, text[-3000:]
     assert wait_for(lambda: not pids_mentioning(ray_tmp), 30), pids_mentioning(ray_tmp)
     assert not ExperimentDir(exp).ray_record.exists()
     after1, rows1 = progress(exp), len(read_results(exp))
