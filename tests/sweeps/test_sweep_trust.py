@@ -253,7 +253,9 @@ def test_the_embedded_ray_listens_on_loopback_only_and_refuses_another_address(d
     if ip is None:
         pytest.skip("this machine has no non-loopback IPv4 address to try from")
     tmp = short_tmpdir("icl-ray-")
-    env = dict(driver_env, RAY_TMPDIR=str(tmp), PYTHONPATH=str(PROJECT_ROOT))
+    home = tmp / "home"  # a fresh home: Ray 2.60.0 writes ~/.ray/auth_token readable by all when it makes one
+    home.mkdir()
+    env = dict(driver_env, RAY_TMPDIR=str(tmp), PYTHONPATH=str(PROJECT_ROOT), HOME=str(home))
     env.pop("RAY_AUTH_TOKEN_PATH")  # the embedded Ray makes its own private token
     proc = subprocess.Popen([sys.executable, "-c", EMBEDDED], env=env, cwd=PROJECT_ROOT, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -266,6 +268,7 @@ def test_the_embedded_ray_listens_on_loopback_only_and_refuses_another_address(d
         assert got["listening"] and all(loopback(a) for a in got["listening"]), got
         assert any(int(a.rsplit(":", 1)[1], 16) == port for a in got["listening"])  # the GCS is one of them
         assert got["token_mode"] == 0o600 and got["dir_mode"] == 0o700
+        assert not (home / ".ray" / "auth_token").exists()  # Ray wrote no token file of its own
         with pytest.raises(ConnectionRefusedError):  # a second address cannot reach it
             socket.create_connection((ip, port), timeout=5).close()
         join = subprocess.run([sys.executable, "-c", "from sweeps.cli import main; main()", "smoke", "--address",
