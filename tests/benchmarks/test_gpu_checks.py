@@ -11,7 +11,6 @@ from bench_helpers import load_benchmark
 import torch
 
 
-
 @pytest.fixture(scope="module")
 def checks():
     return load_benchmark("gpu_checks")

@@ -7,7 +7,6 @@ import pytest
 from bench_helpers import load_benchmark
 
 
-
 @pytest.fixture(scope="module")
 def summary():
     return load_benchmark("gpu_summary")

@@ -2,11 +2,9 @@
 it stops at the last evaluation that fits, keeps every model's rows of every evaluation, and
 draws the curve."""
 
-
 import pandas as pd
 import pytest
 from bench_helpers import benchmark_module
-
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import pytest
 from bench_helpers import benchmark_module
 
 
-
 @pytest.fixture(scope="module")
 def profile_step():
     with benchmark_module("profile_step") as module:

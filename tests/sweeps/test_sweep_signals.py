@@ -1,10 +1,7 @@
 """SIGTERM and Ctrl-C at any moment of a sweep, Ray's start included: the driver stops with
 exit 130 and one line saying how to resume, prints no traceback (nor Python's "Exception
 ignored ... SystemExit"), stops the Ray it started, and leaves the experiment resumable.
-Real driver, real embedded Ray (each test its own, under a temp dir of the test).
-A signal while trials train: Ctrl-C in test_sweep_e2e.py (which then resumes to the
-uninterrupted results), SIGTERM in the SLURM suite (a requeue) and the same handler
-(sweeps/signals.py) as at start."""
+Real driver, real embedded Ray (each test its own, under a temp dir of the test)."""
 
 from __future__ import annotations
 
@@ -13,10 +10,18 @@ import signal
 from pathlib import Path
 
 import pytest
-from sweep_helpers import run_cli, start_cli, wait_for
+from sweep_helpers import STEPS, run_cli, start_cli, wait_for
 
+from sweeps import results as res
 from icl.layout import RAY_RECORD as RECORD
 from sweeps.procs import pids_mentioning
+from sweeps.spec import expand, load_spec
+
+SMOKE_TRIALS = expand(load_spec("smoke"))
+
+
+def trained(exp: Path) -> bool:
+    return any(0 < (res.run_dir(exp, t).last_logged_step() or 0) < STEPS for t in SMOKE_TRIALS)
 
 
 def ray_starting(ray_tmp: str) -> bool:
@@ -24,11 +29,12 @@ def ray_starting(ray_tmp: str) -> bool:
     return any(Path(ray_tmp).glob("ray/session_2*"))
 
 
-@pytest.mark.parametrize("signum", [
-    signal.SIGTERM,
-    pytest.param(signal.SIGINT, marks=pytest.mark.slow),
-], ids=["SIGTERM-at-start", "Ctrl-C-at-start"])
-def test_a_signal_while_ray_starts_stops_cleanly_and_resumably(embedded_env: dict, tmp_path: Path,
+@pytest.mark.parametrize("when, signum", [
+    ("while Ray starts", signal.SIGTERM),
+    pytest.param("while Ray starts", signal.SIGINT, marks=pytest.mark.slow),
+    pytest.param("while trials train", signal.SIGTERM, marks=pytest.mark.slow),
+], ids=["SIGTERM-at-start", "Ctrl-C-at-start", "SIGTERM-while-training"])
+def test_a_signal_at_any_moment_stops_cleanly_and_resumably(embedded_env: dict, tmp_path: Path, when: str,
                                                              signum: int) -> None:
     ray_tmp = embedded_env["RAY_TMPDIR"]
     exp = tmp_path / "smoke"
@@ -36,7 +42,8 @@ def test_a_signal_while_ray_starts_stops_cleanly_and_resumably(embedded_env: dic
     args = ["smoke", "--storage", str(tmp_path), "--no-analysis", "--num-cpus", "2"]
     driver = start_cli(args, embedded_env, log)
     try:
-        assert wait_for(lambda: ray_starting(ray_tmp), 180, interval=0.02), log.read_text()[-3000:]
+        ready = (lambda: ray_starting(ray_tmp)) if when == "while Ray starts" else (lambda: trained(exp))
+        assert wait_for(ready, 180, interval=0.02), log.read_text()[-3000:]
         if signum == signal.SIGINT:
             os.killpg(driver.pid, signum)  # as a terminal sends Ctrl-C: to the whole group
         else:
