@@ -4,6 +4,7 @@ would be ambiguous for ``conftest`` with several conftest.py files in the tree).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,10 +50,18 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 300, faults: 
     return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def like_a_terminal_job() -> None:
+    """``preexec_fn`` of a process the tests will Ctrl-C: Ctrl-C at its default, as for a job a
+    terminal runs. A suite started in the background by a non-interactive shell (``pytest &``)
+    ignores SIGINT, and every process it starts would inherit that, and never hear a Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     """A driver in a process group of its own (so a Ctrl-C can be sent like a terminal's)."""
     with open(log, "w") as f:
-        return subprocess.Popen(icl_sweep_cmd() + args, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(icl_sweep_cmd() + args, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=like_a_terminal_job)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:

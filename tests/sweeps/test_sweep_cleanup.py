@@ -10,10 +10,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from sweep_helpers import wait_for
+from sweep_helpers import like_a_terminal_job, wait_for
 
 from sweeps.procs import kill_pids, pids_mentioning, pids_with_env, with_descendants
 
@@ -23,13 +24,24 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SESSION_ENV = "ICL_TEST_SESSION"
 
 
+def ended(run: subprocess.Popen, timeout: float) -> int | None:
+    """The run's exit status, or None (after it wrote its threads' stacks beside the marker)
+    when it did not end within ``timeout`` seconds."""
+    try:
+        return run.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        run.send_signal(signal.SIGUSR1)  # sweep_abort_target.py: faulthandler dumps every thread
+        time.sleep(2)
+        return None
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_an_aborted_test_run_leaves_no_process(signum: int, tmp_path: Path) -> None:
     marker, log = tmp_path / "cluster-up", tmp_path / "pytest.log"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sweeps/sweep_abort_target.py"]
     with open(log, "w") as out:
         run = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=dict(os.environ, ICL_ABORT_MARKER=str(marker)),
-                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=like_a_terminal_job)
     started: dict = {}
 
     def survivors() -> list[int]:
@@ -43,7 +55,8 @@ def test_an_aborted_test_run_leaves_no_process(signum: int, tmp_path: Path) -> N
             os.killpg(run.pid, signum)
         else:
             run.send_signal(signum)
-        assert run.wait(timeout=120) != 0
+        stacks = Path(f"{marker}.stacks")
+        assert ended(run, 60) not in (None, 0), log.read_text()[-3000:] + stacks.read_text()[-6000:]
         assert "KeyboardInterrupt" in log.read_text()
         assert wait_for(lambda: not survivors(), 10), survivors()
         assert not Path(started["root"]).exists()
