@@ -13,7 +13,8 @@ All are plain ``os.environ`` entries, so subprocesses (``icl-data``, ``icl-train
 inherit them.
 
 Nothing a test starts outlives the run, also when the run is aborted: every process the
-session starts inherits ``ICL_TEST_SESSION`` (a value unique to this pytest process), the
+session starts inherits ``ICL_TEST_SESSION`` (a value unique to this pytest run, which its
+xdist workers keep: ``-n 2``, the README's test command), the
 temporary folders Ray runs in are marked with it (``.icl-test-session``, written by
 ``sweep_helpers.short_tmpdir``), and when the session ends (normally, on Ctrl-C, on SIGTERM,
 which is turned into a KeyboardInterrupt so that pytest runs its fixture finalizers) every
@@ -65,16 +66,27 @@ SESSION_MARK = ".icl-test-session"  # in a temporary folder of the session: its 
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Mark this session's processes before any starts; stop them however the run ends."""
-    os.environ[SESSION_ENV] = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    atexit.register(stop_session_processes)  # also after an interrupted run
+    """Mark this session's processes before any starts; stop them however the run ends. An
+    xdist worker keeps the mark of the run that started it: the run stops them all at its end."""
+    if not _is_xdist_worker(config):
+        os.environ[SESSION_ENV] = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        atexit.register(stop_session_processes)  # also after an interrupted run
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+
+
+def _is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")  # pytest-xdist's own test for a worker
 
 
 # A test that starts or joins Ray needs one of these (tests/sweeps/conftest.py), directly or
 # through its other fixtures: it is a slow one, marked so by the rule below.
 RAY_FIXTURES = frozenset({"ray_head", "embedded_env", "smoke_run"})
+# Those of the session's shared head and smoke sweep: under pytest-xdist (the README's test
+# command: -n 2 --dist loadgroup) the tests needing them share one worker, so that both are
+# made once; as the largest group, xdist starts it first. The rest (an embedded Ray's tests
+# too) is shared out test by test.
+SHARED_RAY_FIXTURES = frozenset({"ray_head", "smoke_run"})
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest selects by -m
@@ -82,10 +94,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """The two tiers and the opt-in suites: a test that needs Ray is ``slow`` (the others are
     marked where they are defined: SIGKILL, full disk, signals, long); ``slurm`` tests run only
     when ``-m`` names them (``-m slurm``); ``cuda`` tests are skipped, with the reason, where
-    there is no CUDA device."""
+    there is no CUDA device; the tests of the shared Ray head form one xdist group."""
     for item in items:
-        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if RAY_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
+        if SHARED_RAY_FIXTURES & fixtures:  # under -n 2 --dist loadgroup: all on one worker, first
+            item.add_marker(pytest.mark.xdist_group("shared-ray"))
     if "slurm" not in (config.getoption("markexpr") or ""):
         kept = [item for item in items if not item.get_closest_marker("slurm")]
         if len(kept) < len(items):
@@ -99,7 +114,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    stop_session_processes()
+    if not _is_xdist_worker(config):
+        stop_session_processes()
 
 
 def stop_session_processes() -> None:

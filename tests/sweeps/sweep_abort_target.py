@@ -13,7 +13,7 @@ import signal
 import time
 from pathlib import Path
 
-STACKS = open(os.environ["ICL_ABORT_MARKER"] + ".stacks", "w")  # noqa: SIM115 (open while the run lives)
+STACKS = open(os.environ["ICL_ABORT_MARKER"] + ".stacks", "a")  # noqa: SIM115 (open while the run lives)
 faulthandler.register(signal.SIGUSR1, file=STACKS, all_threads=True)
 
 

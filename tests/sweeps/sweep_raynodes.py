@@ -23,26 +23,40 @@ READY = "Ray runtime started"
 
 
 def free_port() -> int:
+    """A port the kernel hands out now: from its ephemeral range, never a worker range below."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def ephemeral_low() -> int:
+    """The lowest port the kernel hands out for port 0 (``free_port``, Ray's own components)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port_range(width: int = 200) -> tuple[int, int]:
-    """A run of ``width`` ports that are free right now (worker processes bind them)."""
+    """A run of ``width`` ports, every one free right now (worker processes bind them), between
+    Ray's default worker ports (10002-19999, an embedded Ray's) and the kernel's ephemeral range:
+    no port a component of this or another node is given can fall inside it (two test sessions
+    at once start nodes at once)."""
+    low_end, high_end = 20000, max(20000 + width, ephemeral_low()) - width
     for _ in range(200):
-        low = 20000 + int.from_bytes(os.urandom(2), "big") % 30000
-        ok = True
-        for port in (low, low + width // 2, low + width - 1):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
+        low = low_end + int.from_bytes(os.urandom(2), "big") % (high_end - low_end)
+        if all(_bindable(port) for port in range(low, low + width)):
             return low, low + width - 1
     raise RuntimeError("no free port range")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class RayNode:

@@ -1,12 +1,14 @@
 """An aborted test run leaves no process behind: a pytest run that has started a Ray cluster
 (``sweep_abort_target.py``: the session's head node) is stopped by SIGTERM (``kill``, a CI
 timeout) or Ctrl-C (SIGINT to its process group, as a terminal sends it), and no process
-that run started survives it. (A SIGKILLed sweep driver's leftovers: test_sweep_e2e.py.)"""
+that run started survives it: a plain run, and one with xdist workers (the README's test
+command), whose head node a worker started. (A SIGKILLed sweep driver's leftovers: test_sweep_e2e.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,15 +32,16 @@ def ended(run: subprocess.Popen, timeout: float) -> int | None:
     try:
         return run.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        run.send_signal(signal.SIGUSR1)  # sweep_abort_target.py: faulthandler dumps every thread
+        os.killpg(run.pid, signal.SIGUSR1)  # sweep_abort_target.py (in pytest, or an xdist worker) dumps its threads
         time.sleep(2)
         return None
 
 
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["pytest", "pytest -n 2"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_an_aborted_test_run_leaves_no_process(signum: int, tmp_path: Path) -> None:
+def test_an_aborted_test_run_leaves_no_process(signum: int, workers: list[str], tmp_path: Path) -> None:
     marker, log = tmp_path / "cluster-up", tmp_path / "pytest.log"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/sweeps/sweep_abort_target.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers, "tests/sweeps/sweep_abort_target.py"]
     with open(log, "w") as out:
         run = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=dict(os.environ, ICL_ABORT_MARKER=str(marker)),
                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=like_a_terminal_job)
@@ -60,7 +63,8 @@ def test_an_aborted_test_run_leaves_no_process(signum: int, tmp_path: Path) -> N
         assert "KeyboardInterrupt" in log.read_text()
         assert wait_for(lambda: not survivors(), 10), survivors()
         assert not Path(started["root"]).exists()
-    finally:
+    finally:  # a run that had to be killed cannot clean up: what it left is removed here
         run.kill()
         if started:
             kill_pids(with_descendants(survivors()))
+            shutil.rmtree(Path(started["root"]).parent, ignore_errors=True)  # short_tmpdir's folder

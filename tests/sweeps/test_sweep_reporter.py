@@ -220,6 +220,17 @@ def readme_moment(tmp_path: Path):
     return reporter, tune, now
 
 
+def without_ray_lines(lines: list[str]) -> list[str]:
+    """``lines`` without blank ones and Ray's about the result folder and the trial count, the
+    indented lines they were wrapped onto included (the folder, a test's, is as long as it is)."""
+    kept, dropping = [], False
+    for line in lines:
+        dropping = line.startswith(("Result logdir:", "Number of trials:")) or (dropping and line.startswith("    "))
+        if line and not dropping:
+            kept.append(line)
+    return kept
+
+
 def test_the_readme_examples_are_what_the_code_renders(tmp_path: Path) -> None:
     """README.md shows the same moment twice, as a log and an 80-column terminal see it (from
     the sweep's line down, without Ray's lines about the result folder and the trial count)."""
@@ -228,8 +239,7 @@ def test_the_readme_examples_are_what_the_code_renders(tmp_path: Path) -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for width in (None, 80):
         text = reporter.render(rows, False, line, width=width).splitlines()
-        text = [t for t in text[next(i for i, t in enumerate(text) if t.startswith("Sweep:")):]
-                if t and not t.startswith(("Result logdir:", "Number of trials:"))]
+        text = without_ray_lines(text[next(i for i, t in enumerate(text) if t.startswith("Sweep:")):])
         assert "\n".join(text) in readme, "\n".join(text)
         if width:
             assert max(len(t) for t in text) <= width
