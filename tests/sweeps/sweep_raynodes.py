@@ -41,8 +41,11 @@ def free_port_range(width: int = 200) -> tuple[int, int]:
     """A run of ``width`` ports, every one free right now (worker processes bind them), between
     Ray's default worker ports (10002-19999, an embedded Ray's) and the kernel's ephemeral range:
     no port a component of this or another node is given can fall inside it (two test sessions
-    at once start nodes at once)."""
-    low_end, high_end = 20000, max(20000 + width, ephemeral_low()) - width
+    at once start nodes at once). Where the kernel hands out nearly every port, no range is safe
+    from it: any free one in 20000-50000, as before."""
+    low_end, high_end = 20000, ephemeral_low() - width
+    if high_end <= low_end:
+        high_end = 50000
     for _ in range(200):
         low = low_end + int.from_bytes(os.urandom(2), "big") % (high_end - low_end)
         if all(_bindable(port) for port in range(low, low + width)):
